@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Test tools are built once per version and kept outside the repo.
 TOOLS_CACHE ?= $(HOME)/.cache/sandhub/tools
-GRPCURL_VERSION := v1.9.3
+GRPCURL_VERSION := v1.9.4
 BUF_VERSION := 1.75.0
 GRPCURL := $(TOOLS_CACHE)/grpcurl-$(GRPCURL_VERSION)/grpcurl
 BUF := $(TOOLS_CACHE)/buf-$(BUF_VERSION)/node_modules/.bin/buf

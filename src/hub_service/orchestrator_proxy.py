@@ -1,0 +1,81 @@
+"""OrchestratorService on the Hub: authenticate, then forward to the orchestrator
+with the caller's tenant, a request id and a deadline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hub_service.auth import ApiKeyAuth
+from sandhub import rpc
+from sandhub.errors import BackendUnavailable, Timeout
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+
+class OrchestratorUnavailable(BackendUnavailable):
+    def __init__(self) -> None:
+        super().__init__("the orchestrator is not reachable; try again shortly")
+
+
+class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
+    def __init__(self, stub: pb_grpc.OrchestratorServiceStub, auth: ApiKeyAuth, *, timeout_s: float) -> None:
+        self._stub = stub
+        self._auth = auth
+        self._timeout_s = timeout_s
+
+    def _call_options(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        tenant = self._auth.tenant(context)
+        info = rpc.current_rpc.get()
+        metadata = [(rpc.TENANT_KEY, tenant)]
+        if info is not None:
+            metadata.append((rpc.REQUEST_ID_KEY, info.request_id))
+        remaining = context.time_remaining()
+        timeout = self._timeout_s if remaining is None else min(remaining, self._timeout_s)
+        return {"metadata": metadata, "timeout": timeout}
+
+    async def _unary(self, method: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        options = self._call_options(context)
+        try:
+            return await method(request, **options)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext) -> pb.CreateContainerResponse:
+        return await self._unary(self._stub.CreateContainer, request, context)  # type: ignore[no-any-return]
+
+    async def GetContainer(self, request: pb.GetContainerRequest, context: grpc.aio.ServicerContext) -> pb.GetContainerResponse:
+        return await self._unary(self._stub.GetContainer, request, context)  # type: ignore[no-any-return]
+
+    async def ListContainers(self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext) -> pb.ListContainersResponse:
+        return await self._unary(self._stub.ListContainers, request, context)  # type: ignore[no-any-return]
+
+    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: grpc.aio.ServicerContext) -> pb.DeleteContainerResponse:
+        return await self._unary(self._stub.DeleteContainer, request, context)  # type: ignore[no-any-return]
+
+    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: grpc.aio.ServicerContext) -> pb.ExtendContainerResponse:
+        return await self._unary(self._stub.ExtendContainer, request, context)  # type: ignore[no-any-return]
+
+    async def WatchContainers(self, request: pb.WatchContainersRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchContainersResponse]:
+        options = self._call_options(context)
+        options["timeout"] = context.time_remaining()  # a watch lives as long as its caller wants
+        call = self._stub.WatchContainers(request, **options)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+        finally:
+            call.cancel()
+
+
+def _translate(e: grpc.aio.AioRpcError) -> Exception:
+    """Errors from the orchestrator pass through unchanged; transport failures
+    (no sandhub reason attached) become a clear UNAVAILABLE."""
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and not rpc.error_reason(e):
+        return OrchestratorUnavailable()
+    if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED and not rpc.error_reason(e):
+        return Timeout("the orchestrator did not answer in time")
+    return e

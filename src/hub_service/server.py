@@ -1,0 +1,59 @@
+"""Builds and runs the Hub's gRPC server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from hub_service.auth import ApiKeyAuth
+from hub_service.exec_servicer import ExecServicer
+from hub_service.orchestrator_proxy import OrchestratorProxy
+from sandhub import rpc
+from sandhub.config import HubConfig
+from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
+from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+log = structlog.get_logger("sandhub.hub")
+SERVICES = [
+    orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
+    exec_pb2.DESCRIPTOR.services_by_name["ExecService"].full_name,
+]
+
+
+@dataclass
+class RunningHub:
+    server: grpc.aio.Server
+    channel: grpc.aio.Channel
+    port: int
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.server.stop(grace_s)
+        await self.channel.close()
+
+
+async def start_hub(config: HubConfig) -> RunningHub:
+    if not config.api_keys:
+        raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
+    channel = grpc.aio.insecure_channel(
+        config.orchestrator,
+        options=[
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(config.connect_timeout_s * 1000)),
+            ("grpc.keepalive_time_ms", 30000),
+        ],
+    )
+    auth = ApiKeyAuth(config.api_keys)
+    server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("hub")])
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+        OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s), server
+    )
+    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth), server)
+    rpc.add_health_and_reflection(server, SERVICES)
+    port = rpc.bind(server, config.listen)
+    await server.start()
+    log.info("hub.serving", listen=config.listen, port=port, orchestrator=config.orchestrator,
+             tenants=sorted(set(config.api_keys.values())))
+    return RunningHub(server, channel, port)

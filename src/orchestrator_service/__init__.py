@@ -1,0 +1,1 @@
+"""The orchestrator: creates, lists, extends and deletes containers on a backend."""

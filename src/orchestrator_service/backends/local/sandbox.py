@@ -1,0 +1,233 @@
+"""Building, starting and ending one bubblewrap sandbox.
+
+A container is a bwrap process tree: bwrap's own init as pid 1 of a fresh pid
+namespace, and a static busybox `sleep` as the long-lived pid 2 that keeps the
+container alive between commands. Its root is a tmpfs holding read-only binds
+of the image, made read-only itself once built; the work directory and /tmp
+are size-capped tmpfs mounts, so the container's writes vanish with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator_service.backends.local.images import Image
+
+WORK_DIR = "/work"
+AGENT_DIR = "/.sandhub"
+READY_BYTE = b"R"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ENV_CONTAINER_ID = "SANDHUB_CONTAINER_ID"
+
+
+class SpawnError(Exception):
+    """bwrap could not start the sandbox; ``detail`` is its stderr, for the log."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    container_id: str
+    image: Image
+    env: dict[str, str]
+    disk_mib: int
+    busybox: str
+    """Host path of a static busybox to bind in as init, or "" to use the image's own."""
+
+
+@dataclass(frozen=True)
+class Started:
+    bwrap_pid: int
+    init_pid: int
+    init_start_ticks: int
+    namespaces: dict[str, int]
+
+
+def bwrap_argv(bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int) -> list[str]:
+    """The whole bwrap command line for ``spec``. Pure: no I/O."""
+    half = max(spec.disk_mib // 2, 1) * 1024 * 1024
+    argv = [
+        bwrap,
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
+        "--new-session",
+        "--cap-drop", "ALL",
+        "--hostname", spec.container_id,
+    ]
+    root = spec.image.root
+    for entry in spec.image.entries:
+        dest = f"/{entry.name}"
+        if entry.kind == "symlink":
+            argv += ["--symlink", entry.target, dest]
+        else:
+            argv += ["--ro-bind", str(root / entry.name), dest]
+    for path in spec.image.masked:
+        if os.path.exists(path):
+            argv += ["--ro-bind", "/dev/null", path]
+    argv += [
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--perms", "1777", "--size", str(half), "--tmpfs", "/tmp",
+        "--perms", "0755", "--size", str(half), "--tmpfs", WORK_DIR,
+    ]
+    if spec.busybox:
+        argv += ["--ro-bind", spec.busybox, f"{AGENT_DIR}/busybox"]
+    argv += ["--remount-ro", "/", "--chdir", WORK_DIR, "--clearenv"]
+    env = {"PATH": DEFAULT_PATH, "HOME": WORK_DIR, "HOSTNAME": spec.container_id}
+    env.update(spec.env)
+    env[ENV_CONTAINER_ID] = spec.container_id
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    argv += ["--info-fd", str(info_fd), "--"]
+    if spec.busybox:
+        bb = f"{AGENT_DIR}/busybox"
+        argv += [bb, "sh", "-c", f"printf R >&{ready_fd} && exec {bb} sleep inf {ready_fd}>&-"]
+    else:
+        argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && exec sleep inf {ready_fd}>&-"]
+    return argv
+
+
+def start_ticks(pid: int) -> int:
+    """The process's start time in clock ticks since boot; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    # Field 22, counted after the parenthesised command name (which may hold spaces).
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def is_same_process(pid: int, ticks: int) -> bool:
+    return pid > 0 and ticks > 0 and start_ticks(pid) == ticks
+
+
+async def _read_pipe(fd: int, *, first_byte_only: bool) -> bytes:
+    """Reads a pipe without blocking the loop: to EOF, or just its first byte."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    chunks: list[bytes] = []
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 1 if first_byte_only else 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        chunks.append(data)
+        if not data or first_byte_only or sum(map(len, chunks)) > 1 << 20:
+            if not done.done():
+                done.set_result(b"".join(chunks))
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, on_readable)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(fd)
+
+
+async def spawn(bwrap: str, spec: SandboxSpec, *, timeout_s: float = 10.0) -> tuple[subprocess.Popen[bytes], Started]:
+    """Starts bwrap; returns once init runs inside the finished sandbox."""
+    info_r, info_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            bwrap_argv(bwrap, spec, info_fd=info_w, ready_fd=ready_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err_w,
+            pass_fds=(info_w, ready_w),
+            start_new_session=True,
+        )
+    except OSError as e:
+        for fd in (info_r, info_w, ready_r, ready_w, err_r, err_w):
+            os.close(fd)
+        raise SpawnError(f"cannot run bwrap: {e.strerror}") from e
+    for fd in (info_w, ready_w, err_w):
+        os.close(fd)
+    try:
+        async with asyncio.timeout(timeout_s):
+            info_raw, ready = await asyncio.gather(
+                _read_pipe(info_r, first_byte_only=False), _read_pipe(ready_r, first_byte_only=True)
+            )
+        if ready != READY_BYTE or not info_raw:
+            await asyncio.to_thread(proc.wait, timeout_s)
+            os.set_blocking(err_r, False)
+            try:
+                stderr = os.read(err_r, 65536).decode(errors="replace").strip()
+            except BlockingIOError:
+                stderr = ""
+            raise SpawnError("the sandbox did not start", stderr)
+        info: dict[str, Any] = json.loads(info_raw)
+    except TimeoutError:
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
+        raise SpawnError(f"the sandbox did not start within {timeout_s:g}s") from None
+    finally:
+        for fd in (info_r, ready_r, err_r):
+            os.close(fd)
+    init_pid = int(info["child-pid"])
+    namespaces = {k.removesuffix("-namespace"): int(v) for k, v in info.items() if k.endswith("-namespace")}
+    return proc, Started(proc.pid, init_pid, start_ticks(init_pid), namespaces)
+
+
+def kill_tree(init_pid: int, ticks: int) -> bool:
+    """SIGKILLs the sandbox's pid-1; the kernel then kills every process in
+    its pid namespace. Returns False if it was already gone."""
+    if not is_same_process(init_pid, ticks):
+        return False
+    try:
+        os.kill(init_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def pids_in_namespace(pid_ns: int) -> list[int]:
+    """Host pids of every process in the pid namespace with inode ``pid_ns``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}/ns/pid").st_ino == pid_ns:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def signal_namespace(pid_ns: int, sig: int) -> None:
+    for pid in pids_in_namespace(pid_ns):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def find_bwrap_for(container_id: str) -> list[int]:
+    """Pids of bwrap processes started for ``container_id`` (after a crash mid-create)."""
+    marker = f"{ENV_CONTAINER_ID}\x00{container_id}\x00".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(name))
+    return found

@@ -1,0 +1,266 @@
+"""The domain: container lifecycle on top of one backend, scoped by tenant.
+
+Holds no state of its own beyond live subscriptions: every answer comes from the
+backend, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from orchestrator_service.backends.base import Backend
+from orchestrator_service.model import Container, Event, EventType, Page, State, new_container_id, utcnow
+from orchestrator_service.pagination import page_size, paginate
+from orchestrator_service.selector import Selector, parse_selector
+from orchestrator_service.validation import RawCreate, build_spec, check_container_id, check_ttl
+from sandhub.config import OrchestratorConfig
+from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField, QuotaExceeded
+
+log = structlog.get_logger("sandhub.orchestrator")
+
+WATCH_QUEUE = 1024
+"""Events buffered per watcher; a watcher that falls further behind is closed
+(it re-watches with send_initial) rather than growing memory without bound."""
+
+
+class WatchOverflow(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Synced:
+    """Marks the end of a watch's initial listing."""
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    pass
+
+
+WatchItem = Event | Synced | Keepalive
+
+
+class _Subscription:
+    def __init__(self, tenant: str | None, selector: Selector) -> None:
+        self.tenant = tenant
+        self.selector = selector
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(WATCH_QUEUE)
+        self.overflowed = False
+
+    def offer(self, event: Event) -> None:
+        c = event.container
+        if self.tenant is not None and c.tenant != self.tenant:
+            return
+        if not self.selector.matches(c.labels):
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class ContainerService:
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self._config = config
+        self._limits = config.limits
+        self._subs: set[_Subscription] = set()
+        self._create_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.backend: Backend | None = None
+
+    # -- wiring ---------------------------------------------------------------
+
+    def attach(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def notify(self, event: Event) -> None:
+        """Backends call this after every change."""
+        for sub in self._subs:
+            sub.offer(event)
+
+    @property
+    def _backend(self) -> Backend:
+        assert self.backend is not None, "ContainerService.attach() was not called"
+        return self.backend
+
+    async def start(self) -> None:
+        await self._backend.start()
+        self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")
+
+    async def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sub in self._subs:
+            sub.queue.put_nowait(None) if not sub.queue.full() else None
+        await self._backend.close()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def create(self, raw: RawCreate, *, tenant: str, wait_until_running: bool) -> Container:
+        spec = build_spec(
+            raw,
+            tenant=tenant,
+            limits=self._limits,
+            placements=self._config.placements,
+            default_image=self._default_image(),
+        )
+        self._backend.validate_image(spec.image)
+        lock_key = (tenant, spec.request_id)
+        lock = self._create_locks.setdefault(lock_key, asyncio.Lock()) if spec.request_id else None
+        async with lock or contextlib.nullcontext():
+            try:
+                existing = await self._by_request_id(tenant, spec.request_id)
+                if existing is not None:
+                    return existing
+                alive = [c for c in await self._backend.list() if c.tenant == tenant and c.state.alive]
+                if len(alive) >= self._limits.max_containers_per_tenant:
+                    raise QuotaExceeded(
+                        f"tenant already has {len(alive)} containers; delete some first",
+                        limit="max_containers_per_tenant",
+                    )
+                waiter = self._waiter() if wait_until_running else None
+                try:
+                    container = await self._backend.create(spec=spec, container_id=new_container_id())
+                    log.info("container.created", container_id=container.id, tenant=tenant,
+                             backend=container.backend, image=spec.image, state=container.state.value)
+                    if waiter is not None and container.state is State.PENDING:
+                        container = await self._wait_settled(waiter, container)
+                finally:
+                    if waiter is not None:
+                        self._subs.discard(waiter)
+                return container
+            finally:
+                if lock is not None and not lock.locked():
+                    self._create_locks.pop(lock_key, None)
+
+    def _default_image(self) -> str:
+        return self._config.local.default_image if self._config.backend == "local" else ""
+
+    async def _by_request_id(self, tenant: str, request_id: str) -> Container | None:
+        if not request_id:
+            return None
+        for c in await self._backend.list():
+            if c.tenant == tenant and c.request_id == request_id:
+                return c
+        return None
+
+    def _waiter(self) -> _Subscription:
+        sub = _Subscription(None, Selector())
+        self._subs.add(sub)
+        return sub
+
+    async def _wait_settled(self, sub: _Subscription, container: Container) -> Container:
+        # The backend may have finished before we looked: check once, then wait.
+        current = await self._backend.get(container_id=container.id)
+        while current.state is State.PENDING:
+            event = await sub.queue.get()
+            if event is not None and event.container.id == container.id:
+                current = event.container
+        return current
+
+    async def get(self, container_id: str, *, tenant: str | None) -> Container:
+        check_container_id(container_id)
+        container = await self._backend.get(container_id=container_id)
+        if tenant is not None and container.tenant != tenant:
+            raise ContainerNotFound(container_id)
+        return container
+
+    async def list(
+        self, *, tenant: str | None, label_selector: str, state: State | None, size: int, token: str
+    ) -> Page:
+        selector = parse_selector(label_selector)
+        n = page_size(size)
+        query = f"{tenant}|{label_selector}|{state.value if state else ''}"
+        wanted = [
+            c
+            for c in await self._backend.list()
+            if (tenant is None or c.tenant == tenant)
+            and (c.state is state if state else c.state is not State.TERMINATED)
+            and selector.matches(c.labels)
+        ]
+        items, next_token = paginate(
+            wanted, key=lambda c: (c.create_time.isoformat(), c.id), size=n, token=token, query=query
+        )
+        return Page(containers=items, next_page_token=next_token)
+
+    async def delete(self, container_id: str, *, tenant: str | None, grace_period_s: float, reason: str = "Deleted") -> Container:
+        await self.get(container_id, tenant=tenant)
+        if grace_period_s < 0 or grace_period_s > 300:
+            raise InvalidField("grace_period", "must be between 0 and 300 seconds")
+        container = await self._backend.delete(container_id=container_id, grace_period_s=grace_period_s, reason=reason)
+        log.info("container.deleted", container_id=container_id, tenant=container.tenant, reason=reason)
+        return container
+
+    async def extend(self, container_id: str, *, tenant: str | None, extend_by_s: float) -> Container:
+        container = await self.get(container_id, tenant=tenant)
+        by = check_ttl("extend_by", extend_by_s, self._limits, default=None)
+        if not container.state.alive:
+            raise ContainerNotRunning(container_id, container.state.value)
+        now = utcnow()
+        new_expiry = max(container.expire_time, now) + timedelta(seconds=by)
+        if new_expiry - now > timedelta(seconds=self._limits.max_ttl_s):
+            raise InvalidField(
+                "extend_by",
+                f"the container would live {(new_expiry - now).total_seconds():.0f}s from now, "
+                f"over the maximum of {self._limits.max_ttl_s:g}s",
+            )
+        return await self._backend.set_expiry(container_id=container_id, expire_time=new_expiry)
+
+    async def watch(self, *, tenant: str | None, label_selector: str, send_initial: bool, keepalive_s: float = 15.0) -> AsyncIterator[WatchItem]:
+        selector = parse_selector(label_selector)
+        sub = _Subscription(tenant, selector)
+        self._subs.add(sub)  # subscribe first so nothing between list and live is lost
+        try:
+            if send_initial:
+                for c in sorted(await self._backend.list(), key=lambda c: (c.create_time, c.id)):
+                    if (tenant is None or c.tenant == tenant) and selector.matches(c.labels) and c.state is not State.TERMINATED:
+                        yield Event(EventType.ADDED, c)
+                yield Synced()
+            while True:
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), keepalive_s)
+                except TimeoutError:
+                    yield Keepalive()
+                    continue
+                if event is None:
+                    return
+                yield event
+                if sub.overflowed and sub.queue.empty():
+                    raise WatchOverflow()
+        finally:
+            self._subs.discard(sub)
+
+    # -- expiry -------------------------------------------------------------------
+
+    async def reap_once(self) -> int:
+        """Deletes expired containers and forgets old tombstones; returns how many it deleted."""
+        now = utcnow()
+        tombstone = timedelta(seconds=self._config.tombstone_s)
+        reaped = 0
+        for c in await self._backend.list():
+            if c.state.alive and c.expire_time <= now:
+                try:
+                    await self._backend.delete(container_id=c.id, grace_period_s=0, reason="Expired")
+                    reaped += 1
+                    log.info("container.expired", container_id=c.id, tenant=c.tenant)
+                except ContainerNotFound:
+                    pass
+            elif c.state in (State.TERMINATED, State.FAILED) and c.end_time and c.end_time + tombstone <= now:
+                await self._backend.forget(container_id=c.id)
+        return reaped
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.reap_interval_s)
+            try:
+                await self.reap_once()
+            except Exception:
+                log.exception("reaper.failed")

@@ -1,0 +1,42 @@
+"""Builds and runs the orchestrator's gRPC server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from orchestrator_service.backends import load_backend
+from orchestrator_service.containers import ContainerService
+from orchestrator_service.servicer import OrchestratorServicer
+from sandhub import rpc
+from sandhub.config import OrchestratorConfig
+from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+log = structlog.get_logger("sandhub.orchestrator")
+SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+@dataclass
+class RunningOrchestrator:
+    server: grpc.aio.Server
+    containers: ContainerService
+    port: int
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.server.stop(grace_s)
+        await self.containers.close()
+
+
+async def start_orchestrator(config: OrchestratorConfig) -> RunningOrchestrator:
+    containers = ContainerService(config)
+    containers.attach(load_backend(config, containers.notify))
+    await containers.start()
+    server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("orchestrator")])
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(containers), server)
+    rpc.add_health_and_reflection(server, [SERVICE])
+    port = rpc.bind(server, config.listen)
+    await server.start()
+    log.info("orchestrator.serving", listen=config.listen, port=port, backend=config.backend)
+    return RunningOrchestrator(server, containers, port)

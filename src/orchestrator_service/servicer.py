@@ -1,0 +1,78 @@
+"""OrchestratorService servicer: validate, convert, call the domain, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from orchestrator_service import convert
+from orchestrator_service.containers import ContainerService, Keepalive, Synced
+from sandhub import rpc
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+OPERATOR_TENANT = "default"
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == rpc.TENANT_KEY and isinstance(value, str) and value:
+            rpc.set_tenant(value)
+            return value
+    return None
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
+    def __init__(self, containers: ContainerService) -> None:
+        self._containers = containers
+
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext) -> pb.CreateContainerResponse:
+        tenant = tenant_of(context) or OPERATOR_TENANT
+        container = await self._containers.create(
+            convert.raw_create(request), tenant=tenant, wait_until_running=request.wait_until_running
+        )
+        return pb.CreateContainerResponse(container=convert.container_to_pb(container))
+
+    async def GetContainer(self, request: pb.GetContainerRequest, context: grpc.aio.ServicerContext) -> pb.GetContainerResponse:
+        container = await self._containers.get(request.id, tenant=tenant_of(context))
+        return pb.GetContainerResponse(container=convert.container_to_pb(container))
+
+    async def ListContainers(self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext) -> pb.ListContainersResponse:
+        page = await self._containers.list(
+            tenant=tenant_of(context),
+            label_selector=request.label_selector,
+            state=convert.state_from_pb(request.state),
+            size=request.page_size,
+            token=request.page_token,
+        )
+        return pb.ListContainersResponse(
+            containers=[convert.container_to_pb(c) for c in page.containers],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: grpc.aio.ServicerContext) -> pb.DeleteContainerResponse:
+        container = await self._containers.delete(
+            request.id, tenant=tenant_of(context),
+            grace_period_s=convert.seconds(request.grace_period, "grace_period"),
+        )
+        return pb.DeleteContainerResponse(container=convert.container_to_pb(container))
+
+    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: grpc.aio.ServicerContext) -> pb.ExtendContainerResponse:
+        container = await self._containers.extend(
+            request.id, tenant=tenant_of(context), extend_by_s=convert.seconds(request.extend_by, "extend_by")
+        )
+        return pb.ExtendContainerResponse(container=convert.container_to_pb(container))
+
+    async def WatchContainers(self, request: pb.WatchContainersRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchContainersResponse]:
+        async for item in self._containers.watch(
+            tenant=tenant_of(context), label_selector=request.label_selector, send_initial=request.send_initial
+        ):
+            if isinstance(item, Synced):
+                yield pb.WatchContainersResponse(type=pb.WATCH_EVENT_TYPE_SYNCED)
+            elif isinstance(item, Keepalive):
+                yield pb.WatchContainersResponse(type=pb.WATCH_EVENT_TYPE_KEEPALIVE)
+            else:
+                yield pb.WatchContainersResponse(
+                    type=convert.event_type_to_pb(item.type), container=convert.container_to_pb(item.container)
+                )

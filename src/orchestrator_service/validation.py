@@ -1,0 +1,137 @@
+"""Turns a caller's raw create request into a ContainerSpec, or says which field is wrong."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from orchestrator_service.model import ContainerSpec, Port, Resources
+from sandhub.config import Limits
+from sandhub.errors import InvalidField, UnknownPlacement
+
+RESERVED_LABEL_PREFIX = "sandhub.dev/"
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+_CONTAINER_ID = re.compile(r"^cnt-[a-z0-9]{12}$")
+MAX_ENV_VALUE = 32 * 1024
+MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class RawCreate:
+    """A create request as received, before any check."""
+
+    image: str
+    cpu_millicores: int
+    memory_mib: int
+    pids: int
+    disk_mib: int
+    open_files: int
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    ttl_s: float
+    ports: Sequence[Port]
+    placement: str
+    request_id: str
+
+
+def check_label_key(key: str, field: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
+        raise InvalidField(field, f"label key {key!r}: prefix must be a DNS subdomain")
+    if not _LABEL_NAME.match(name):
+        raise InvalidField(
+            field,
+            f"label key {key!r}: name must be 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric",
+        )
+
+
+def check_label_value(key: str, value: str, field: str) -> None:
+    if value and not _LABEL_NAME.match(value):
+        raise InvalidField(
+            field, f"label {key!r}: value must be empty or 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"
+        )
+
+
+def check_container_id(container_id: str) -> None:
+    """A malformed id can't name a container: say so, as NOT_FOUND would mislead."""
+    if not _CONTAINER_ID.match(container_id):
+        raise InvalidField("id", f"{container_id!r} is not a container id (cnt- and 12 characters of [a-z0-9])")
+
+
+def _bounded(field: str, value: int, default: int, maximum: int, minimum: int = 1) -> int:
+    if value < 0:
+        raise InvalidField(field, f"must not be negative (got {value})")
+    if value == 0:
+        return default
+    if value < minimum or value > maximum:
+        raise InvalidField(field, f"must be between {minimum} and {maximum} (got {value})")
+    return value
+
+
+def check_ttl(field: str, ttl_s: float, limits: Limits, *, default: float | None) -> float:
+    if ttl_s < 0:
+        raise InvalidField(field, "must not be negative")
+    if ttl_s == 0:
+        if default is None:
+            raise InvalidField(field, "must be positive")
+        return default
+    if ttl_s > limits.max_ttl_s:
+        raise InvalidField(field, f"{ttl_s:g}s is over the maximum of {limits.max_ttl_s:g}s")
+    return ttl_s
+
+
+def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Sequence[str], default_image: str) -> ContainerSpec:
+    resources = Resources(
+        cpu_millicores=_bounded("resources.cpu_millicores", raw.cpu_millicores, limits.default_cpu_millicores, limits.max_cpu_millicores, 10),
+        memory_mib=_bounded("resources.memory_mib", raw.memory_mib, limits.default_memory_mib, limits.max_memory_mib, 16),
+        pids=_bounded("resources.pids", raw.pids, limits.default_pids, limits.max_pids, 8),
+        disk_mib=_bounded("resources.disk_mib", raw.disk_mib, limits.default_disk_mib, limits.max_disk_mib),
+        open_files=_bounded("resources.open_files", raw.open_files, limits.default_open_files, limits.max_open_files, 64),
+    )
+    if len(raw.env) > limits.max_env:
+        raise InvalidField("env", f"at most {limits.max_env} variables")
+    for key, value in raw.env.items():
+        if not _ENV_KEY.match(key) or len(key) > 256:
+            raise InvalidField("env", f"variable name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if len(value) > MAX_ENV_VALUE or "\x00" in value:
+            raise InvalidField("env", f"variable {key!r}: value too long or contains NUL")
+    if len(raw.labels) > limits.max_labels:
+        raise InvalidField("labels", f"at most {limits.max_labels} labels")
+    for key, value in raw.labels.items():
+        check_label_key(key, "labels")
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            raise InvalidField("labels", f"label key {key!r}: prefix {RESERVED_LABEL_PREFIX!r} is reserved")
+        check_label_value(key, value, "labels")
+    if len(raw.ports) > limits.max_ports:
+        raise InvalidField("ports", f"at most {limits.max_ports} ports")
+    seen: set[tuple[int, str]] = set()
+    for port in raw.ports:
+        if not 1 <= port.port <= 65535:
+            raise InvalidField("ports", f"port {port.port} is not between 1 and 65535")
+        if port.name and not _PORT_NAME.match(port.name):
+            raise InvalidField("ports", f"port name {port.name!r} must be up to 15 characters of [a-z0-9-]")
+        if (port.port, port.protocol) in seen:
+            raise InvalidField("ports", f"port {port.port}/{port.protocol} listed twice")
+        seen.add((port.port, port.protocol))
+    placement = raw.placement or placements[0]
+    if placement not in placements:
+        raise UnknownPlacement(placement, list(placements))
+    if len(raw.request_id) > MAX_REQUEST_ID:
+        raise InvalidField("request_id", f"at most {MAX_REQUEST_ID} characters")
+    if len(raw.image) > 512:
+        raise InvalidField("image", "at most 512 characters")
+    return ContainerSpec(
+        tenant=tenant,
+        image=raw.image or default_image,
+        resources=resources,
+        env=dict(raw.env),
+        labels=dict(raw.labels),
+        ttl_s=check_ttl("ttl", raw.ttl_s, limits, default=limits.default_ttl_s),
+        ports=tuple(raw.ports),
+        placement=placement,
+        request_id=raw.request_id,
+    )

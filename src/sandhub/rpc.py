@@ -1,0 +1,252 @@
+"""What both gRPC servers share: error mapping, the canonical log line per RPC,
+health checking, reflection and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from sandhub.errors import ERROR_DOMAIN, SandhubError
+
+log = structlog.get_logger("sandhub.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+TENANT_KEY = "x-sandhub-tenant"
+"""Metadata the Hub sets on every call to the orchestrator. Absent means an
+operator call that sees all tenants: the orchestrator listens internally only."""
+
+
+@dataclass
+class RpcInfo:
+    """Per-RPC facts the canonical log line reports; servicers may fill in tenant."""
+
+    method: str
+    request_id: str
+    tenant: str = ""
+
+
+current_rpc: contextvars.ContextVar[RpcInfo | None] = contextvars.ContextVar("current_rpc", default=None)
+
+
+def set_tenant(tenant: str) -> None:
+    info = current_rpc.get()
+    if info is not None:
+        info.tenant = tenant
+
+
+def error_status(err: SandhubError) -> grpc.Status:
+    """A status carrying code, message and an ErrorInfo detail."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    err = SandhubError(f"internal error; quote request id {request_id} to the operator")
+    err.metadata["request_id"] = request_id
+    return error_status(err)
+
+
+def error_reason(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a received error, or ""."""
+    for key, value in err.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return ""
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class CanonicalInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses and logs one line per RPC.
+
+    SandhubError → its code with ErrorInfo; an error received from another
+    sandhub server → forwarded unchanged; anything else → INTERNAL with the
+    request id (the traceback goes to the log, never to the caller).
+    """
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            info, token, start = self._begin(method, context)
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException as e:
+                code = await self._fail(e, info, context)
+                raise
+            finally:
+                self._end(info, token, start, context, code)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            info, token, start = self._begin(method, context)
+            code = "OK"
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as e:
+                code = await self._fail(e, info, context)
+                raise
+            finally:
+                self._end(info, token, start, context, code)
+
+        return wrapped
+
+    def _begin(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> tuple[RpcInfo, contextvars.Token[RpcInfo | None], float]:
+        info = RpcInfo(method=method, request_id=_request_id(context))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
+        return info, current_rpc.set(info), time.perf_counter()
+
+    async def _fail(self, e: BaseException, info: RpcInfo, context: grpc.aio.ServicerContext) -> str:
+        """Aborts the RPC with the status for ``e``; returns the code name."""
+        if isinstance(e, asyncio.CancelledError):
+            return "CANCELLED"
+        if isinstance(e, grpc.aio.AbortError):
+            code = context.code()
+            return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        if isinstance(e, SandhubError):
+            status = error_status(e)
+        elif isinstance(e, grpc.aio.AioRpcError):
+            trailing = tuple(
+                (k, v) for k, v in (e.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY
+            )
+            status = _Status(e.code(), e.details() or "", trailing + ((REQUEST_ID_KEY, info.request_id),))
+        else:
+            log.error("rpc.internal_error", method=info.method, request_id=info.request_id, exc_info=e)
+            status = internal_status(info.request_id)
+        try:
+            await context.abort_with_status(status)
+        except grpc.aio.AbortError:
+            pass
+        return status.code.name
+
+    def _end(
+        self,
+        info: RpcInfo,
+        token: contextvars.Token[RpcInfo | None],
+        start: float,
+        context: grpc.aio.ServicerContext,
+        code: str,
+    ) -> None:
+        current_rpc.reset(token)
+        log.info(
+            "rpc",
+            service=self._service,
+            method=info.method,
+            request_id=info.request_id,
+            tenant=info.tenant or None,
+            code=code,
+            duration_ms=round((time.perf_counter() - start) * 1000, 2),
+            peer=context.peer(),
+        )
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.HealthServicer:
+    names = list(service_names)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in names + [""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return health_servicer
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Binds an insecure port; returns the port (useful with ":0")."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+async def run_until_signalled(
+    stop_callbacks: list[Callable[[], Awaitable[None]]], *, grace_s: float = 5.0
+) -> None:
+    """Waits for SIGTERM or SIGINT, then runs the stop callbacks in order."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown.begin", grace_s=grace_s)
+    for callback in stop_callbacks:
+        await callback()
+    log.info("shutdown.done")
