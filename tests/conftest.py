@@ -1,0 +1,75 @@
+"""Shared fixtures: real grpc.aio servers on port 0, called through generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hub_service.server import RunningHub, start_hub
+from orchestrator_service.server import RunningOrchestrator, start_orchestrator
+from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
+from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
+
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+
+
+def auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def orchestrator_config(state: Path, **overrides: object) -> OrchestratorConfig:
+    base = OrchestratorConfig(
+        listen="127.0.0.1:0",
+        local=LocalBackendConfig(state_dir=state / "local", images_dir=state / "images"),
+        reap_interval_s=0.2,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class Services:
+    orchestrator: RunningOrchestrator
+    hub: RunningHub
+    hub_channel: grpc.aio.Channel
+    hub_stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    orchestrator_stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    state_dir: Path
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    if os.geteuid() != 0:
+        pytest.fail("these tests create namespaces and need root (CI runs as root)")
+    orch = await start_orchestrator(orchestrator_config(tmp_path))
+    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS))
+    hub_channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
+    orch_channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    try:
+        yield Services(
+            orch,
+            hub,
+            hub_channel,
+            orchestrator_pb2_grpc.OrchestratorServiceStub(hub_channel),
+            orchestrator_pb2_grpc.OrchestratorServiceStub(orch_channel),
+            tmp_path,
+        )
+    finally:
+        # Leave nothing behind: delete every container, then stop.
+        containers = await orch.containers.backend.list()  # type: ignore[union-attr]
+        for c in containers:
+            if c.state.alive:
+                await orch.containers.delete(c.id, tenant=None, grace_period_s=0)
+        for _ in range(200):
+            if all(not c.state.alive and c.state.value != "TERMINATING" for c in await orch.containers.backend.list()):  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        await hub_channel.close()
+        await orch_channel.close()
+        await hub.stop(0)
+        await orch.stop(0)

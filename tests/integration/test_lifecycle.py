@@ -1,0 +1,258 @@
+"""Container lifecycle through the Hub, on the real local backend (root needed).
+
+Runs against real grpc.aio servers on loopback port 0 in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.conftest import Services, auth
+
+pytestmark = pytest.mark.root
+A = auth("key-a")
+B = auth("key-b")
+
+
+def reason_of(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            info = error_details_pb2.ErrorInfo()
+            assert status.details[0].Unpack(info)
+            return info.reason, dict(info.metadata)
+    raise AssertionError("no ErrorInfo detail")
+
+
+async def create(s: Services, md=A, **kw) -> pb.Container:  # type: ignore[no-untyped-def]
+    kw.setdefault("wait_until_running", True)
+    resp = await s.hub_stub.CreateContainer(pb.CreateContainerRequest(**kw), metadata=md)
+    return resp.container
+
+
+def sandbox_pids(container_id: str) -> list[int]:
+    marker = f"SANDHUB_CONTAINER_ID={container_id}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+async def wait_state(s: Services, cid: str, state: int, timeout: float = 10.0) -> pb.Container:
+    deadline = time.monotonic() + timeout
+    while True:
+        c = (await s.hub_stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=A)).container
+        if c.state == state or time.monotonic() > deadline:
+            return c
+        await asyncio.sleep(0.02)
+
+
+async def test_create_get_list_delete(services: Services) -> None:
+    c = await create(services, labels={"app": "web"}, env={"GREETING": "hi"})
+    assert c.state == pb.CONTAINER_STATE_RUNNING
+    assert c.tenant == "tenant-a" and c.backend == "local" and c.image == "host"
+    assert c.ready_time.ToNanoseconds() >= c.create_time.ToNanoseconds() > 0
+    assert c.expire_time.seconds - c.create_time.seconds == 3600
+    assert c.resources.memory_mib == 512  # the default, never unlimited
+    pids = sandbox_pids(c.id)
+    assert pids, "the container's processes run on the host"
+    for ns in ("pid", "mnt", "ipc", "uts", "net"):
+        assert os.stat(f"/proc/{pids[0]}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino, ns
+
+    got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)).container
+    assert got.id == c.id and got.labels["app"] == "web"
+
+    deleted = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)).container
+    assert deleted.state in (pb.CONTAINER_STATE_TERMINATING, pb.CONTAINER_STATE_TERMINATED)
+    final = await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED)
+    assert final.state == pb.CONTAINER_STATE_TERMINATED and final.state_reason == "Deleted"
+    assert sandbox_pids(c.id) == []
+    # Delete is idempotent.
+    again = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    assert again.container.state == pb.CONTAINER_STATE_TERMINATED
+
+
+async def test_list_with_selector_and_paging(services: Services) -> None:
+    web = [await create(services, labels={"app": "web", "n": str(i)}) for i in range(3)]
+    await create(services, labels={"app": "db"})
+    await create(services, md=B, labels={"app": "web"})
+    seen, token = [], ""
+    while True:
+        resp = await services.hub_stub.ListContainers(
+            pb.ListContainersRequest(label_selector="app=web", page_size=2, page_token=token), metadata=A
+        )
+        assert len(resp.containers) <= 2
+        seen += [c.id for c in resp.containers]
+        token = resp.next_page_token
+        if not token:
+            break
+    assert seen == [c.id for c in web]  # oldest first, this tenant only
+    everything = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A)
+    assert len(everything.containers) == 4
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.ListContainers(
+            pb.ListContainersRequest(label_selector="app=db", page_token=resp.next_page_token or "bm9wZQ"), metadata=A
+        )
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(e.value)[0] == "INVALID_PAGE_TOKEN"
+
+
+async def test_state_filter(services: Services) -> None:
+    c = await create(services)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED)
+    running = await services.hub_stub.ListContainers(pb.ListContainersRequest(state=pb.CONTAINER_STATE_RUNNING), metadata=A)
+    assert running.containers == []
+    gone = await services.hub_stub.ListContainers(pb.ListContainersRequest(state=pb.CONTAINER_STATE_TERMINATED), metadata=A)
+    assert [x.id for x in gone.containers] == [c.id]
+
+
+async def test_tenant_isolation(services: Services) -> None:
+    c = await create(services)
+    for call, req in (
+        (services.hub_stub.GetContainer, pb.GetContainerRequest(id=c.id)),
+        (services.hub_stub.DeleteContainer, pb.DeleteContainerRequest(id=c.id)),
+        (services.hub_stub.ExtendContainer, pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=60))),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call(req, metadata=B)
+        assert e.value.code() is grpc.StatusCode.NOT_FOUND
+        assert reason_of(e.value)[0] == "CONTAINER_NOT_FOUND"
+    listed = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=B)
+    assert listed.containers == []
+    still = await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)
+    assert still.container.state == pb.CONTAINER_STATE_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [((), "MISSING_CREDENTIALS"), (auth("wrong"), "INVALID_CREDENTIALS"), ((("authorization", "Basic x"),), "MISSING_CREDENTIALS")],
+)
+async def test_unauthenticated(services: Services, metadata, reason) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=metadata)
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert reason_of(e.value)[0] == reason
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        ({"resources": pb.Resources(cpu_millicores=-1)}, "resources.cpu_millicores"),
+        ({"resources": pb.Resources(memory_mib=10_000_000)}, "resources.memory_mib"),
+        ({"labels": {"bad key": "x"}}, "labels"),
+        ({"image": "no-such-image"}, "image"),
+        ({"ttl": duration_pb2.Duration(seconds=10**7)}, "ttl"),
+        ({"ports": [pb.Port(port=70000)]}, "ports"),
+        ({"placement": "moon"}, "placement"),
+    ],
+)
+async def test_invalid_create_names_the_field(services: Services, request_kwargs, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.CreateContainer(pb.CreateContainerRequest(**request_kwargs), metadata=A)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (e.value.details() or "")
+    assert reason_of(e.value)[1]["field"] == field
+    listed = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A)
+    assert listed.containers == []  # nothing half-made
+
+
+async def test_unknown_and_malformed_ids(services: Services) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(id="cnt-000000000000"), metadata=A)
+    assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(id="../../etc"), metadata=A)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_idempotent_create(services: Services) -> None:
+    first, second = await asyncio.gather(create(services, request_id="req-1"), create(services, request_id="req-1"))
+    assert first.id == second.id
+    other = await create(services, md=B, request_id="req-1")  # keys are per tenant
+    assert other.id != first.id
+
+
+async def test_extend(services: Services) -> None:
+    c = await create(services, ttl=duration_pb2.Duration(seconds=60))
+    ext = await services.hub_stub.ExtendContainer(
+        pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=120)), metadata=A
+    )
+    assert ext.container.expire_time.seconds - c.expire_time.seconds == 120
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.ExtendContainer(
+            pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=86400)), metadata=A
+        )
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_expiry_reaps(services: Services) -> None:
+    c = await create(services, ttl=duration_pb2.Duration(seconds=1))
+    assert sandbox_pids(c.id)
+    final = await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED, timeout=10)
+    assert final.state == pb.CONTAINER_STATE_TERMINATED and final.state_reason == "Expired"
+    assert sandbox_pids(c.id) == []
+
+
+async def test_container_that_dies_is_failed(services: Services) -> None:
+    c = await create(services)
+    for pid in sandbox_pids(c.id):
+        os.kill(pid, 9)
+    final = await wait_state(services, c.id, pb.CONTAINER_STATE_FAILED)
+    assert final.state == pb.CONTAINER_STATE_FAILED and final.state_reason == "ProcessExited"
+
+
+async def test_watch_reports_changes(services: Services) -> None:
+    call = services.hub_stub.WatchContainers(pb.WatchContainersRequest(send_initial=True, label_selector="app=w"), metadata=A)
+    first = await call.read()
+    assert first.type == pb.WATCH_EVENT_TYPE_SYNCED
+    c = await create(services, labels={"app": "w"})
+    await create(services, labels={"app": "other"})  # filtered out
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    seen = []
+    async with asyncio.timeout(10):
+        while True:
+            ev = await call.read()
+            seen.append((ev.type, ev.container.id, ev.container.state))
+            if ev.type == pb.WATCH_EVENT_TYPE_DELETED:
+                break
+    call.cancel()
+    assert seen[0][:2] == (pb.WATCH_EVENT_TYPE_ADDED, c.id)
+    assert (pb.WATCH_EVENT_TYPE_MODIFIED, c.id, pb.CONTAINER_STATE_RUNNING) in seen
+    assert all(cid == c.id for _, cid, _ in seen)
+    assert seen[-1] == (pb.WATCH_EVENT_TYPE_DELETED, c.id, pb.CONTAINER_STATE_TERMINATED)
+
+
+async def test_exec_service_is_registered_but_unimplemented(services: Services) -> None:
+    stub = exec_pb2_grpc.ExecServiceStub(services.hub_channel)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Run(exec_pb2.RunRequest(container_id="cnt-000000000000"), metadata=A)
+    assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Run(exec_pb2.RunRequest(container_id="cnt-000000000000"))
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_orchestrator_down_is_unavailable_promptly(services: Services) -> None:
+    await services.orchestrator.server.stop(0)
+    start = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A, timeout=20)
+    assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert reason_of(e.value)[0] == "BACKEND_UNAVAILABLE"
+    assert time.monotonic() - start < 10  # not the caller's 20 s deadline

@@ -1,0 +1,84 @@
+"""Pure pieces of the local backend: the bwrap command line, records, images."""
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from orchestrator_service.backends.local.images import Entry, Image, Images
+from orchestrator_service.backends.local.sandbox import SandboxSpec, bwrap_argv
+from orchestrator_service.backends.local.store import Record, Runtime, Store
+from orchestrator_service.model import Container, Endpoint, Port, Resources, State
+from sandhub.errors import UnknownImage
+
+IMAGE = Image("img", Path("/images/img"), (Entry("usr", "dir"), Entry("bin", "symlink", "usr/bin")), ("/etc/shadow",))
+
+
+def spec(**kw: object) -> SandboxSpec:
+    base = dict(container_id="cnt-aaaaaaaaaaaa", image=IMAGE, env={"A": "1"}, disk_mib=64, busybox="/bin/busybox")
+    base.update(kw)
+    return SandboxSpec(**base)  # type: ignore[arg-type]
+
+
+def pairs(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_argv_isolates_and_binds_read_only() -> None:
+    argv = bwrap_argv("/usr/bin/bwrap", spec(), info_fd=7, ready_fd=8)
+    for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session"):
+        assert flag in argv
+    assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert "--bind" not in argv  # nothing of the host is writable
+    assert argv[argv.index("--ro-bind") + 1 : argv.index("--ro-bind") + 3] == ["/images/img/usr", "/usr"]
+    assert argv[argv.index("--symlink") + 1 : argv.index("--symlink") + 3] == ["usr/bin", "/bin"]
+    assert argv[argv.index("--remount-ro") + 1] == "/"
+    assert argv[argv.index("--info-fd") + 1] == "7"
+    assert "printf R >&8" in argv[-1]
+    # disk cap split between /work and /tmp
+    assert pairs(argv, "--size") == [str(32 * 1024 * 1024)] * 2
+    env = dict(zip(pairs(argv, "--setenv"), argv[argv.index("--setenv") + 2 :: 3]))
+    assert "--clearenv" in argv and "SANDHUB_CONTAINER_ID" in pairs(argv, "--setenv") and "A" in env
+
+
+def test_argv_without_busybox_uses_image_shell() -> None:
+    argv = bwrap_argv("bwrap", spec(busybox=""), info_fd=3, ready_fd=4)
+    assert argv[argv.index("--") + 1] == "/bin/sh"
+    assert "/.sandhub/busybox" not in argv
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    c = Container(
+        id="cnt-aaaaaaaaaaaa", tenant="t", image="host", resources=Resources(1000, 512, 256, 1024, 1024),
+        env={"A": "1"}, labels={"app": "web"}, ports=(Port(8000, "TCP", "http"),), state=State.RUNNING,
+        backend="local", placement="default", create_time=now, expire_time=now, update_time=now,
+        endpoints=(Endpoint("http", 8000, "TCP", "10.0.0.2:8000"),), ready_time=now,
+    )
+    store = Store(tmp_path)
+    store.prepare()
+    store.save(Record(c, Runtime(bwrap_pid=1, init_pid=2, init_start_ticks=3, namespaces={"pid": 4})))
+    (loaded,) = store.load_all()
+    assert loaded.container == c
+    assert loaded.runtime.namespaces == {"pid": 4}
+
+
+def test_unreadable_record_is_kept_aside(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    store.path("cnt-bbbbbbbbbbbb").write_text("{torn")
+    assert store.load_all() == []
+    assert (store.dir / "cnt-bbbbbbbbbbbb.unreadable").exists()
+
+
+def test_images(tmp_path: Path) -> None:
+    (tmp_path / "alpine" / "usr").mkdir(parents=True)
+    (tmp_path / "alpine" / "proc").mkdir()
+    images = Images(tmp_path)
+    assert [e.name for e in images.resolve("alpine").entries] == ["usr"]
+    host = images.resolve("host")
+    assert host.root == Path("/") and all(e.name not in ("root", "home", "var", "proc") for e in host.entries)
+    with pytest.raises(UnknownImage):
+        images.resolve("nope")
+    with pytest.raises(UnknownImage):
+        images.resolve("../alpine")
