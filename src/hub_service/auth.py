@@ -15,7 +15,7 @@ class ApiKeyAuth:
     def __init__(self, keys: Mapping[str, str]) -> None:
         self._keys = dict(keys)
 
-    def tenant(self, context: grpc.aio.ServicerContext) -> str:
+    def tenant(self, context: rpc.Ctx) -> str:
         """The caller's tenant; raises UNAUTHENTICATED errors."""
         header = ""
         for key, value in context.invocation_metadata() or ():

@@ -26,7 +26,7 @@ class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
         self._auth = auth
         self._timeout_s = timeout_s
 
-    def _call_options(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    def _call_options(self, context: rpc.Ctx) -> dict[str, Any]:
         tenant = self._auth.tenant(context)
         info = rpc.current_rpc.get()
         metadata = [(rpc.TENANT_KEY, tenant)]
@@ -36,29 +36,29 @@ class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
         timeout = self._timeout_s if remaining is None else min(remaining, self._timeout_s)
         return {"metadata": metadata, "timeout": timeout}
 
-    async def _unary(self, method: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _unary(self, method: Any, request: Any, context: rpc.Ctx) -> Any:
         options = self._call_options(context)
         try:
             return await method(request, **options)
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
 
-    async def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext) -> pb.CreateContainerResponse:
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context: rpc.Ctx) -> pb.CreateContainerResponse:
         return await self._unary(self._stub.CreateContainer, request, context)  # type: ignore[no-any-return]
 
-    async def GetContainer(self, request: pb.GetContainerRequest, context: grpc.aio.ServicerContext) -> pb.GetContainerResponse:
+    async def GetContainer(self, request: pb.GetContainerRequest, context: rpc.Ctx) -> pb.GetContainerResponse:
         return await self._unary(self._stub.GetContainer, request, context)  # type: ignore[no-any-return]
 
-    async def ListContainers(self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext) -> pb.ListContainersResponse:
+    async def ListContainers(self, request: pb.ListContainersRequest, context: rpc.Ctx) -> pb.ListContainersResponse:
         return await self._unary(self._stub.ListContainers, request, context)  # type: ignore[no-any-return]
 
-    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: grpc.aio.ServicerContext) -> pb.DeleteContainerResponse:
+    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: rpc.Ctx) -> pb.DeleteContainerResponse:
         return await self._unary(self._stub.DeleteContainer, request, context)  # type: ignore[no-any-return]
 
-    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: grpc.aio.ServicerContext) -> pb.ExtendContainerResponse:
+    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: rpc.Ctx) -> pb.ExtendContainerResponse:
         return await self._unary(self._stub.ExtendContainer, request, context)  # type: ignore[no-any-return]
 
-    async def WatchContainers(self, request: pb.WatchContainersRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchContainersResponse]:
+    async def WatchContainers(self, request: pb.WatchContainersRequest, context: rpc.Ctx) -> AsyncIterator[pb.WatchContainersResponse]:
         options = self._call_options(context)
         options["timeout"] = context.time_remaining()  # a watch lives as long as its caller wants
         call = self._stub.WatchContainers(request, **options)

@@ -19,9 +19,9 @@ _STATE_TO_PB = {
     State.TERMINATED: pb.CONTAINER_STATE_TERMINATED,
     State.FAILED: pb.CONTAINER_STATE_FAILED,
 }
-_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_STATE_FROM_PB: dict[int, State] = {v: k for k, v in _STATE_TO_PB.items()}
 _PROTOCOL_TO_PB = {"TCP": pb.PROTOCOL_TCP, "UDP": pb.PROTOCOL_UDP}
-_EVENT_TO_PB = {
+_EVENT_TO_PB: dict[EventType, pb.WatchEventType] = {
     EventType.ADDED: pb.WATCH_EVENT_TYPE_ADDED,
     EventType.MODIFIED: pb.WATCH_EVENT_TYPE_MODIFIED,
     EventType.DELETED: pb.WATCH_EVENT_TYPE_DELETED,
@@ -110,5 +110,5 @@ def container_to_pb(c: Container) -> pb.Container:
     )
 
 
-def event_type_to_pb(kind: EventType) -> int:
+def event_type_to_pb(kind: EventType) -> pb.WatchEventType:
     return _EVENT_TO_PB[kind]

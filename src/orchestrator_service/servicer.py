@@ -15,7 +15,7 @@ from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 OPERATOR_TENANT = "default"
 
 
-def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
+def tenant_of(context: rpc.Ctx) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == rpc.TENANT_KEY and isinstance(value, str) and value:
             rpc.set_tenant(value)
@@ -27,18 +27,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def __init__(self, containers: ContainerService) -> None:
         self._containers = containers
 
-    async def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext) -> pb.CreateContainerResponse:
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context: rpc.Ctx) -> pb.CreateContainerResponse:
         tenant = tenant_of(context) or OPERATOR_TENANT
         container = await self._containers.create(
             convert.raw_create(request), tenant=tenant, wait_until_running=request.wait_until_running
         )
         return pb.CreateContainerResponse(container=convert.container_to_pb(container))
 
-    async def GetContainer(self, request: pb.GetContainerRequest, context: grpc.aio.ServicerContext) -> pb.GetContainerResponse:
+    async def GetContainer(self, request: pb.GetContainerRequest, context: rpc.Ctx) -> pb.GetContainerResponse:
         container = await self._containers.get(request.id, tenant=tenant_of(context))
         return pb.GetContainerResponse(container=convert.container_to_pb(container))
 
-    async def ListContainers(self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext) -> pb.ListContainersResponse:
+    async def ListContainers(self, request: pb.ListContainersRequest, context: rpc.Ctx) -> pb.ListContainersResponse:
         page = await self._containers.list(
             tenant=tenant_of(context),
             label_selector=request.label_selector,
@@ -51,20 +51,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: grpc.aio.ServicerContext) -> pb.DeleteContainerResponse:
+    async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: rpc.Ctx) -> pb.DeleteContainerResponse:
         container = await self._containers.delete(
             request.id, tenant=tenant_of(context),
             grace_period_s=convert.seconds(request.grace_period, "grace_period"),
         )
         return pb.DeleteContainerResponse(container=convert.container_to_pb(container))
 
-    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: grpc.aio.ServicerContext) -> pb.ExtendContainerResponse:
+    async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: rpc.Ctx) -> pb.ExtendContainerResponse:
         container = await self._containers.extend(
             request.id, tenant=tenant_of(context), extend_by_s=convert.seconds(request.extend_by, "extend_by")
         )
         return pb.ExtendContainerResponse(container=convert.container_to_pb(container))
 
-    async def WatchContainers(self, request: pb.WatchContainersRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchContainersResponse]:
+    async def WatchContainers(self, request: pb.WatchContainersRequest, context: rpc.Ctx) -> AsyncIterator[pb.WatchContainersResponse]:
         async for item in self._containers.watch(
             tenant=tenant_of(context), label_selector=request.label_selector, send_initial=request.send_initial
         ):

@@ -70,11 +70,10 @@ def check(proto_root: Path, out_root: Path) -> list[str]:
             elif not filecmp.cmp(committed, Path(tmp) / rel, shallow=False):
                 problems.append(f"differs: {committed}")
         fresh_set = {str(r) for r in fresh}
-        for proto_pkg in {Path(p).parts[0] for p in fresh_set}:
-            for p in (out_root / proto_pkg).rglob("*"):
-                rel = str(p.relative_to(out_root))
-                if p.name.endswith(GENERATED_SUFFIXES) and rel not in fresh_set:
-                    problems.append(f"stale: {p}")
+        for proto_pkg in {Path(name).parts[0] for name in fresh_set}:
+            for path in (out_root / proto_pkg).rglob("*"):
+                if path.name.endswith(GENERATED_SUFFIXES) and str(path.relative_to(out_root)) not in fresh_set:
+                    problems.append(f"stale: {path}")
         return problems
 
 

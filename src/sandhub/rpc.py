@@ -31,6 +31,10 @@ TENANT_KEY = "x-sandhub-tenant"
 operator call that sees all tenants: the orchestrator listens internally only."""
 
 
+Ctx = grpc.aio.ServicerContext[Any, Any]
+"""A servicer context, whatever the messages."""
+
+
 @dataclass
 class RpcInfo:
     """Per-RPC facts the canonical log line reports; servicers may fill in tenant."""
@@ -55,7 +59,8 @@ def error_status(err: SandhubError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def internal_status(request_id: str) -> grpc.Status:
@@ -72,11 +77,11 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    return info.reason
+                    return str(info.reason)
     return ""
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: Ctx) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -96,9 +101,9 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
@@ -128,7 +133,7 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: Ctx) -> Any:
             info, token, start = self._begin(method, context)
             code = "OK"
             try:
@@ -142,7 +147,7 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, method: str, behavior: Any) -> Any:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
             info, token, start = self._begin(method, context)
             code = "OK"
             try:
@@ -157,13 +162,13 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _begin(
-        self, method: str, context: grpc.aio.ServicerContext
+        self, method: str, context: Ctx
     ) -> tuple[RpcInfo, contextvars.Token[RpcInfo | None], float]:
         info = RpcInfo(method=method, request_id=_request_id(context))
         context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
         return info, current_rpc.set(info), time.perf_counter()
 
-    async def _fail(self, e: BaseException, info: RpcInfo, context: grpc.aio.ServicerContext) -> str:
+    async def _fail(self, e: BaseException, info: RpcInfo, context: Ctx) -> str:
         """Aborts the RPC with the status for ``e``; returns the code name."""
         if isinstance(e, asyncio.CancelledError):
             return "CANCELLED"
@@ -191,7 +196,7 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         info: RpcInfo,
         token: contextvars.Token[RpcInfo | None],
         start: float,
-        context: grpc.aio.ServicerContext,
+        context: Ctx,
         code: str,
     ) -> None:
         current_rpc.reset(token)

@@ -190,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 
     client = Client(args)
-    state = pb.ContainerState.Value("CONTAINER_STATE_" + args.state.upper()) if args.state else 0
+    state = pb.ContainerState.Name(pb.ContainerState.Value("CONTAINER_STATE_" + args.state.upper())) if args.state else None
     req = pb.ListContainersRequest(label_selector=args.selector, state=state, page_size=args.page_size, page_token=args.page_token)
     containers = []
     while True:
@@ -297,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        print(f"error: {e.details()} [{code.name}]", file=sys.stderr)  # type: ignore[attr-defined]
+        code = e.code()
+        print(f"error: {e.details()} [{code.name}]", file=sys.stderr)
         if code is grpc.StatusCode.UNAUTHENTICATED:
             print("hint: pass --api-key or set SANDHUB_API_KEY", file=sys.stderr)
         elif code is grpc.StatusCode.UNAVAILABLE:

@@ -15,7 +15,9 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 from datetime import datetime
 
 import structlog
@@ -248,8 +250,8 @@ class LocalBackend:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(proc.wait, 5.0)
 
-    def _spawn_task(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
