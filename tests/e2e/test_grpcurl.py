@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ def sandbox_pids(container_id: str) -> list[int]:
     return found
 
 
+def no_sandbox_processes(container_id: str) -> bool:
+    return not sandbox_pids(container_id)
+
+
 def namespace_inodes(pid: int | str) -> dict[str, int]:
     return {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in NAMESPACES}
 
@@ -127,13 +132,17 @@ class Sandhub:
         return proc.stdout + proc.stderr
 
     def create(self, labels: dict[str, str]) -> dict[str, Any]:
-        container: dict[str, Any] = self.call("CreateContainer", {"labels": labels, "waitUntilRunning": True})["container"]
+        request = {"labels": labels, "waitUntilRunning": True}
+        container: dict[str, Any] = self.call("CreateContainer", request)["container"]
         self.created.append(container["id"])
         return container
 
     def get(self, container_id: str) -> dict[str, Any]:
         container: dict[str, Any] = self.call("GetContainer", {"id": container_id})["container"]
         return container
+
+    def terminated(self, container_id: str) -> bool:
+        return bool(self.get(container_id)["state"] == "CONTAINER_STATE_TERMINATED")
 
     def healthy(self, address: str) -> bool:
         proc = self.grpcurl("-connect-timeout", "1", address, "grpc.health.v1.Health/Check", timeout_s=3)
@@ -169,7 +178,7 @@ def cleanup_containers(hub: Sandhub) -> None:
     for cid in hub.created:
         hub.invoke("DeleteContainer", {"id": cid}, KEY_A)
     for cid in hub.created:
-        if not wait_for(lambda cid=cid: not sandbox_pids(cid), 5):
+        if not wait_for(partial(no_sandbox_processes, cid), 5):
             for pid in sandbox_pids(cid):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -279,6 +288,6 @@ def test_container_lifecycle(sandhub: Sandhub) -> None:
         deleted = sandhub.call("DeleteContainer", {"id": cid})["container"]
         assert deleted["state"] in ("CONTAINER_STATE_TERMINATING", "CONTAINER_STATE_TERMINATED"), deleted
     for cid in all_ids:
-        assert wait_for(lambda cid=cid: sandhub.get(cid)["state"] == "CONTAINER_STATE_TERMINATED", 10), sandhub.get(cid)
+        assert wait_for(partial(sandhub.terminated, cid), 10), sandhub.get(cid)
         assert sandbox_pids(cid) == [], f"processes of deleted {cid} still run"
     assert sandhub.call("ListContainers", {}).get("containers", []) == []
