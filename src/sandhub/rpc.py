@@ -42,6 +42,7 @@ class RpcInfo:
     method: str
     request_id: str
     tenant: str = ""
+    code: str = ""
 
 
 current_rpc: contextvars.ContextVar[RpcInfo | None] = contextvars.ContextVar("current_rpc", default=None)
@@ -138,8 +139,11 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 return await behavior(request, context)
-            except BaseException as e:
+            except Exception as e:
                 code = await self._fail(e, info, context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             finally:
                 self._end(info, token, start, context, code)
@@ -153,8 +157,11 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for item in behavior(request, context):
                     yield item
-            except BaseException as e:
+            except Exception as e:
                 code = await self._fail(e, info, context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             finally:
                 self._end(info, token, start, context, code)
@@ -168,10 +175,9 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
         return info, current_rpc.set(info), time.perf_counter()
 
-    async def _fail(self, e: BaseException, info: RpcInfo, context: Ctx) -> str:
-        """Aborts the RPC with the status for ``e``; returns the code name."""
-        if isinstance(e, asyncio.CancelledError):
-            return "CANCELLED"
+    async def _fail(self, e: Exception, info: RpcInfo, context: Ctx) -> str:
+        """Aborts the RPC with the status for ``e`` (raising AbortError, which
+        grpc handles quietly); returns the code name when ``e`` already was an abort."""
         if isinstance(e, grpc.aio.AbortError):
             code = context.code()
             return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
@@ -185,11 +191,9 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         else:
             log.error("rpc.internal_error", method=info.method, request_id=info.request_id, exc_info=e)
             status = internal_status(info.request_id)
-        try:
-            await context.abort_with_status(status)
-        except grpc.aio.AbortError:
-            pass
-        return status.code.name
+        info.code = status.code.name
+        await context.abort_with_status(status)
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     def _end(
         self,
@@ -200,6 +204,7 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         code: str,
     ) -> None:
         current_rpc.reset(token)
+        code = info.code or code
         log.info(
             "rpc",
             service=self._service,

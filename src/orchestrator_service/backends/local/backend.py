@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,12 +24,12 @@ from datetime import datetime
 import structlog
 
 from orchestrator_service.backends.base import Notify
-from orchestrator_service.backends.local import sandbox
+from orchestrator_service.backends.local import cgroups, sandbox
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
 from sandhub.config import LocalBackendConfig
-from sandhub.errors import BackendUnavailable, ContainerNotFound
+from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded
 
 log = structlog.get_logger("sandhub.local")
 NAME = "local"
@@ -82,6 +83,13 @@ class LocalBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._bwrap = ""
         self._busybox = ""
+        self._root = os.geteuid() == 0
+        self._cgroups = cgroups.Cgroups(cgroups.detect() if self._root else "")
+        self._seccomp = config.seccomp
+        self._prlimit = shutil.which("prlimit") or ""
+        self._setpriv = shutil.which("setpriv") or ""
+        # Without CAP_SYS_RESOURCE no limit can go above our own hard limit.
+        self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
     # -- start and adopt --------------------------------------------------------
 
@@ -89,9 +97,19 @@ class LocalBackend:
         self._bwrap = find_bwrap(self._config.bwrap_path)
         self._busybox = self._config.busybox_path if _is_static(self._config.busybox_path) else ""
         self._store.prepare()
+        if self._seccomp:
+            try:
+                from orchestrator_service.backends.local.seccomp import build_filter
+
+                build_filter()
+            except Exception as e:  # an unsupported architecture
+                log.warning("local.seccomp_unavailable", error=str(e))
+                self._seccomp = False
+        self._cgroups.prepare()
         for record in self._store.load_all():
             self._records[record.container.id] = record
             await self._adopt(record)
+        self._spawn_task(self.watch_oom())
         log.info("local.started", **self.status(), containers=len(self._records))
 
     async def _adopt(self, record: Record) -> None:
@@ -109,6 +127,7 @@ class LocalBackend:
         for pid in sandbox.find_bwrap_for(c.id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        await self._release(c.id)
         reason = "OrchestratorCrashed" if c.state is State.PENDING else "ProcessExited"
         self._set(c.id, c.with_state(State.FAILED, reason=reason,
                                      message="the container's processes ended while the orchestrator was down"))
@@ -127,8 +146,12 @@ class LocalBackend:
             "backend": NAME,
             "bwrap": self._bwrap,
             "init": "busybox" if self._busybox else "image /bin/sh",
-            "namespaces": "pid,mount,ipc,uts,net,cgroup",
+            "namespaces": "pid,mount,ipc,uts,net,cgroup" + (",user" if self._root else ""),
             "capabilities": "none",
+            "users": f"one unprivileged host uid per container from {self._config.uid_base}" if self._root else "the caller's uid (not root: containers share it)",
+            "cgroups": self._cgroups.version or "none (not root or no cgroup controllers): cpu, memory and pids limits are NOT enforced",
+            "seccomp": "deny-list" if self._seccomp else "off",
+            "open_files": f"limited (at most {self._nofile_max})" if self._prlimit else "NOT limited (prlimit missing)",
             "root": "read-only",
             "state_dir": str(self._config.state_dir),
         }
@@ -164,17 +187,32 @@ class LocalBackend:
         image = self._images.resolve(spec.image)
         container = Container.from_spec(spec, id=container_id, backend=NAME, now=utcnow())
         self._set(container_id, container)
+        res = spec.resources
+        host_uid = self._allocate_uid() if self._root else 0
+        self._records[container_id] = Record(container, Runtime(host_uid=host_uid))
         box = sandbox.SandboxSpec(
             container_id=container_id,
             image=image,
             env=spec.env,
             disk_mib=spec.resources.disk_mib,
             busybox=self._busybox,
+            host_uid=host_uid,
+            seccomp=self._seccomp,
+            open_files=min(res.open_files, self._nofile_max),
+            prlimit=self._prlimit,
+            setpriv=self._setpriv,
         )
+
+        async def hold(pid: int) -> None:
+            """Runs while bwrap holds the sandbox's pid-1, before anything inside starts."""
+            self._cgroups.create(container_id, cgroups.Limits(res.cpu_millicores, res.memory_mib, res.pids))
+            self._cgroups.add(container_id, pid)
+
         try:
-            proc, started = await sandbox.spawn(self._bwrap, box)
-        except sandbox.SpawnError as e:
-            log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=e.detail)
+            proc, started = await sandbox.spawn(self._bwrap, box, hold=hold)
+        except (sandbox.SpawnError, OSError) as e:
+            self._cgroups.remove(container_id)
+            log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=getattr(e, "detail", ""))
             return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=str(e)))
         self._children[container_id] = proc
         runtime = Runtime(
@@ -182,6 +220,7 @@ class LocalBackend:
             init_pid=started.init_pid,
             init_start_ticks=started.init_start_ticks,
             namespaces=started.namespaces,
+            host_uid=host_uid,
         )
         current = self._records[container_id].container
         if current.state is not State.PENDING:  # deleted while starting
@@ -232,6 +271,7 @@ class LocalBackend:
             sandbox.kill_tree(rt.init_pid, rt.init_start_ticks)
             await self._wait_gone(rt, 5.0)
             await self._reap_child(container_id)
+            await self._release(container_id)
             c = self._record(container_id).container
             self._set(container_id, c.with_state(State.TERMINATED, reason=reason, message=c.state_message))
             log.info("local.torn_down", container_id=container_id, reason=reason)
@@ -285,9 +325,47 @@ class LocalBackend:
     async def _exited(self, container_id: str) -> None:
         """The container's init ended without a delete: it failed."""
         await self._reap_child(container_id)
+        oom = self._cgroups.oom_kills(container_id)
+        await self._release(container_id)
         c = self._record(container_id).container
         if c.state.alive:
-            self._set(container_id, c.with_state(State.FAILED, reason="ProcessExited",
-                                                 message="the container's init process ended"))
-            log.warning("local.container_exited", container_id=container_id)
+            if oom:
+                self._set(container_id, c.with_state(State.FAILED, reason="OOMKilled",
+                                                     message="the container ran out of memory and its init was killed"))
+            else:
+                self._set(container_id, c.with_state(State.FAILED, reason="ProcessExited",
+                                                     message="the container's init process ended"))
+            log.warning("local.container_exited", container_id=container_id, oom_kills=oom)
+
+    async def _release(self, container_id: str) -> None:
+        """Frees what a dead container held on the host: cgroups (then its uid)."""
+        if not await asyncio.to_thread(self._cgroups.remove, container_id):
+            log.error("local.cgroup_busy", container_id=container_id)
+
+    def _allocate_uid(self) -> int:
+        taken = {
+            r.runtime.host_uid for r in self._records.values()
+            if r.container.state.alive or r.container.state is State.TERMINATING
+        }
+        for uid in range(self._config.uid_base, self._config.uid_base + self._config.uid_count):
+            if uid not in taken:
+                return uid
+        raise QuotaExceeded("no free container uid on this host", limit="uid_count")
+
+    async def watch_oom(self, interval_s: float = 1.0) -> None:
+        """Reports OOM kills inside running containers (their init survived)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for cid, record in list(self._records.items()):
+                if record.container.state is not State.RUNNING:
+                    continue
+                kills = self._cgroups.oom_kills(cid)
+                if kills > record.runtime.oom_kills:
+                    record.runtime.oom_kills = kills
+                    c = record.container
+                    self._set(cid, replace(
+                        c, state_reason="OOMKilled", update_time=utcnow(),
+                        state_message=f"{kills} process(es) were killed for going over {c.resources.memory_mib} MiB",
+                    ))
+                    log.warning("local.oom_kill", container_id=cid, oom_kills=kills)
 

@@ -10,10 +10,12 @@ are size-capped tmpfs mounts, so the container's writes vanish with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from orchestrator_service.backends.local.images import Image
 WORK_DIR = "/work"
 AGENT_DIR = "/.sandhub"
 READY_BYTE = b"R"
+SANDBOX_UID = 1000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ENV_CONTAINER_ID = "SANDHUB_CONTAINER_ID"
 
@@ -43,6 +46,18 @@ class SandboxSpec:
     disk_mib: int
     busybox: str
     """Host path of a static busybox to bind in as init, or "" to use the image's own."""
+    host_uid: int = 0
+    """Unprivileged host uid the whole container runs as (through a user
+    namespace, inside uid SANDBOX_UID); 0 keeps bwrap's own uid (non-root hosts)."""
+    seccomp: bool = False
+    """Load the deny-list seccomp filter (seccomp.py)."""
+    open_files: int = 0
+    """RLIMIT_NOFILE (soft and hard) for every process inside; 0 leaves it alone."""
+    prlimit: str = ""
+    """util-linux prlimit, which sets the limit on itself before it execs bwrap:
+    setting it on another process would need CAP_SYS_RESOURCE."""
+    setpriv: str = ""
+    """util-linux setpriv, which drops to host_uid before it execs bwrap."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,9 @@ class Started:
     namespaces: dict[str, int]
 
 
-def bwrap_argv(bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int) -> list[str]:
+def bwrap_argv(
+    bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int, block_fd: int = -1, seccomp_fd: int = -1
+) -> list[str]:
     """The whole bwrap command line for ``spec``. Pure: no I/O."""
     half = max(spec.disk_mib // 2, 1) * 1024 * 1024
     argv = [
@@ -63,6 +80,10 @@ def bwrap_argv(bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int) ->
         "--cap-drop", "ALL",
         "--hostname", spec.container_id,
     ]
+    if spec.host_uid:
+        # bwrap itself runs as host_uid (see spawn), so the user namespace maps
+        # the sandbox user to that unprivileged uid, never to host root.
+        argv += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--disable-userns"]
     root = spec.image.root
     for entry in spec.image.entries:
         dest = f"/{entry.name}"
@@ -87,13 +108,34 @@ def bwrap_argv(bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int) ->
     env[ENV_CONTAINER_ID] = spec.container_id
     for key, value in env.items():
         argv += ["--setenv", key, value]
-    argv += ["--info-fd", str(info_fd), "--"]
+    argv += ["--info-fd", str(info_fd)]
+    if block_fd >= 0:
+        argv += ["--block-fd", str(block_fd)]
+    if seccomp_fd >= 0:
+        argv += ["--seccomp", str(seccomp_fd)]
+    argv += ["--"]
     if spec.busybox:
         bb = f"{AGENT_DIR}/busybox"
         argv += [bb, "sh", "-c", f"printf R >&{ready_fd} && exec {bb} sleep inf {ready_fd}>&-"]
     else:
         argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && exec sleep inf {ready_fd}>&-"]
     return argv
+
+
+def launcher(spec: SandboxSpec) -> list[str]:
+    """What runs before bwrap: prlimit for the open files limit, setpriv for
+    the uid. Exec wrappers, not Popen(user=...)/preexec_fn: those make Python
+    fork() instead of vfork(), and fork() in a process running gRPC threads
+    crashes the child now and then (seen here as SIGSEGV)."""
+    prefix: list[str] = []
+    if spec.open_files and spec.prlimit:
+        prefix += [spec.prlimit, f"--nofile={spec.open_files}:{spec.open_files}", "--"]
+    if spec.host_uid:
+        if not spec.setpriv:
+            raise SpawnError("setpriv (util-linux) is needed to run containers as their own uid")
+        uid = str(spec.host_uid)
+        prefix += [spec.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    return prefix
 
 
 def start_ticks(pid: int) -> int:
@@ -137,50 +179,87 @@ async def _read_pipe(fd: int, *, first_byte_only: bool) -> bytes:
         loop.remove_reader(fd)
 
 
-async def spawn(bwrap: str, spec: SandboxSpec, *, timeout_s: float = 10.0) -> tuple[subprocess.Popen[bytes], Started]:
+Hold = Callable[[int], Awaitable[None]]
+"""Called with the sandbox's pid-1 while bwrap holds it before running
+anything inside: the moment to put it in cgroups and give it a network."""
+
+
+async def spawn(
+    bwrap: str, spec: SandboxSpec, *, hold: Hold | None = None, timeout_s: float = 10.0
+) -> tuple[subprocess.Popen[bytes], Started]:
     """Starts bwrap; returns once init runs inside the finished sandbox."""
     info_r, info_w = os.pipe()
     ready_r, ready_w = os.pipe()
+    block_r, block_w = os.pipe()
     err_r, err_w = os.pipe()
+    mine = [info_r, ready_r, block_w, err_r]
+    theirs = [info_w, ready_w, block_r, err_w]
+    if spec.seccomp:
+        from orchestrator_service.backends.local.seccomp import write_filter_to_memfd
+
+        theirs.append(write_filter_to_memfd())
+    argv = bwrap_argv(
+        bwrap, spec, info_fd=info_w, ready_fd=ready_w, block_fd=block_r,
+        seccomp_fd=theirs[4] if spec.seccomp else -1,
+    )
+    argv = launcher(spec) + argv
     try:
         proc = subprocess.Popen(
-            bwrap_argv(bwrap, spec, info_fd=info_w, ready_fd=ready_w),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err_w,
-            pass_fds=(info_w, ready_w),
+            pass_fds=tuple(theirs),
             start_new_session=True,
         )
     except OSError as e:
-        for fd in (info_r, info_w, ready_r, ready_w, err_r, err_w):
+        for fd in mine + theirs:
             os.close(fd)
         raise SpawnError(f"cannot run bwrap: {e.strerror}") from e
-    for fd in (info_w, ready_w, err_w):
+    for fd in theirs:
         os.close(fd)
+    child_pid = 0
     try:
         async with asyncio.timeout(timeout_s):
-            info_raw, ready = await asyncio.gather(
-                _read_pipe(info_r, first_byte_only=False), _read_pipe(ready_r, first_byte_only=True)
-            )
+            info_raw = await _read_pipe(info_r, first_byte_only=False)
+            if info_raw:
+                child_pid = int(json.loads(info_raw)["child-pid"])
+            if child_pid and hold is not None:
+                await hold(child_pid)
+            try:
+                os.write(block_w, b"G")
+            except BrokenPipeError:
+                pass  # bwrap already failed; its stderr says why
+            ready = await _read_pipe(ready_r, first_byte_only=True)
         if ready != READY_BYTE or not info_raw:
             await asyncio.to_thread(proc.wait, timeout_s)
-            os.set_blocking(err_r, False)
-            try:
-                stderr = os.read(err_r, 65536).decode(errors="replace").strip()
-            except BlockingIOError:
-                stderr = ""
-            raise SpawnError("the sandbox did not start", stderr)
+            raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})", _read_stderr(err_r) or f"info={info_raw!r} ready={ready!r}")
         info: dict[str, Any] = json.loads(info_raw)
-    except TimeoutError:
+    except BaseException as e:
+        # Whatever went wrong (timeout, a hold step failed, we were cancelled),
+        # leave no sandbox behind: the held pid-1 would otherwise run on.
+        if child_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)
         proc.kill()
         await asyncio.to_thread(proc.wait)
-        raise SpawnError(f"the sandbox did not start within {timeout_s:g}s") from None
+        if isinstance(e, TimeoutError):
+            raise SpawnError(f"the sandbox did not start within {timeout_s:g}s") from None
+        raise
     finally:
-        for fd in (info_r, ready_r, err_r):
+        for fd in mine:
             os.close(fd)
     init_pid = int(info["child-pid"])
     namespaces = {k.removesuffix("-namespace"): int(v) for k, v in info.items() if k.endswith("-namespace")}
     return proc, Started(proc.pid, init_pid, start_ticks(init_pid), namespaces)
+
+
+def _read_stderr(fd: int) -> str:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536).decode(errors="replace").strip()
+    except BlockingIOError:
+        return ""
 
 
 def kill_tree(init_pid: int, ticks: int) -> bool:

@@ -33,6 +33,10 @@ class Runtime:
     """Start time of init_pid (clock ticks since boot): tells a live container
     from an unrelated process that got the same pid after it died."""
     namespaces: dict[str, int] = field(default_factory=dict)
+    host_uid: int = 0
+    """Unprivileged host uid the container runs as; 0 when uids aren't isolated."""
+    ip_address: str = ""
+    oom_kills: int = 0
 
 
 @dataclass

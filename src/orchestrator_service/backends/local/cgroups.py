@@ -1,0 +1,137 @@
+"""Per-container cgroups: CPU quota, memory (OOM inside the container only) and pids.
+
+Works on cgroup v2 (one hierarchy, /sys/fs/cgroup/sandhub/<id>) and on v1
+(a directory per controller, /sys/fs/cgroup/<controller>/sandhub/<id>). The
+sandbox's pid-1 is moved in while bwrap holds it before it starts anything,
+so every process of the container is born inside.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "sandhub"
+CFS_PERIOD_US = 100_000
+V1_CONTROLLERS = ("cpu", "memory", "pids")
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_millicores: int
+    memory_mib: int
+    pids: int
+
+
+def detect(root: Path = ROOT) -> str:
+    """"v2", "v1" or "" (no usable cgroups: limits can't be enforced)."""
+    controllers = root / "cgroup.controllers"
+    if controllers.exists() and {"memory", "pids"} <= set(controllers.read_text().split()):
+        return "v2"
+    if all((root / c / "cgroup.procs").exists() for c in V1_CONTROLLERS):
+        return "v1"
+    return ""
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Cgroups:
+    def __init__(self, version: str, root: Path = ROOT) -> None:
+        self.version = version
+        self._root = root
+
+    def dirs(self, container_id: str) -> list[Path]:
+        if self.version == "v2":
+            return [self._root / PARENT / container_id]
+        if self.version == "v1":
+            return [self._root / c / PARENT / container_id for c in V1_CONTROLLERS]
+        return []
+
+    def prepare(self) -> None:
+        if self.version == "v2":
+            parent = self._root / PARENT
+            parent.mkdir(exist_ok=True)
+            wanted = {"cpu", "memory", "pids"} & set((self._root / "cgroup.controllers").read_text().split())
+            _write(self._root / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+        elif self.version == "v1":
+            for c in V1_CONTROLLERS:
+                (self._root / c / PARENT).mkdir(exist_ok=True)
+
+    def create(self, container_id: str, limits: Limits) -> None:
+        for d in self.dirs(container_id):
+            d.mkdir(exist_ok=True)
+        memory = limits.memory_mib * 1024 * 1024
+        quota = limits.cpu_millicores * CFS_PERIOD_US // 1000
+        if self.version == "v2":
+            (d,) = self.dirs(container_id)
+            _write(d / "memory.max", str(memory))
+            if (d / "memory.swap.max").exists():
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(limits.pids))
+            if (d / "cpu.max").exists():
+                _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        elif self.version == "v1":
+            cpu, mem, pids = self.dirs(container_id)
+            _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(quota))
+            _write(mem / "memory.limit_in_bytes", str(memory))
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                # Without it swap is a way around the memory limit.
+                _write(mem / "memory.memsw.limit_in_bytes", str(memory))
+            _write(pids / "pids.max", str(limits.pids))
+
+    def add(self, container_id: str, pid: int) -> None:
+        for d in self.dirs(container_id):
+            _write(d / "cgroup.procs", str(pid))
+
+    def oom_kills(self, container_id: str) -> int:
+        """How many processes the OOM killer ended in this container."""
+        for d in self.dirs(container_id):
+            for name in ("memory.events", "memory.oom_control"):
+                try:
+                    text = (d / name).read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        return 0
+
+    def remove(self, container_id: str, *, timeout_s: float = 2.0) -> bool:
+        """Removes the container's cgroups once their processes are gone;
+        returns False if one is still busy after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        for d in self.dirs(container_id):
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.01)
+        return True
+
+    def leftovers(self) -> list[str]:
+        """Container ids that still have a cgroup."""
+        found: set[str] = set()
+        parents = [self._root / PARENT] if self.version == "v2" else [self._root / c / PARENT for c in V1_CONTROLLERS]
+        for parent in parents:
+            if parent.is_dir():
+                found.update(p.name for p in parent.iterdir() if p.is_dir())
+        return sorted(found)
+
+
+def usable() -> bool:
+    return os.geteuid() == 0 and detect() != ""
