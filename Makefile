@@ -19,7 +19,7 @@ DEB_PACKAGES := iproute2 busybox-static iptables
 export SANDHUB_GRPCURL := $(GRPCURL)
 export SANDHUB_BUF := $(BUF)
 
-.PHONY: run test install system-deps tools gen check-gen lint typecheck bench clean
+.PHONY: run test install system-deps tools gen check-gen lint clean
 
 run: install
 	$(VENV)/bin/sandhub serve --dev
@@ -71,9 +71,6 @@ check-gen: $(VENV)/.installed
 lint: $(BUF) $(VENV)/.installed
 	cd proto && $(BUF) lint
 	$(VENV)/bin/mypy
-
-bench: install
-	$(VENV)/bin/sandhub bench matrix
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

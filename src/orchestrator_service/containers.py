@@ -138,7 +138,7 @@ class ContainerService:
                         self._subs.discard(waiter)
                 return container
             finally:
-                if lock is not None and not lock.locked():
+                if lock is not None:
                     self._create_locks.pop(lock_key, None)
 
     def _default_image(self) -> str:

@@ -104,9 +104,11 @@ async def test_list_with_selector_and_paging(services: Services) -> None:
     assert seen == [c.id for c in web]  # oldest first, this tenant only
     everything = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A)
     assert len(everything.containers) == 4
-    with pytest.raises(grpc.aio.AioRpcError) as e:
+    first = await services.hub_stub.ListContainers(pb.ListContainersRequest(label_selector="app=web", page_size=1), metadata=A)
+    assert first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # a token of another query is refused
         await services.hub_stub.ListContainers(
-            pb.ListContainersRequest(label_selector="app=db", page_token=resp.next_page_token or "bm9wZQ"), metadata=A
+            pb.ListContainersRequest(label_selector="app=db", page_token=first.next_page_token), metadata=A
         )
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert reason_of(e.value)[0] == "INVALID_PAGE_TOKEN"

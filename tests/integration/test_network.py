@@ -11,6 +11,7 @@ behind a veth. Only processes started here are killed, by pid.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import select
@@ -158,6 +159,16 @@ def need_root() -> None:
         pytest.fail("these tests create bridges, veths and namespaces and need root (CI runs as root)")
 
 
+@pytest.fixture(autouse=True)
+def exclusive() -> Iterator[None]:
+    """One test of this module at a time on this machine: two runs (say, two
+    checkouts testing at once) would share the bridge name and subnets, and
+    each one's cleanup would pull the other's veths away."""
+    with open("/tmp/sandhub-test-network.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture
 async def net() -> AsyncIterator[HostNetwork]:
     network = HostNetwork(NetworkConfig(bridge=BRIDGE, subnet=SUBNET))
@@ -300,7 +311,9 @@ async def test_host_reaches_containers_and_containers_reach_nothing(
     assert await fetch_from_host(a.ip) == "hello from a"
 
 
-async def test_egress_only_when_allowed(net: HostNetwork, boxes: tuple[Box, Box], outside: Box, ip_forward: None) -> None:
+async def test_egress_only_when_allowed(
+    net: HostNetwork, boxes: tuple[Box, Box], outside: Box, ip_forward: None
+) -> None:
     a, _ = boxes
     await attach(net, a, set())
     egress = HostNetwork(NetworkConfig(bridge=BRIDGE, subnet=SUBNET, allow_egress=True))
@@ -381,3 +394,18 @@ async def test_attach_detach_timings(net: HostNetwork, boxes: tuple[Box, Box]) -
     )
     assert net.leftovers() == []
     assert statistics.median(attach_ms) < 500
+
+
+async def test_veth_goes_with_the_namespace(net: HostNetwork) -> None:
+    box = start_box("short-lived")
+    try:
+        await net.attach(container_id=box.container_id, pid=box.pid, ip="10.231.0.2")
+        assert net.leftovers() == [veth_name(box.container_id)]
+    finally:
+        stop_box(box)
+    # The kernel deletes the pair once the namespace is gone (asynchronously).
+    deadline = time.monotonic() + 10
+    while net.leftovers() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert net.leftovers() == []
+    await net.detach(container_id=box.container_id)  # nothing to do, no error

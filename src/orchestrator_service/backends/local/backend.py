@@ -109,6 +109,10 @@ class LocalBackend:
         for record in self._store.load_all():
             self._records[record.container.id] = record
             await self._adopt(record)
+        for cid in self._cgroups.leftovers():
+            known = self._records.get(cid)
+            if known is None or not (known.container.state.alive or known.container.state is State.TERMINATING):
+                await self._release(cid)  # orphaned by a crash mid-teardown
         self._spawn_task(self.watch_oom())
         log.info("local.started", **self.status(), containers=len(self._records))
 
@@ -242,7 +246,8 @@ class LocalBackend:
         if c.state in (State.TERMINATING, State.TERMINATED) or container_id in self._deleting:
             return c
         if c.state is State.FAILED:
-            return self._set(container_id, replace(c, update_time=utcnow()))
+            # Already cleaned when it failed: nothing left to tear down.
+            return self._set(container_id, c.with_state(State.TERMINATED, reason=c.state_reason, message=c.state_message))
         self._deleting.add(container_id)
         c = self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
         self._spawn_task(self._teardown(container_id, grace_period_s=grace_period_s, reason=reason))

@@ -221,7 +221,9 @@ class HostNetwork:
         re-asserted), the nftables tables are replaced atomically."""
         tools = self.tools()
         br = self.config.bridge
-        lines: list[str] = []
+        # Rules first (they match by name, the bridge need not exist yet), so
+        # the bridge is never up without them.
+        await _run([tools.nft, "-f", "-"], self.ruleset())
         if _exists(br):
             if not os.path.isdir(os.path.join(_SYS_NET, br, "bridge")):
                 raise NetworkError(f"{br} exists and is not a bridge")
@@ -229,17 +231,18 @@ class HostNetwork:
             # A fixed MAC: otherwise the bridge takes the lowest MAC of its
             # ports and changes it as containers come and go, which would
             # leave the containers' ARP entry for the gateway stale.
-            lines.append(f"link add name {br} address {_mac(self._gateway)} type bridge")
-        lines.append(f"addr replace {self._gateway}/{self.prefixlen} dev {br}")
-        lines.append(f"link set dev {br} up")
-        await _run([tools.ip, "-batch", "-"], "\n".join(lines) + "\n")
-        # No IPv6 on the bridge (containers only get link-local v6 on eth0,
-        # which then leads nowhere), and answer ARP only for the bridge's own
-        # address, so containers cannot enumerate the host's addresses.
+            await _run([tools.ip, "link", "add", "name", br, "address", _mac(self._gateway), "type", "bridge"])
+        # No IPv6 on the bridge: the host then drops every IPv6 packet from
+        # containers (they only have link-local v6 on eth0). Answer ARP only
+        # for the bridge's own address, so containers cannot probe for the
+        # host's other addresses.
         _write_sysctl(f"/proc/sys/net/ipv6/conf/{br}/disable_ipv6", "1")
         _write_sysctl(f"/proc/sys/net/ipv4/conf/{br}/arp_ignore", "1")
         _write_sysctl(f"/proc/sys/net/ipv4/conf/{br}/arp_announce", "2")
-        await _run([tools.nft, "-f", "-"], self.ruleset())
+        await _run(
+            [tools.ip, "-batch", "-"],
+            f"addr replace {self._gateway}/{self.prefixlen} dev {br}\nlink set dev {br} up\n",
+        )
         if self.config.allow_egress:
             _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 
@@ -420,8 +423,8 @@ class HostNetwork:
         for name in names:
             if not name.startswith(VETH_PREFIX):
                 continue
-            base = os.path.join(_SYS_NET, name)
-            if _read(os.path.join(base, "ifalias")).startswith(self._alias_prefix) or _master(name) == self.config.bridge:
+            alias = _read(os.path.join(_SYS_NET, name, "ifalias"))
+            if alias.startswith(self._alias_prefix) or _master(name) == self.config.bridge:
                 found.append(name)
         return sorted(found)
 
