@@ -4,6 +4,7 @@ health checking, reflection and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import signal
 import time
@@ -133,38 +134,34 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    @contextlib.asynccontextmanager
+    async def _scope(self, method: str, context: Ctx) -> AsyncIterator[None]:
+        """One RPC: request id in, errors mapped, one log line out."""
+        info, token, start = self._begin(method, context)
+        code = "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            code = await self._fail(e, info, context)
+            raise
+        finally:
+            self._end(info, token, start, context, code)
+
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
         async def wrapped(request: Any, context: Ctx) -> Any:
-            info, token, start = self._begin(method, context)
-            code = "OK"
-            try:
+            async with self._scope(method, context):
                 return await behavior(request, context)
-            except Exception as e:
-                code = await self._fail(e, info, context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            finally:
-                self._end(info, token, start, context, code)
 
         return wrapped
 
     def _wrap_stream(self, method: str, behavior: Any) -> Any:
         async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            info, token, start = self._begin(method, context)
-            code = "OK"
-            try:
+            async with self._scope(method, context):
                 async for item in behavior(request, context):
                     yield item
-            except Exception as e:
-                code = await self._fail(e, info, context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            finally:
-                self._end(info, token, start, context, code)
 
         return wrapped
 

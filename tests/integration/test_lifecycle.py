@@ -225,6 +225,7 @@ async def test_watch_reports_changes(services: Services) -> None:
     assert first.type == pb.WATCH_EVENT_TYPE_SYNCED
     c = await create(services, labels={"app": "w"})
     await create(services, labels={"app": "other"})  # filtered out
+    await create(services, md=B, labels={"app": "w"})  # another tenant's: never shown
     await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
     seen = []
     async with asyncio.timeout(10):

@@ -26,6 +26,10 @@ from orchestrator_service.backends.local.seccomp import (
     write_filter_to_memfd,
 )
 
+# The base interpreter (stdlib only is used inside): the venv's may live under
+# /tmp, which the sandbox replaces with a tmpfs (a clone in /tmp did exactly that).
+PYTHON = os.path.realpath(sys.executable)
+
 pytestmark = pytest.mark.root
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -243,11 +247,11 @@ def test_ordinary_commands_still_work(bwrap: str) -> None:
     assert ok(sandboxed(bwrap, "sh", "-c", "echo hi | cat")) == "hi\n"
     assert ok(sandboxed(bwrap, "sh", "-c", "(true) & wait $! && echo forked")) == "forked\n"
     code = "import subprocess; print(subprocess.run(['true']).returncode)"
-    assert ok(sandboxed(bwrap, sys.executable, "-c", code)) == "0\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", code)) == "0\n"
     threads = "import threading; t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()"
-    assert ok(sandboxed(bwrap, sys.executable, "-c", threads)) == "thread\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", threads)) == "thread\n"
     personality = "import ctypes; print(ctypes.CDLL(None).personality(0xffffffff) >= 0)"
-    assert ok(sandboxed(bwrap, sys.executable, "-c", personality)) == "True\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", personality)) == "True\n"
 
 
 # mount(2) itself, to see the errno that the mount commands reword
@@ -264,7 +268,7 @@ def test_mount_and_new_namespaces_fail(bwrap: str) -> None:
     assert mounted.returncode != 0
     # util-linux's mount (and busybox's) words EPERM as "permission denied"
     assert re.search("operation not permitted|permission denied", mounted.stderr, re.I), mounted.stderr
-    assert ok(sandboxed(bwrap, sys.executable, "-c", MOUNT)) == "Operation not permitted\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", MOUNT)) == "Operation not permitted\n"
     unshared = sandboxed(bwrap, "unshare", "-U", "true")
     assert unshared.returncode != 0 and "Operation not permitted" in unshared.stderr, unshared.stderr
     # os.unshare is Python 3.12+; libc's unshare(CLONE_NEWUSER) here
@@ -272,15 +276,15 @@ def test_mount_and_new_namespaces_fail(bwrap: str) -> None:
         "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True)\n"
         "libc.unshare(0x10000000); print(os.strerror(ctypes.get_errno()))"
     )
-    assert ok(sandboxed(bwrap, sys.executable, "-c", code)) == "Operation not permitted\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", code)) == "Operation not permitted\n"
 
 
 def test_filter_itself_blocks_mount_even_with_capabilities(bwrap: str) -> None:
     # Without --cap-drop, root inside keeps CAP_SYS_ADMIN: only the filter stands in the way.
     ok(sandboxed(bwrap, "mount", "-t", "tmpfs", "none", "/tmp", seccomp=False, cap_drop=False))
     assert sandboxed(bwrap, "mount", "-t", "tmpfs", "none", "/tmp", cap_drop=False).returncode != 0
-    assert ok(sandboxed(bwrap, sys.executable, "-c", MOUNT, seccomp=False, cap_drop=False)) == "mounted\n"
-    assert ok(sandboxed(bwrap, sys.executable, "-c", MOUNT, cap_drop=False)) == "Operation not permitted\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", MOUNT, seccomp=False, cap_drop=False)) == "mounted\n"
+    assert ok(sandboxed(bwrap, PYTHON, "-c", MOUNT, cap_drop=False)) == "Operation not permitted\n"
     # and user namespaces need no capability at all: here --cap-drop alone does not help
     ok(sandboxed(bwrap, "unshare", "-U", "true", seccomp=False))
     assert sandboxed(bwrap, "unshare", "-U", "true").returncode != 0
@@ -288,6 +292,7 @@ def test_filter_itself_blocks_mount_even_with_capabilities(bwrap: str) -> None:
 
 PROBE = """
 import ctypes, json, os, sys
+
 nr = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -332,7 +337,7 @@ def probe(bwrap: str, *, seccomp: bool, cap_drop: bool) -> dict[str, list[int]]:
     names = ("getpid", "keyctl", "bpf", "perf_event_open", "setns", "open_tree_attr", "clone3", "clone")
     numbers = {n: syscall_number(n) for n in names}
     result: dict[str, list[int]] = json.loads(
-        ok(sandboxed(bwrap, sys.executable, "-c", PROBE, json.dumps(numbers), seccomp=seccomp, cap_drop=cap_drop))
+        ok(sandboxed(bwrap, PYTHON, "-c", PROBE, json.dumps(numbers), seccomp=seccomp, cap_drop=cap_drop))
     )
     return result
 
@@ -362,9 +367,9 @@ def test_denied_syscalls_return_eperm(bwrap: str, cap_drop: bool) -> None:
 def test_compat_abis_kill_the_process(bwrap: str) -> None:
     killed = 128 + signal.SIGSYS  # bwrap passes on the child's death by signal this way
     x32 = "import ctypes; ctypes.CDLL(None).syscall(0x40000000 | 39); print('alive')"
-    assert sandboxed(bwrap, sys.executable, "-c", x32).returncode == killed
+    assert sandboxed(bwrap, PYTHON, "-c", x32).returncode == killed
     minus_one = "import ctypes; print(ctypes.CDLL(None).syscall(-1))"
-    assert ok(sandboxed(bwrap, sys.executable, "-c", minus_one)) == "-1\n"  # not killed
+    assert ok(sandboxed(bwrap, PYTHON, "-c", minus_one)) == "-1\n"  # not killed
     # i386 getpid through int 0x80, from a scrap of machine code
     i386 = (
         "import ctypes, mmap\n"
@@ -372,7 +377,7 @@ def test_compat_abis_kill_the_process(bwrap: str) -> None:
         "m.write(bytes([0x53, 0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0x5B, 0xC3]))\n"  # push rbx; mov eax,20; int 0x80; pop rbx; ret
         "print(ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))() > 0)\n"
     )
-    unfiltered = sandboxed(bwrap, sys.executable, "-c", i386, seccomp=False)
+    unfiltered = sandboxed(bwrap, PYTHON, "-c", i386, seccomp=False)
     if unfiltered.stdout != "True\n":
         pytest.skip(f"no i386 emulation on this kernel ({unfiltered.returncode})")
-    assert sandboxed(bwrap, sys.executable, "-c", i386).returncode == killed
+    assert sandboxed(bwrap, PYTHON, "-c", i386).returncode == killed

@@ -9,7 +9,6 @@ so every process of the container is born inside.
 from __future__ import annotations
 
 import errno
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +130,3 @@ class Cgroups:
             if parent.is_dir():
                 found.update(p.name for p in parent.iterdir() if p.is_dir())
         return sorted(found)
-
-
-def usable() -> bool:
-    return os.geteuid() == 0 and detect() != ""
