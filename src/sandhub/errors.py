@@ -79,6 +79,46 @@ class ContainerNotRunning(SandhubError):
         )
 
 
+class ProcessNotFound(SandhubError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "PROCESS_NOT_FOUND"
+
+    def __init__(self, container_id: str, process_id: str) -> None:
+        super().__init__(
+            f"process {process_id!r} not found in container {container_id!r}",
+            metadata={"container_id": container_id, "process_id": process_id},
+        )
+
+
+class PayloadTooLarge(SandhubError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "PAYLOAD_TOO_LARGE"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, metadata={"limit": str(limit)})
+
+
+class PathNotAllowed(SandhubError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "PATH_NOT_ALLOWED"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", metadata={"field": field})
+
+
+class PathNotFound(SandhubError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "PATH_NOT_FOUND"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"no such file or directory in the container: {path!r}", metadata={"path": path})
+
+
+class InvalidStream(SandhubError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_STREAM"
+
+
 class QuotaExceeded(SandhubError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "QUOTA_EXCEEDED"

@@ -103,10 +103,7 @@ def bwrap_argv(
     if spec.busybox:
         argv += ["--ro-bind", spec.busybox, f"{AGENT_DIR}/busybox"]
     argv += ["--remount-ro", "/", "--chdir", WORK_DIR, "--clearenv"]
-    env = {"PATH": DEFAULT_PATH, "HOME": WORK_DIR, "HOSTNAME": spec.container_id}
-    env.update(spec.env)
-    env[ENV_CONTAINER_ID] = spec.container_id
-    for key, value in env.items():
+    for key, value in container_env(spec.container_id, spec.env).items():
         argv += ["--setenv", key, value]
     argv += ["--info-fd", str(info_fd)]
     if block_fd >= 0:
@@ -120,6 +117,14 @@ def bwrap_argv(
     else:
         argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && exec sleep inf {ready_fd}>&-"]
     return argv
+
+
+def container_env(container_id: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment every process in the container starts with."""
+    full = {"PATH": DEFAULT_PATH, "HOME": WORK_DIR, "HOSTNAME": container_id}
+    full.update(env)
+    full[ENV_CONTAINER_ID] = container_id
+    return full
 
 
 def launcher(spec: SandboxSpec) -> list[str]:

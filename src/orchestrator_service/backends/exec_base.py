@@ -1,0 +1,139 @@
+"""The exec driver interface: how the Hub reaches inside a container.
+
+Each backend has one (local: enter the sandbox's namespaces on this host;
+kubernetes: pods/exec; ecs: ECS Exec). The Hub's ExecService is written once
+on top of it: files, one-shot runs and interactive streams are all built from
+``spawn``; background processes have their own calls because they must outlive
+the Hub. Inputs and outputs are plain dataclasses; no generated ``_pb2`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Stream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    argv: tuple[str, ...]
+    """Program and arguments; argv[0] is looked up in the container's PATH."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to (and overriding) the container's own environment."""
+    cwd: str = ""
+    """Working directory inside the container; "" means the container's work dir."""
+
+
+@dataclass(frozen=True)
+class PtySize:
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int = 0
+    """The exit code when the process exited by itself, else 0."""
+    signal: int = 0
+    """The signal number that ended the process, 0 if it exited."""
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    stream: Stream
+    data: bytes
+
+
+class RunningProcess(Protocol):
+    """A process started by ``spawn``, tied to its caller: ``kill`` (or the
+    Hub going away) ends it and every process it started."""
+
+    @property
+    def pid(self) -> int:
+        """The process's pid as seen inside the container."""
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Writes all of ``data``; waits while the process doesn't read (flow
+        control). Raises BrokenPipeError once the process closed its stdin."""
+
+    async def close_stdin(self) -> None: ...
+
+    async def read(self, max_bytes: int = 65536) -> OutputChunk | None:
+        """What the process wrote next, on either stream, as soon as any is
+        there; None once both streams are at end of file. Nothing is buffered
+        beyond the pipe: a caller that doesn't read makes the process wait."""
+
+    async def resize(self, size: PtySize) -> None:
+        """Resizes the PTY; does nothing without one."""
+
+    async def signal(self, signum: int) -> None:
+        """Sends ``signum`` to the process's whole process group."""
+
+    async def wait(self) -> ExitInfo: ...
+
+    async def kill(self) -> None:
+        """SIGKILLs the process group and frees what the process held. Idempotent."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process, as kept by the driver."""
+
+    process_id: str
+    command: CommandSpec
+    pid: int
+    start_time: float
+    """Unix time the process started."""
+    exit: ExitInfo | None = None
+    """None while it runs."""
+    end_time: float = 0.0
+    stdout_bytes: int = 0
+    """Total bytes the process wrote to stdout since it started."""
+    stderr_bytes: int = 0
+    stdout_first_offset: int = 0
+    """Offset of the oldest stdout byte still kept (older output was dropped)."""
+    stderr_first_offset: int = 0
+
+
+@dataclass(frozen=True)
+class OutputRead:
+    offset: int
+    """Offset of data[0]; larger than the asked offset when older output was dropped."""
+    data: bytes
+    dropped_before: bool
+    """True when output between the asked offset and ``offset`` is gone."""
+
+
+class ExecDriver(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def spawn(
+        self, *, container_id: str, command: CommandSpec, pty: PtySize | None = None
+    ) -> RunningProcess:
+        """Starts ``command`` inside the container with pipes (or a PTY, whose
+        output all arrives as stdout). Raises ContainerNotRunning,
+        ContainerNotFound, or InvalidField when argv[0] can't be run."""
+
+    async def start_background(
+        self, *, container_id: str, process_id: str, command: CommandSpec
+    ) -> tuple[ProcessInfo, bool]:
+        """Starts a process that belongs to the container, not to the caller;
+        its output is kept in a bounded buffer per stream. Starting an id that
+        exists returns the existing one and False."""
+
+    async def get_background(self, *, container_id: str, process_id: str) -> ProcessInfo:
+        """Raises ProcessNotFound."""
+
+    async def list_background(self, *, container_id: str) -> list[ProcessInfo]:
+        """Ordered by start time, then id."""
+
+    async def signal_background(self, *, container_id: str, process_id: str, signum: int) -> ProcessInfo: ...
+
+    async def read_output(
+        self, *, container_id: str, process_id: str, stream: Stream, offset: int, max_bytes: int
+    ) -> OutputRead:
+        """Output from ``offset`` on, at most ``max_bytes``; empty data when
+        nothing newer exists yet (the caller polls or waits)."""
