@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from hub_service.server import RunningHub, start_hub
+from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
@@ -23,11 +25,39 @@ def auth(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
-def orchestrator_config(state: Path, **overrides: object) -> OrchestratorConfig:
+@dataclass(frozen=True)
+class PrivateNetwork:
+    """A bridge and subnet of one test's own, so tests running at the same
+    time (two checkouts, helpers) never hand out the same address."""
+
+    bridge: str
+    subnet: str
+
+    @classmethod
+    def new(cls) -> PrivateNetwork:
+        n = secrets.randbelow(16 * 256)
+        return cls(bridge=f"sht{secrets.token_hex(4)}", subnet=f"10.{240 + n // 256}.{n % 256}.0/24")
+
+    def env(self) -> dict[str, str]:
+        return {"SANDHUB_BRIDGE": self.bridge, "SANDHUB_SUBNET": self.subnet,
+                "SANDHUB_PLACEMENTS": "default,internet", "SANDHUB_EGRESS_PLACEMENTS": "internet"}
+
+    async def teardown(self) -> None:
+        """The bridge outlives the orchestrator on purpose (containers survive
+        a restart); a test removes its own."""
+        await HostNetwork(NetworkConfig(bridge=self.bridge, subnet=self.subnet)).teardown()
+
+
+def orchestrator_config(state: Path, net: PrivateNetwork | None = None, **overrides: object) -> OrchestratorConfig:
+    net = net or PrivateNetwork.new()
     base = OrchestratorConfig(
         listen="127.0.0.1:0",
-        local=LocalBackendConfig(state_dir=state / "local", images_dir=state / "images"),
+        local=LocalBackendConfig(
+            state_dir=state / "local", images_dir=state / "images", bridge=net.bridge, subnet=net.subnet,
+            egress_placements=("internet",),
+        ),
         reap_interval_s=0.2,
+        placements=("default", "internet"),
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -40,13 +70,15 @@ class Services:
     hub_stub: orchestrator_pb2_grpc.OrchestratorServiceStub
     orchestrator_stub: orchestrator_pb2_grpc.OrchestratorServiceStub
     state_dir: Path
+    network: PrivateNetwork
 
 
 @pytest.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
     if os.geteuid() != 0:
         pytest.fail("these tests create namespaces and need root (CI runs as root)")
-    orch = await start_orchestrator(orchestrator_config(tmp_path))
+    net = PrivateNetwork.new()
+    orch = await start_orchestrator(orchestrator_config(tmp_path, net))
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS))
     hub_channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     orch_channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
@@ -58,6 +90,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
             orchestrator_pb2_grpc.OrchestratorServiceStub(hub_channel),
             orchestrator_pb2_grpc.OrchestratorServiceStub(orch_channel),
             tmp_path,
+            net,
         )
     finally:
         # Leave nothing behind: delete every container, then stop.
@@ -73,3 +106,4 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         await orch_channel.close()
         await hub.stop(0)
         await orch.stop(0)
+        await net.teardown()

@@ -67,6 +67,20 @@ class LocalBackendConfig:
     uid_count: int = 65536
     seccomp: bool = True
     """Load the deny-list seccomp filter into every container."""
+    network: bool = True
+    """Give each container an address on a host bridge (needs root, iproute2
+    and nftables); off, a container has only its own loopback."""
+    bridge: str = "sandhub0"
+    """Host bridge of the containers (at most 15 characters)."""
+    subnet: str = "10.88.0.0/16"
+    """Container addresses; the first is the bridge's. Must not overlap a
+    network the host uses."""
+    allow_egress: bool = False
+    """Let every container open connections beyond the host. Off: only
+    containers whose placement is in egress_placements may."""
+    egress_placements: tuple[str, ...] = ()
+    """Placements whose containers may reach beyond the host (never the host
+    itself nor other containers), e.g. ("internet",)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,22 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(n.strip() for n in (env.get(name) or "").split(",") if n.strip())
+
+
 def default_state_root(env: Mapping[str, str]) -> Path:
     """/var/lib/sandhub for root, else $XDG_STATE_HOME/sandhub (~/.local/state)."""
     if os.geteuid() == 0:
@@ -137,7 +167,16 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         default_image=env.get("SANDHUB_DEFAULT_IMAGE", "host"),
         bwrap_path=env.get("SANDHUB_BWRAP", ""),
         busybox_path=env.get("SANDHUB_BUSYBOX", "/bin/busybox"),
+        network=_bool(env, "SANDHUB_NETWORK", True),
+        bridge=env.get("SANDHUB_BRIDGE") or "sandhub0",
+        subnet=env.get("SANDHUB_SUBNET") or "10.88.0.0/16",
+        allow_egress=_bool(env, "SANDHUB_ALLOW_EGRESS", False),
+        egress_placements=_names(env, "SANDHUB_EGRESS_PLACEMENTS"),
     )
+    placements = _names(env, "SANDHUB_PLACEMENTS") or ("default",)
+    unknown = set(local.egress_placements) - set(placements)
+    if unknown:
+        raise ConfigError(f"SANDHUB_EGRESS_PLACEMENTS: {', '.join(sorted(unknown))} not in SANDHUB_PLACEMENTS")
     limits = Limits(
         default_ttl_s=_float(env, "SANDHUB_DEFAULT_TTL", Limits.default_ttl_s),
         max_ttl_s=_float(env, "SANDHUB_MAX_TTL", Limits.max_ttl_s),
@@ -149,6 +188,7 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         local=local,
         reap_interval_s=_float(env, "SANDHUB_REAP_INTERVAL", 5.0),
         tombstone_s=_float(env, "SANDHUB_TOMBSTONE", 600.0),
+        placements=placements,
     )
 
 

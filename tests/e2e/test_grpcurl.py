@@ -8,6 +8,7 @@ and authentication errors, and that delete leaves no process behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import PrivateNetwork
 
 pytestmark = [pytest.mark.root, pytest.mark.tools]
 
@@ -197,7 +200,8 @@ def sandhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandhub]:
     tmp = tmp_path_factory.mktemp("sandhub-e2e")
     hub = Sandhub(grpcurl_bin, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", tmp / "serve.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDHUB_")}
-    env.update(SANDHUB_API_KEYS=f"{KEY_A}=tenant-a,{KEY_B}=tenant-b", SANDHUB_STATE_DIR=str(tmp / "state"))
+    net = PrivateNetwork.new()
+    env.update(SANDHUB_API_KEYS=f"{KEY_A}=tenant-a,{KEY_B}=tenant-b", SANDHUB_STATE_DIR=str(tmp / "state"), **net.env())
     argv = [sys.executable, "-m", "sandhub.cli.main", "serve",
             "--hub-listen", hub.hub, "--orchestrator-listen", hub.orchestrator]
     with hub.log.open("wb") as log:
@@ -214,6 +218,7 @@ def sandhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandhub]:
             cleanup_containers(hub)
         finally:
             code = stop(proc)
+            asyncio.run(net.teardown())
     assert code == 0, f"sandhub serve exited with {code} on SIGTERM:\n{hub.log_tail()}"
 
 

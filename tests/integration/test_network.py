@@ -331,6 +331,25 @@ async def test_egress_only_when_allowed(
     assert await fetch_from_host(a.ip) == "hello from a"
 
 
+async def test_egress_per_container(
+    net: HostNetwork, boxes: tuple[Box, Box], outside: Box, ip_forward: None
+) -> None:
+    a, b = boxes
+    a.ip, b.ip = "10.231.0.2", "10.231.0.3"
+    await net.attach(container_id=a.container_id, pid=a.pid, ip=a.ip, egress=True)
+    await net.attach(container_id=b.container_id, pid=b.pid, ip=b.ip)
+    assert await probe(a, OUT_FAR_IP) == "ok:hello from outside"
+    assert not (await probe(b, OUT_FAR_IP)).startswith("ok")
+    # Egress never opens the host or the other container.
+    assert not (await probe(a, OUT_HOST_IP)).startswith("ok")
+    assert not (await probe(a, b.ip)).startswith("ok")
+    # Detach takes the permission away: the next container at that address has none.
+    await net.detach(container_id=a.container_id, ip=a.ip)
+    await net.detach(container_id=a.container_id, ip=a.ip)  # idempotent
+    await net.attach(container_id=a.container_id, pid=a.pid, ip=a.ip)
+    assert not (await probe(a, OUT_FAR_IP)).startswith("ok")
+
+
 async def test_attach_failures_leave_nothing(net: HostNetwork, boxes: tuple[Box, Box]) -> None:
     a, _ = boxes
     with pytest.raises(NetworkError, match="host's network namespace"):

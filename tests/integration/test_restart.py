@@ -4,6 +4,7 @@ orchestrator` as a real subprocess on loopback (root needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ import pytest
 
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator_service.backends.local.network import veth_name
+from tests.conftest import PrivateNetwork
 from tests.integration.test_lifecycle import sandbox_pids
 
 pytestmark = pytest.mark.root
@@ -32,11 +35,12 @@ def free_port() -> int:
 class Orchestrator:
     def __init__(self, state: Path) -> None:
         self.state = state
+        self.net = PrivateNetwork.new()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> pb_grpc.OrchestratorServiceStub:
-        env = dict(os.environ, SANDHUB_STATE_DIR=str(self.state), SANDHUB_REAP_INTERVAL="0.2")
+        env = dict(os.environ, SANDHUB_STATE_DIR=str(self.state), SANDHUB_REAP_INTERVAL="0.2", **self.net.env())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sandhub.cli.main", "serve", "--only", "orchestrator",
              "--orchestrator-listen", f"127.0.0.1:{self.port}"],
@@ -61,6 +65,17 @@ def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
     for record in (tmp_path / "local" / "containers").glob("*.json"):
         for pid in sandbox_pids(record.stem):
             os.kill(pid, signal.SIGKILL)
+    asyncio.run(o.net.teardown())
+
+
+def leftovers(container_id: str) -> list[str]:
+    """What of a container is still on the host: processes, cgroups, its veth."""
+    found = [f"pid {p}" for p in sandbox_pids(container_id)]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/{container_id}")]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sandhub/{container_id}")]
+    if os.path.exists(f"/sys/class/net/{veth_name(container_id)}"):
+        found.append(veth_name(container_id))
+    return found
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -102,7 +117,9 @@ def test_sigkill_restart_adopts_and_cleans(orchestrator: Orchestrator) -> None:
 
     stub.DeleteContainer(pb.DeleteContainerRequest(id=made[0].id))
     assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(id=made[0].id)).container.state == pb.CONTAINER_STATE_TERMINATED)
-    assert all(sandbox_pids(c.id) == [] for c in made)
+    assert wait_for(lambda: all(leftovers(c.id) == [] for c in made)), [leftovers(c.id) for c in made]
+    # Adopted containers kept their address and answer on it.
+    assert listed[made[0].id].network.ip_address == made[0].network.ip_address != ""
 
 
 def test_graceful_stop_leaves_containers_running(orchestrator: Orchestrator) -> None:

@@ -25,9 +25,10 @@ import structlog
 
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.local import cgroups, sandbox
+from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, NetworkError
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
-from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
+from orchestrator_service.model import Container, ContainerSpec, Endpoint, Event, EventType, State, utcnow
 from sandhub.config import LocalBackendConfig
 from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded
 
@@ -90,6 +91,8 @@ class LocalBackend:
         self._setpriv = shutil.which("setpriv") or ""
         # Without CAP_SYS_RESOURCE no limit can go above our own hard limit.
         self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self._net: HostNetwork | None = None
+        self._net_status = "off (configured)" if not config.network else "not started"
 
     # -- start and adopt --------------------------------------------------------
 
@@ -106,6 +109,7 @@ class LocalBackend:
                 log.warning("local.seccomp_unavailable", error=str(e))
                 self._seccomp = False
         self._cgroups.prepare()
+        await self._start_network()
         for record in self._store.load_all():
             self._records[record.container.id] = record
             await self._adopt(record)
@@ -113,8 +117,36 @@ class LocalBackend:
             known = self._records.get(cid)
             if known is None or not (known.container.state.alive or known.container.state is State.TERMINATING):
                 await self._release(cid)  # orphaned by a crash mid-teardown
+        if self._net is not None:
+            for veth in self._net.leftovers():
+                cid = self._net.container_of(veth)
+                known = self._records.get(cid)
+                if known is None or not known.container.state.alive:
+                    await self._net.remove_veth(veth)  # orphaned by a crash
         self._spawn_task(self.watch_oom())
         log.info("local.started", **self.status(), containers=len(self._records))
+
+    async def _start_network(self) -> None:
+        cfg = self._config
+        if not cfg.network:
+            return
+        if not self._root:
+            self._net_status = "off (not root): containers have only their own loopback"
+            return
+        net = HostNetwork(NetworkConfig(bridge=cfg.bridge, subnet=cfg.subnet, allow_egress=cfg.allow_egress))
+        try:
+            await net.setup()
+        except NetworkError as e:
+            self._net_status = f"off ({e}): containers have only their own loopback"
+            log.warning("local.network_unavailable", error=str(e))
+            return
+        self._net = net
+        egress = "every container" if cfg.allow_egress else (
+            f"placements {', '.join(cfg.egress_placements)}" if cfg.egress_placements else "none")
+        self._net_status = f"bridge {cfg.bridge} {cfg.subnet}, isolated, egress: {egress}"
+
+    def _egress(self, c: Container) -> bool:
+        return not self._config.allow_egress and c.placement in self._config.egress_placements
 
     async def _adopt(self, record: Record) -> None:
         c, rt = record.container, record.runtime
@@ -122,6 +154,9 @@ class LocalBackend:
             return
         if c.state is State.RUNNING and sandbox.is_same_process(rt.init_pid, rt.init_start_ticks):
             self._watch(c.id, rt.init_pid)
+            if self._net is not None and rt.ip_address and self._egress(c):
+                # setup() replaced the firewall tables, and with them the egress set.
+                await self._net.allow_egress(rt.ip_address)
             log.info("local.adopted", container_id=c.id)
             return
         if c.state is State.TERMINATING:
@@ -157,6 +192,7 @@ class LocalBackend:
             "seccomp": "deny-list" if self._seccomp else "off",
             "open_files": f"limited (at most {self._nofile_max})" if self._prlimit else "NOT limited (prlimit missing)",
             "root": "read-only",
+            "network": self._net_status,
             "state_dir": str(self._config.state_dir),
         }
 
@@ -193,7 +229,9 @@ class LocalBackend:
         self._set(container_id, container)
         res = spec.resources
         host_uid = self._allocate_uid() if self._root else 0
-        self._records[container_id] = Record(container, Runtime(host_uid=host_uid))
+        ip = self._net.allocate(self._taken_ips()) if self._net is not None else ""
+        # Recorded before the next await, so concurrent creates see both taken.
+        self._records[container_id] = Record(container, Runtime(host_uid=host_uid, ip_address=ip))
         box = sandbox.SandboxSpec(
             container_id=container_id,
             image=image,
@@ -211,11 +249,13 @@ class LocalBackend:
             """Runs while bwrap holds the sandbox's pid-1, before anything inside starts."""
             self._cgroups.create(container_id, cgroups.Limits(res.cpu_millicores, res.memory_mib, res.pids))
             self._cgroups.add(container_id, pid)
+            if self._net is not None:
+                await self._net.attach(container_id=container_id, pid=pid, ip=ip, egress=self._egress(container))
 
         try:
             proc, started = await sandbox.spawn(self._bwrap, box, hold=hold)
-        except (sandbox.SpawnError, OSError) as e:
-            self._cgroups.remove(container_id)
+        except (sandbox.SpawnError, NetworkError, OSError) as e:
+            await self._release(container_id)
             log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=getattr(e, "detail", ""))
             return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=str(e)))
         self._children[container_id] = proc
@@ -225,6 +265,7 @@ class LocalBackend:
             init_start_ticks=started.init_start_ticks,
             namespaces=started.namespaces,
             host_uid=host_uid,
+            ip_address=ip,
         )
         current = self._records[container_id].container
         if current.state is not State.PENDING:  # deleted while starting
@@ -232,7 +273,11 @@ class LocalBackend:
             self._records[container_id] = Record(current, runtime)
             return current
         self._watch(container_id, started.init_pid)
-        return self._set(container_id, current.with_state(State.RUNNING), runtime)
+        endpoints = tuple(
+            Endpoint(name=p.name, port=p.port, protocol=p.protocol, address=f"{ip}:{p.port}") for p in current.ports
+        ) if ip else ()
+        running = replace(current.with_state(State.RUNNING), ip_address=ip, endpoints=endpoints)
+        return self._set(container_id, running, runtime)
 
     async def get(self, *, container_id: str) -> Container:
         return self._record(container_id).container
@@ -343,9 +388,23 @@ class LocalBackend:
             log.warning("local.container_exited", container_id=container_id, oom_kills=oom)
 
     async def _release(self, container_id: str) -> None:
-        """Frees what a dead container held on the host: cgroups (then its uid)."""
+        """Frees what a dead container held on the host: its veth and egress
+        permission, its cgroups; then its uid and address can be reused."""
+        if self._net is not None:
+            record = self._records.get(container_id)
+            ip = record.runtime.ip_address if record and self._egress(record.container) else ""
+            try:
+                await self._net.detach(container_id=container_id, ip=ip)
+            except NetworkError as e:
+                log.error("local.detach_failed", container_id=container_id, error=str(e))
         if not await asyncio.to_thread(self._cgroups.remove, container_id):
             log.error("local.cgroup_busy", container_id=container_id)
+
+    def _taken_ips(self) -> set[str]:
+        return {
+            r.runtime.ip_address for r in self._records.values()
+            if r.runtime.ip_address and (r.container.state.alive or r.container.state is State.TERMINATING)
+        }
 
     def _allocate_uid(self) -> int:
         taken = {

@@ -20,7 +20,8 @@ Isolation, enforced in three layers:
     looks like when br_netfilter hands bridged traffic to the IP hooks); new
     connections forwarded *into* the bridge (from other hosts, other bridges)
     are dropped; from the bridge to anywhere else is dropped unless
-    ``allow_egress``, in which case it is masqueraded.
+    ``allow_egress`` (every container) or the container's address is in the
+    table's ``egress`` set (``attach(egress=True)``), and then masqueraded.
   Connections the host opens to a container are locally generated traffic
   (output hook), which these rules leave alone.
 
@@ -37,6 +38,7 @@ detach one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -253,15 +255,15 @@ class HostNetwork:
         egress = (
             f'        iifname "{br}" accept\n'
             if self.config.allow_egress
-            else f'        iifname "{br}" counter drop comment "no egress"\n'
+            else f'        iifname "{br}" ip saddr @egress accept comment "egress allowed per container"\n'
+            f'        iifname "{br}" counter drop comment "no egress"\n'
         )
+        masquerade = self._net if self.config.allow_egress else "@egress"
         nat = (
             f"    chain postrouting {{\n"
             f"        type nat hook postrouting priority srcnat; policy accept;\n"
-            f'        ip saddr {self._net} oifname != "{br}" masquerade\n'
+            f'        ip saddr {masquerade} oifname != "{br}" masquerade\n'
             f"    }}\n"
-            if self.config.allow_egress
-            else ""
         )
         return (
             # "add table; delete table; table {...}" in one transaction:
@@ -269,6 +271,9 @@ class HostNetwork:
             f"table inet {t}\n"
             f"delete table inet {t}\n"
             f"table inet {t} {{\n"
+            f"    set egress {{\n"
+            f"        type ipv4_addr; comment \"containers allowed to reach beyond the host\"\n"
+            f"    }}\n"
             f"    chain input {{\n"
             f"        type filter hook input priority filter; policy accept;\n"
             f'        iifname "{br}" ct state established,related accept\n'
@@ -347,13 +352,14 @@ class HostNetwork:
 
     # -- containers ---------------------------------------------------------
 
-    async def attach(self, *, container_id: str, pid: int, ip: str) -> None:
+    async def attach(self, *, container_id: str, pid: int, ip: str, egress: bool = False) -> None:
         """Gives the network namespace of ``pid`` an ``eth0`` with ``ip`` on the bridge.
 
         ``pid`` must be a process inside the container's network namespace
         (the sandbox's pid-1, not the bwrap parent). A veth of the same
         container left from an earlier attach is replaced. On failure nothing
-        is left behind and NetworkError is raised."""
+        is left behind and NetworkError is raised. ``egress`` lets this one
+        container reach beyond the host (see ``allow_egress``), until ``detach``."""
         if not _CONTAINER_ID.match(container_id):
             raise ValueError(f"container_id: {container_id!r} has unexpected characters")
         addr = self._check_ip(ip)
@@ -385,6 +391,8 @@ class HostNetwork:
         try:
             await _run([tools.ip, "-batch", "-"], "\n".join(host) + "\n")
             await _run([tools.nsenter, f"--net={ns}", tools.ip, "-batch", "-"], "\n".join(inside) + "\n")
+            if egress:
+                await self.allow_egress(ip)
         except BaseException as e:
             if _exists(veth):
                 try:
@@ -395,12 +403,28 @@ class HostNetwork:
                 raise NetworkError(f"attach {container_id} ({ip}): {e}") from e
             raise
 
-    async def detach(self, *, container_id: str) -> None:
-        """Deletes the container's host veth (its peer goes with it). Idempotent.
+    async def allow_egress(self, ip: str) -> None:
+        """Lets the container at ``ip`` open connections beyond the host."""
+        self._check_ip(ip)
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        await _run([self.tools().nft, "add", "element", "inet", self._table, "egress", f"{{ {ip} }}"])
 
-        Not needed when the container's namespace is gone: the kernel then
-        deletes the pair itself."""
-        veth = veth_name(container_id)
+    async def detach(self, *, container_id: str, ip: str = "") -> None:
+        """Deletes the container's host veth (its peer goes with it) and its
+        egress permission. Idempotent.
+
+        The veth goes by itself when the container's namespace is gone; the
+        egress permission does not, so pass ``ip`` whenever it is known."""
+        if ip:
+            self._check_ip(ip)
+            # "delete element" fails when it is not there: destroy does not,
+            # but needs nft >= 1.0.8; a failed delete of an absent one is fine.
+            with contextlib.suppress(NetworkError):
+                await _run([self.tools().nft, "delete", "element", "inet", self._table, "egress", f"{{ {ip} }}"])
+        await self.remove_veth(veth_name(container_id))
+
+    async def remove_veth(self, veth: str) -> None:
+        """Deletes one host veth by name, if it exists."""
         if not _exists(veth):
             return
         try:
