@@ -116,6 +116,21 @@ async def _serve(only: str, orch: cfg.OrchestratorConfig, hub: cfg.HubConfig, *,
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Says which isolation the local backend gives here; exit 1 if any is missing."""
+    from orchestrator_service.backends.local.doctor import run_checks
+
+    checks = run_checks(cfg.load_orchestrator(dict(os.environ)).local)
+    if args.json:
+        print(json.dumps([{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'MISSING'} {c.name:<10} {c.detail}")
+        if not all(c.ok for c in checks):
+            print("\ncontainers still start, with the isolation above missing", file=sys.stderr)
+    return 0 if all(c.ok for c in checks) else 1
+
+
 # -- client verbs -----------------------------------------------------------------
 
 
@@ -246,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--orchestrator-listen", default="", help="[SANDHUB_ORCHESTRATOR_LISTEN] default 127.0.0.1:50052")
     s.add_argument("--log-level", default=env.get("SANDHUB_LOG_LEVEL", "info"))
     s.set_defaults(func=cmd_serve)
+
+    dr = sub.add_parser("doctor", help="show which isolation the local backend gives on this host")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_doctor)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--hub", default=env.get("SANDHUB_HUB", "127.0.0.1:50051"), help="Hub address [SANDHUB_HUB]")

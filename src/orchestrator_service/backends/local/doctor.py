@@ -1,0 +1,82 @@
+"""What isolation the local backend can give on this host, without changing it.
+
+`sandhub doctor` prints this; the backend logs the same facts at start
+(``local.started``). Every check says what is active and, when something is
+missing, what a container loses and how to get it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from orchestrator_service.backends.local import cgroups
+from sandhub.config import LocalBackendConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _bwrap(config: LocalBackendConfig) -> Check:
+    from orchestrator_service.backends.local.backend import find_bwrap
+
+    try:
+        return Check("bubblewrap", True, find_bwrap(config.bwrap_path))
+    except Exception as e:  # BackendUnavailable with the install hint
+        return Check("bubblewrap", False, str(e))
+
+
+def _busybox(config: LocalBackendConfig) -> Check:
+    from orchestrator_service.backends.local.backend import _is_static
+
+    if _is_static(config.busybox_path):
+        return Check("init", True, f"static busybox {config.busybox_path}, bound into every image")
+    return Check("init", False, f"{config.busybox_path} is missing or not static: containers use the image's own "
+                 "/bin/sh and sleep (install busybox-static)")
+
+
+def _seccomp(config: LocalBackendConfig) -> Check:
+    if not config.seccomp:
+        return Check("seccomp", False, "turned off by configuration")
+    try:
+        from orchestrator_service.backends.local.seccomp import build_filter
+
+        build_filter()
+    except Exception as e:
+        return Check("seccomp", False, f"no filter for this machine: {e}")
+    return Check("seccomp", True, "deny-list filter (module loading, mount, ptrace, keyctl, bpf, ...)")
+
+
+def _tool(name: str, package: str, what: str) -> Check:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found:
+        return Check(name, True, found)
+    return Check(name, False, f"missing: {what} (install {package})")
+
+
+def run_checks(config: LocalBackendConfig) -> list[Check]:
+    root = os.geteuid() == 0
+    checks = [
+        Check("root", root, "running as root" if root else
+              "not root: containers share your uid, and cgroup limits and networking are off"),
+        _bwrap(config),
+        _busybox(config),
+        _seccomp(config),
+    ]
+    version = cgroups.detect() if root else ""
+    checks.append(Check("cgroups", bool(version), f"{version}: cpu, memory and pids limits enforced" if version
+                        else "none usable: cpu, memory and pids limits are NOT enforced"))
+    if root:
+        checks.append(_tool("setpriv", "util-linux", "containers would share one uid"))
+    checks.append(_tool("prlimit", "util-linux", "the open files limit is not applied"))
+    if config.network and root:
+        checks.append(_tool("ip", "iproute2", "containers get no address"))
+        checks.append(_tool("nft", "nftables", "containers get no address (no firewall, no network)"))
+    elif not config.network:
+        checks.append(Check("network", False, "turned off by configuration: containers have only loopback"))
+    return checks
