@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("id")
     e.add_argument("--by", type=parse_duration, required=True, help="e.g. 30m")
     e.set_defaults(func=cmd_extend)
+    from sandhub.bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return p
 
 

@@ -1,0 +1,131 @@
+"""The floor as a bench target: the same sandboxes the Hub would make, created
+by calling the local backend directly, without gRPC, the Hub or the
+orchestrator's domain layer. sandhub's numbers divided by these are what the
+service layers cost.
+
+The spec goes through the orchestrator's own validation, so defaults (pids,
+disk, open files) are exactly what a CreateContainer would get.
+
+Commands (`ls /`) will enter the sandbox through the local exec driver once it
+exists: implement ``run`` (and ``put_files``/``start_process``) on top of
+``orchestrator_service.backends.local.exec_driver.LocalExecDriver``; until then
+they fail with a clear reason and the scenario reports them as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from orchestrator_service.model import Event, State, new_container_id
+from orchestrator_service.validation import RawCreate, build_spec
+from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError
+from sandhub.config import Limits, LocalBackendConfig
+from sandhub.errors import SandhubError
+
+TENANT = "bench"
+
+
+class FloorTarget:
+    name = "floor"
+    cgroup_parent = "sandhub"
+
+    def __init__(self, *, limits: Limits | None = None) -> None:
+        self._limits = limits or Limits()
+        self._state: Path | None = None
+        self._backend: Any = None
+        self._config: LocalBackendConfig | None = None
+
+    @property
+    def detail(self) -> str:
+        return "local backend called directly (no gRPC, no Hub), state in " + str(self._state or "a temp dir")
+
+    async def start(self) -> None:
+        from orchestrator_service.backends.local.backend import LocalBackend
+
+        from sandhub.bench.local import private_backend_config
+
+        self._state = Path(tempfile.mkdtemp(prefix="sandhub-floor-"))
+        self._config = private_backend_config(self._state)
+        self._backend = LocalBackend(self._config, notify=self._ignore)
+        await self._backend.start()
+
+    @staticmethod
+    def _ignore(event: Event) -> None:
+        pass
+
+    async def close(self) -> list[str]:
+        swept: list[str] = []
+        if self._backend is not None:
+            swept = await self._sweep()
+            await self._backend.close()
+            self._backend = None
+        if self._config is not None:
+            from sandhub.bench.local import remove_network
+
+            await remove_network(self._config)
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
+        return swept
+
+    async def _sweep(self) -> list[str]:
+        """Deletes whatever is still alive, whatever cleanup did: a closed
+        local backend leaves its containers running."""
+        swept = []
+        for c in await self._backend.list():
+            if c.state.alive:
+                swept.append(c.id)
+                await self._backend.delete(container_id=c.id, grace_period_s=0, reason="Deleted")
+        for _ in range(600):
+            if not any(c.state.alive or c.state is State.TERMINATING for c in await self._backend.list()):
+                break
+            await asyncio.sleep(0.05)
+        return swept
+
+    async def create(self, params: CreateParams) -> Created:
+        assert self._config is not None
+        raw = RawCreate(
+            image=params.image, cpu_millicores=params.cpu_millicores, memory_mib=params.memory_mib,
+            pids=0, disk_mib=0, open_files=0, env={}, labels=dict(params.labels), ttl_s=0,
+            ports=(), placement="", request_id="",
+        )
+        try:
+            spec = build_spec(raw, tenant=TENANT, limits=self._limits, placements=("default",),
+                              default_image=self._config.default_image)
+            self._backend.validate_image(spec.image)
+            c = await self._backend.create(spec=spec, container_id=new_container_id())
+        except SandhubError as e:
+            raise TargetError(f"{type(e).__name__}: {e.message}") from None
+        if c.state is not State.RUNNING:
+            raise TargetError(f"container is {c.state.value} ({c.state_reason or 'no reason'})", container_id=c.id)
+        cct = (c.ready_time - c.create_time).total_seconds() * 1000 if c.ready_time else None
+        return Created(container_id=c.id, cct_ms=cct, ip_address=c.ip_address)
+
+    def _no_exec(self) -> NoReturn:
+        raise TargetError("the floor can't enter containers yet (the local exec driver is not available)")
+
+    async def put_files(self, container_id: str, files: Sequence[FileToPut]) -> None:
+        self._no_exec()
+
+    async def run(self, container_id: str, argv: Sequence[str]) -> RunResult:
+        self._no_exec()
+
+    async def start_process(self, container_id: str, process_id: str, argv: Sequence[str]) -> None:
+        self._no_exec()
+
+    async def delete(self, container_id: str) -> None:
+        try:
+            await self._backend.delete(container_id=container_id, grace_period_s=0, reason="Deleted")
+        except SandhubError as e:
+            if e.code.name != "NOT_FOUND":
+                raise TargetError(f"{type(e).__name__}: {e.message}") from None
+
+    async def alive(self, labels: Mapping[str, str]) -> list[str]:
+        return [
+            c.id for c in await self._backend.list()
+            if c.state is not State.TERMINATED and all(c.labels.get(k) == v for k, v in labels.items())
+        ]

@@ -1,0 +1,171 @@
+"""What the bench reads from this host: the machine, its free memory, and the
+cgroups and processes belonging to containers (for the memory sample and to
+check that nothing was left behind). Blocking reads; call through a thread."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC = Path("/proc")
+SYS_NET = Path("/sys/class/net")
+CONTAINER_ENV_MARKER = b"SANDHUB_CONTAINER_ID\x00"
+"""bwrap's command line carries `--setenv SANDHUB_CONTAINER_ID <id>`: how its
+processes outside the container's cgroup (the bwrap parent) are found."""
+
+
+def machine() -> dict[str, Any]:
+    """A short description of where the numbers were taken."""
+    model = ""
+    try:
+        for line in (PROC / "cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count() or 0,
+        "cpu_model": model,
+        "memory_total_mib": meminfo("MemTotal") // 2**20 if meminfo("MemTotal") else 0,
+        "kernel": platform.release(),
+        "cgroup": cgroup_version(),
+        "python": platform.python_version(),
+    }
+
+
+def meminfo(key: str) -> int:
+    """A /proc/meminfo field in bytes; 0 if missing."""
+    try:
+        for line in (PROC / "meminfo").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name == key:
+                return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def cgroup_version(root: Path = CGROUP_ROOT) -> str:
+    if (root / "cgroup.controllers").exists():
+        return "v2"
+    if (root / "memory" / "cgroup.procs").exists():
+        return "v1"
+    return ""
+
+
+def cgroup_dirs(container_id: str, parent: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """Every cgroup directory named for the container that exists: on v1 one
+    per controller (cpu, memory, pids...), on v2 one."""
+    found = []
+    for d in [root / parent / container_id, *(c / parent / container_id for c in _v1_controllers(root))]:
+        if d.is_dir():
+            found.append(d)
+    return found
+
+
+def _v1_controllers(root: Path) -> list[Path]:
+    try:
+        return [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+def memory_cgroup(container_id: str, parent: str, root: Path = CGROUP_ROOT) -> tuple[Path, str] | None:
+    """The container's memory cgroup and its usage file, or None."""
+    for d, usage in ((root / "memory" / parent / container_id, "memory.usage_in_bytes"),
+                     (root / parent / container_id, "memory.current")):
+        if (d / usage).exists():
+            return d, usage
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, set[int]]:
+    """Host pids per container: those in its memory cgroup, plus any process
+    whose command line names it (bwrap's parent, outside the cgroup)."""
+    wanted = set(container_ids)
+    found: dict[str, set[int]] = {cid: set() for cid in wanted}
+    for cid in wanted:
+        mem = memory_cgroup(cid, parent)
+        if mem is not None:
+            try:
+                found[cid].update(int(p) for p in (mem[0] / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                pass
+    for pid, cmdline in _cmdlines():
+        at = cmdline.find(CONTAINER_ENV_MARKER)
+        if at < 0:
+            continue
+        cid = cmdline[at + len(CONTAINER_ENV_MARKER):].split(b"\x00", 1)[0].decode(errors="replace")
+        if cid in wanted:
+            found[cid].add(pid)
+    return found
+
+
+def _cmdlines() -> Iterable[tuple[int, bytes]]:
+    for name in os.listdir(PROC):
+        if not name.isdigit():
+            continue
+        try:
+            yield int(name), (PROC / name / "cmdline").read_bytes()
+        except OSError:
+            continue
+
+
+def pss_bytes(pid: int) -> int | None:
+    """The process's proportional set size, or None if it is gone or unreadable."""
+    try:
+        for line in (PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class ContainerMemory:
+    cgroup_bytes: int | None
+    """None when none of the containers has a memory cgroup here."""
+    pss_bytes: int | None
+    processes: int
+
+
+def container_memory(container_ids: Iterable[str], parent: str) -> ContainerMemory:
+    ids = list(container_ids)
+    cgroup_total: int | None = None
+    for cid in ids:
+        mem = memory_cgroup(cid, parent)
+        usage = _read_int(mem[0] / mem[1]) if mem else None
+        if usage is not None:
+            cgroup_total = (cgroup_total or 0) + usage
+    pids = set().union(*container_processes(ids, parent).values()) if ids else set()
+    pss = [v for v in map(pss_bytes, pids) if v is not None]
+    return ContainerMemory(cgroup_total, sum(pss) if pss else None, len(pss))
+
+
+def leftovers(container_ids: Iterable[str], parent: str) -> list[str]:
+    """What remains on the host of these local-backend containers: cgroup
+    directories, host-side veths and processes, one line each."""
+    from orchestrator_service.backends.local.network import veth_name
+
+    ids = list(container_ids)
+    if not ids:
+        return []
+    found = [f"{cid}: cgroup {d}" for cid in ids for d in cgroup_dirs(cid, parent)]
+    found.extend(f"{cid}: veth {veth_name(cid)}" for cid in ids if (SYS_NET / veth_name(cid)).exists())
+    for cid, pids in sorted(container_processes(ids, parent).items()):
+        found.extend(f"{cid}: process {pid}" for pid in sorted(pids))
+    return found

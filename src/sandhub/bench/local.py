@@ -1,0 +1,167 @@
+"""`--start-local`: an Orchestrator (local backend, temp state dir) and a Hub on
+loopback port 0, inside the bench process, so one command measures without a
+running server.
+
+They run on their own thread and event loop, as `sandhub serve` would run them
+in their own process: the bench's client work (a thousand calls in flight,
+progress, /proc reads) then doesn't sit in the servers' loop and inflate their
+latency. They still share the GIL with the client; a Hub in another process
+(`--hub`) avoids that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator_service.model import State
+from sandhub.bench.hub import HubTarget
+from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
+
+T = TypeVar("T")
+TENANT = "bench"
+
+
+def private_backend_config(state: Path) -> LocalBackendConfig:
+    """A local backend of the bench's own: its state under ``state``, and a
+    bridge and /20 subnet (4,094 addresses) of its own in 10.224.0.0/12, so a
+    bench never disturbs a sandhub already serving on this host (bridge
+    sandhub0, 10.88.0.0/16) nor the tests (10.240.0.0/12)."""
+    n = secrets.randbelow(256)
+    return LocalBackendConfig(
+        state_dir=state / "local",
+        images_dir=state / "images",
+        bridge=f"shb{secrets.token_hex(4)}",
+        subnet=f"10.{224 + n // 16}.{(n % 16) * 16}.0/20",
+    )
+
+
+async def remove_network(config: LocalBackendConfig) -> None:
+    """The bridge outlives its backend on purpose (containers survive a
+    restart); the bench removes its own."""
+    if not config.network:
+        return
+    from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, NetworkError
+
+    try:
+        await HostNetwork(NetworkConfig(bridge=config.bridge, subnet=config.subnet)).teardown()
+    except NetworkError:
+        pass  # no network tools: there was no bridge either
+
+
+class LocalServices:
+    def __init__(self, *, api_key: str) -> None:
+        self._api_key = api_key
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sandhub-bench-services", daemon=True)
+        self._state: Path | None = None
+        self._local: LocalBackendConfig | None = None
+        self._orch: Any = None
+        self._hub: Any = None
+        self.hub_address = ""
+
+    @property
+    def state_dir(self) -> Path | None:
+        return self._state
+
+    async def _in_thread(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def start(self) -> None:
+        self._state = Path(tempfile.mkdtemp(prefix="sandhub-bench-"))
+        self._thread.start()
+        await self._in_thread(self._start())
+
+    async def _start(self) -> None:
+        from hub_service.server import start_hub
+        from orchestrator_service.server import start_orchestrator
+
+        assert self._state is not None
+        self._local = private_backend_config(self._state)
+        self._orch = await start_orchestrator(OrchestratorConfig(listen="127.0.0.1:0", local=self._local))
+        hub = HubConfig(
+            listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{self._orch.port}", api_keys={self._api_key: TENANT}
+        )
+        if any(f.name == "local" for f in dataclasses.fields(HubConfig)):
+            # A Hub that enters local containers itself must look where this
+            # orchestrator keeps them.
+            changes: dict[str, Any] = {"local": self._local}
+            hub = dataclasses.replace(hub, **changes)
+        self._hub = await start_hub(hub)
+        self.hub_address = f"127.0.0.1:{self._hub.port}"
+
+    async def stop(self) -> list[str]:
+        """Stops both servers after deleting, through the backend itself, any
+        container still alive (a safety net under the bench's own cleanup);
+        returns the ids it had to delete that way."""
+        swept: list[str] = []
+        if self._thread.is_alive():
+            swept = await self._in_thread(self._stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.to_thread(self._thread.join, 10)
+        if not self._thread.is_alive():
+            self._loop.close()
+        if self._local is not None:
+            await remove_network(self._local)
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
+        return swept
+
+    async def _stop(self) -> list[str]:
+        swept: list[str] = []
+        if self._hub is not None:
+            await self._hub.stop(0)
+        if self._orch is None:
+            return swept
+        containers = self._orch.containers
+        for c in await containers.backend.list():
+            if c.state.alive:
+                swept.append(c.id)
+                await containers.delete(c.id, tenant=None, grace_period_s=0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            states = [c.state for c in await containers.backend.list()]
+            if not any(s.alive or s is State.TERMINATING for s in states):
+                break
+            await asyncio.sleep(0.05)
+        await self._orch.stop(0)
+        return swept
+
+
+class LocalHubTarget(HubTarget):
+    """The Hub target, with its own Hub and Orchestrator started on loopback."""
+
+    def __init__(self, *, api_key: str, timeout_s: float) -> None:
+        super().__init__("", api_key=api_key, timeout_s=timeout_s)
+        self._services = LocalServices(api_key=api_key)
+
+    async def start(self) -> None:
+        try:
+            await self._services.start()
+        except BaseException:
+            await self._services.stop()
+            raise
+        self._address = self._services.hub_address
+        self._detail = (
+            f"Hub in-process at {self._address}, Orchestrator with the local backend, "
+            f"state in {self._services.state_dir}"
+        )
+        try:
+            await super().start()
+        except BaseException:
+            await self._services.stop()
+            raise
+
+    async def close(self) -> list[str]:
+        await super().close()
+        return await self._services.stop()

@@ -1,0 +1,133 @@
+"""`sandhub bench` on the real local backend (root needed): the command as a
+user runs it, its cleanup (also on Ctrl-C), the floor, and the basic scenario
+through a real Orchestrator with a fake ExecService. Numbers are printed by the
+command, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from hub_service.auth import ApiKeyAuth
+from hub_service.orchestrator_proxy import OrchestratorProxy
+from orchestrator_service.backends.local.network import veth_name
+from orchestrator_service.server import start_orchestrator
+from sandhub.bench.hub import HubTarget
+from sandhub.bench.local import private_backend_config, remove_network
+from sandhub.bench.results import Results
+from sandhub.bench.scenarios import SCENARIOS, ScenarioOptions
+from sandhub.bench.spawn import RunOptions, run
+from sandhub.bench.target import CreateParams
+from sandhub.config import OrchestratorConfig
+from sandhub.exec.v1 import exec_pb2_grpc
+from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
+from tests.bench_fakes import FakeExec
+
+pytestmark = pytest.mark.root
+SANDHUB = str(Path(sys.executable).parent / "sandhub")
+
+
+@pytest.fixture(autouse=True)
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("these tests create namespaces and need root (CI runs as root)")
+
+
+def traces_on_host(container_ids: list[str]) -> list[str]:
+    """Cgroups, veths and processes of these containers, found without the bench's own code."""
+    found = [str(p) for cid in container_ids for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/{cid}")]
+    found += [str(p) for cid in container_ids for p in [Path("/sys/class/net") / veth_name(cid)] if p.exists()]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        found += [f"pid {pid} of {cid}" for cid in container_ids if cid.encode() in cmdline]
+    return found
+
+
+def bench(*args: str, timeout_s: float = 240) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run([SANDHUB, "bench", *args, "--json"], capture_output=True, text=True, timeout=timeout_s)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout), proc.stderr
+
+
+def test_spawn_start_local_create_measures_and_leaves_nothing() -> None:
+    code, out, err = bench("spawn", "--start-local", "-n", "5", "--interval", "0.05", "--scenario", "create")
+    assert code == 0, err
+    assert out["ok"] is True and out["target"] == "hub" and out["scenario"] == "create"
+    create, cct = out["metrics"]["create"], out["metrics"]["cct"]
+    assert (create["count"], create["failures"]) == (5, 0)
+    assert (cct["count"], cct["failures"]) == (5, 0)
+    assert all(v > 0 for v in cct["values"]) and all(v > 0 for v in create["values"])
+    assert len(out["container_ids"]) == 5
+    assert out["leftovers"] == []
+    assert out["memory"]["containers"] == 5 and out["memory"]["cgroup_bytes"] > 0
+    assert traces_on_host(out["container_ids"]) == []
+    state_dir = out["target_detail"].rsplit("state in ", 1)[1]
+    assert not Path(state_dir).exists()
+
+
+def test_spawn_interrupted_by_ctrl_c_still_deletes_everything() -> None:
+    proc = subprocess.Popen(
+        [SANDHUB, "bench", "spawn", "--start-local", "-n", "60", "--interval", "0.05", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.5)  # some containers created, some in flight, most not yet asked for
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    out = json.loads(stdout)
+    assert out["interrupted"] is True and out["ok"] is False
+    assert 0 < len(out["container_ids"]) < 60
+    assert out["leftovers"] == []
+    assert traces_on_host(out["container_ids"]) == []
+
+
+def test_floor_creates_the_same_sandboxes_directly() -> None:
+    code, out, err = bench("floor", "-n", "3", "--interval", "0.05")
+    assert code == 0, err
+    assert out["target"] == "floor" and out["metrics"]["cct"]["count"] == 3
+    assert out["leftovers"] == []
+    assert traces_on_host(out["container_ids"]) == []
+
+
+async def test_basic_through_a_real_orchestrator_and_a_fake_exec_service(tmp_path: Path) -> None:
+    """The Hub's OrchestratorService proxy in front of a real Orchestrator;
+    ExecService is a fake (the real Run is not there yet)."""
+    local = private_backend_config(tmp_path)
+    orch = await start_orchestrator(OrchestratorConfig(listen="127.0.0.1:0", local=local))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    hub = grpc.aio.server()
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+        OrchestratorProxy(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), ApiKeyAuth({"k": "t"}), timeout_s=30),
+        hub,
+    )
+    fake = FakeExec()
+    exec_pb2_grpc.add_ExecServiceServicer_to_server(fake, hub)
+    port = hub.add_insecure_port("127.0.0.1:0")
+    await hub.start()
+    results = Results(command="spawn", target="hub", target_detail="", scenario="basic", params={"n": 3})
+    try:
+        await run(HubTarget(f"127.0.0.1:{port}", api_key="k", timeout_s=30), SCENARIOS["basic"],
+                  ScenarioOptions(create=CreateParams(image="", cpu_millicores=250, memory_mib=128)),
+                  RunOptions(n=3, interval_s=0.05, settle_s=0), results)
+    finally:
+        await hub.stop(0)
+        await channel.close()
+        await orch.stop(0)
+        await remove_network(local)
+    assert not results.failed, {name: dict(m.failures) for name, m in results.metrics.items()}
+    assert len(results.metrics["ls"].values) == 30 and len(results.metrics["ls_mean"].values) == 3
+    assert {cid for cid, _ in fake.runs} == set(results.container_ids)
+    assert results.memory is not None and results.memory.containers == 3
+    assert traces_on_host(results.container_ids) == []
