@@ -79,7 +79,8 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         pytest.fail("these tests create namespaces and need root (CI runs as root)")
     net = PrivateNetwork.new()
     orch = await start_orchestrator(orchestrator_config(tmp_path, net))
-    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS))
+    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
+                                    local=orch.config.local))
     hub_channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     orch_channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
     try:

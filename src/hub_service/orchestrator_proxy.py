@@ -41,7 +41,7 @@ class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
         try:
             return await method(request, **options)
         except grpc.aio.AioRpcError as e:
-            raise _translate(e) from None
+            raise translate(e) from None
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: rpc.Ctx) -> pb.CreateContainerResponse:
         return await self._unary(self._stub.CreateContainer, request, context)  # type: ignore[no-any-return]
@@ -66,12 +66,12 @@ class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as e:
-            raise _translate(e) from None
+            raise translate(e) from None
         finally:
             call.cancel()
 
 
-def _translate(e: grpc.aio.AioRpcError) -> Exception:
+def translate(e: grpc.aio.AioRpcError) -> Exception:
     """Errors from the orchestrator pass through unchanged; transport failures
     (no sandhub reason attached) become a clear UNAVAILABLE."""
     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and not rpc.error_reason(e):

@@ -8,7 +8,9 @@ import grpc
 import structlog
 
 from hub_service.auth import ApiKeyAuth
-from hub_service.exec_servicer import ExecServicer
+from hub_service.exec.containers import ContainerLookup
+from hub_service.exec.drivers import Drivers
+from hub_service.exec.servicer import ExecServicer
 from hub_service.orchestrator_proxy import OrchestratorProxy
 from sandhub import rpc
 from sandhub.config import HubConfig
@@ -27,9 +29,11 @@ class RunningHub:
     server: grpc.aio.Server
     channel: grpc.aio.Channel
     port: int
+    drivers: Drivers
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
+        await self.drivers.close()
         await self.channel.close()
 
 
@@ -50,10 +54,12 @@ async def start_hub(config: HubConfig) -> RunningHub:
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s), server
     )
-    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth), server)
+    drivers = Drivers(config)
+    lookup = ContainerLookup(stub, timeout_s=config.backend_timeout_s)
+    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec), server)
     rpc.add_health_and_reflection(server, SERVICES)
     port = rpc.bind(server, config.listen)
     await server.start()
     log.info("hub.serving", listen=config.listen, port=port, orchestrator=config.orchestrator,
              tenants=sorted(set(config.api_keys.values())))
-    return RunningHub(server, channel, port)
+    return RunningHub(server, channel, port, drivers)

@@ -16,7 +16,7 @@ import structlog
 
 from orchestrator_service.backends.base import Backend
 from orchestrator_service.model import Container, Event, EventType, Page, State, new_container_id, utcnow
-from orchestrator_service.pagination import page_size, paginate
+from sandhub.pagination import page_size, paginate
 from orchestrator_service.selector import Selector, parse_selector
 from orchestrator_service.validation import RawCreate, build_spec, check_container_id, check_ttl
 from sandhub.config import OrchestratorConfig

@@ -23,6 +23,7 @@ class RunningOrchestrator:
     server: grpc.aio.Server
     containers: ContainerService
     port: int
+    config: OrchestratorConfig
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
@@ -39,4 +40,4 @@ async def start_orchestrator(config: OrchestratorConfig) -> RunningOrchestrator:
     port = rpc.bind(server, config.listen)
     await server.start()
     log.info("orchestrator.serving", listen=config.listen, port=port, backend=config.backend)
-    return RunningOrchestrator(server, containers, port)
+    return RunningOrchestrator(server, containers, port, config)

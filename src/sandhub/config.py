@@ -99,6 +99,31 @@ class OrchestratorConfig:
 
 
 @dataclass(frozen=True)
+class ExecLimits:
+    """Bounds on what an ExecService caller can make big."""
+
+    max_upload_bytes: int = 1 << 30
+    """Bytes one PutFiles call may carry; above it is RESOURCE_EXHAUSTED."""
+    max_upload_files: int = 10000
+    default_output_bytes: int = 1 << 20
+    """Run: stdout and stderr kept per stream when the caller asks for no cap."""
+    max_output_bytes: int = 16 << 20
+    """Run: the largest per-stream cap a caller may ask for."""
+    default_run_timeout_s: float = 60.0
+    max_run_timeout_s: float = 3600.0
+    max_exec_timeout_s: float = 86400.0
+    max_command_bytes: int = 128 * 1024
+    """argv + env + cwd of one command, in bytes."""
+    chunk_bytes: int = 64 * 1024
+    """Largest output message; small writes are batched up to this."""
+    batch_window_s: float = 0.002
+    """How long output waits for more before it is sent (batching)."""
+    keepalive_s: float = 15.0
+    """A keepalive goes out on a stream idle this long, so proxies keep it open."""
+    max_page_size: int = 100
+
+
+@dataclass(frozen=True)
 class HubConfig:
     listen: str = "127.0.0.1:50051"
     orchestrator: str = "127.0.0.1:50052"
@@ -109,6 +134,10 @@ class HubConfig:
     """Deadline of every call to the orchestrator when the caller set none."""
     connect_timeout_s: float = 2.0
     """How long the Hub waits for an unreachable orchestrator before UNAVAILABLE."""
+    local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
+    """Where the local backend keeps its containers: the Hub enters them
+    directly, so it must run on the same host as a local orchestrator."""
+    exec: ExecLimits = field(default_factory=ExecLimits)
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -159,9 +188,9 @@ def default_state_root(env: Mapping[str, str]) -> Path:
     return Path(base) / "sandhub"
 
 
-def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
+def load_local(env: Mapping[str, str]) -> LocalBackendConfig:
     root = Path(env.get("SANDHUB_STATE_DIR") or default_state_root(env))
-    local = LocalBackendConfig(
+    return LocalBackendConfig(
         state_dir=root / "local",
         images_dir=Path(env.get("SANDHUB_IMAGES_DIR") or root / "images"),
         default_image=env.get("SANDHUB_DEFAULT_IMAGE", "host"),
@@ -173,6 +202,10 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         allow_egress=_bool(env, "SANDHUB_ALLOW_EGRESS", False),
         egress_placements=_names(env, "SANDHUB_EGRESS_PLACEMENTS"),
     )
+
+
+def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
+    local = load_local(env)
     placements = _names(env, "SANDHUB_PLACEMENTS") or ("default",)
     unknown = set(local.egress_placements) - set(placements)
     if unknown:
@@ -207,6 +240,7 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         api_keys=keys,
         backend_timeout_s=_float(env, "SANDHUB_BACKEND_TIMEOUT", 30.0),
         connect_timeout_s=_float(env, "SANDHUB_CONNECT_TIMEOUT", 2.0),
+        local=load_local(env),
     )
 
 

@@ -44,7 +44,10 @@ def need_root() -> None:
 
 def traces_on_host(container_ids: list[str]) -> list[str]:
     """Cgroups, veths and processes of these containers, found without the bench's own code."""
-    found = [str(p) for cid in container_ids for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/{cid}")]
+    # /sandhub/<id> or, with one cgroup parent per orchestrator, /sandhub/<instance>/<id>
+    root = Path("/sys/fs/cgroup")
+    found = [str(p) for cid in container_ids
+             for pattern in (f"*/sandhub/**/{cid}", f"sandhub/**/{cid}") for p in root.glob(pattern)]
     found += [str(p) for cid in container_ids for p in [Path("/sys/class/net") / veth_name(cid)] if p.exists()]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

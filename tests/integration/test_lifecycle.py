@@ -14,7 +14,6 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import Services, auth
 
@@ -239,16 +238,6 @@ async def test_watch_reports_changes(services: Services) -> None:
     assert (pb.WATCH_EVENT_TYPE_MODIFIED, c.id, pb.CONTAINER_STATE_RUNNING) in seen
     assert all(cid == c.id for _, cid, _ in seen)
     assert seen[-1] == (pb.WATCH_EVENT_TYPE_DELETED, c.id, pb.CONTAINER_STATE_TERMINATED)
-
-
-async def test_exec_service_is_registered_but_unimplemented(services: Services) -> None:
-    stub = exec_pb2_grpc.ExecServiceStub(services.hub_channel)
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.Run(exec_pb2.RunRequest(container_id="cnt-000000000000"), metadata=A)
-    assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.Run(exec_pb2.RunRequest(container_id="cnt-000000000000"))
-    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_orchestrator_down_is_unavailable_promptly(services: Services) -> None:

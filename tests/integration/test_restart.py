@@ -71,8 +71,8 @@ def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
 def leftovers(container_id: str) -> list[str]:
     """What of a container is still on the host: processes, cgroups, its veth."""
     found = [f"pid {p}" for p in sandbox_pids(container_id)]
-    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/{container_id}")]
-    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sandhub/{container_id}")]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/*/{container_id}")]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sandhub/*/{container_id}")]
     if os.path.exists(f"/sys/class/net/{veth_name(container_id)}"):
         found.append(veth_name(container_id))
     return found

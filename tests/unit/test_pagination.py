@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator_service.pagination import decode_token, encode_token, page_size, paginate
+from sandhub.pagination import decode_token, encode_token, page_size, paginate
 from sandhub.errors import InvalidField, InvalidPageToken
 
 

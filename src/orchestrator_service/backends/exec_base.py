@@ -106,6 +106,11 @@ class OutputRead:
 
 
 class ExecDriver(Protocol):
+    @property
+    def toolbox(self) -> str:
+        """A static busybox inside every container of this backend (the Hub's
+        file transfers use its applets), or "" to use the image's own tools."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grace", type=parse_duration, default=0.0)
     d.set_defaults(func=cmd_delete)
 
+    from sandhub.cli import exec_verbs
+
+    exec_verbs.add_parsers(sub, client)
+
     e = sub.add_parser("extend", parents=[client], help="push back a container's expiry")
     e.add_argument("id")
     e.add_argument("--by", type=parse_duration, required=True, help="e.g. 30m")

@@ -85,7 +85,8 @@ class LocalBackend:
         self._bwrap = ""
         self._busybox = ""
         self._root = os.geteuid() == 0
-        self._cgroups = cgroups.Cgroups(cgroups.detect() if self._root else "")
+        self._cgroups = cgroups.Cgroups(cgroups.detect() if self._root else "",
+                                        parent=cgroups.parent_for(config.state_dir))
         self._seccomp = config.seccomp
         self._prlimit = shutil.which("prlimit") or ""
         self._setpriv = shutil.which("setpriv") or ""

@@ -1,7 +1,10 @@
 """Per-container cgroups: CPU quota, memory (OOM inside the container only) and pids.
 
-Works on cgroup v2 (one hierarchy, /sys/fs/cgroup/sandhub/<id>) and on v1
-(a directory per controller, /sys/fs/cgroup/<controller>/sandhub/<id>). The
+Works on cgroup v2 (one hierarchy, /sys/fs/cgroup/sandhub/<instance>/<id>) and
+on v1 (a directory per controller, /sys/fs/cgroup/<controller>/sandhub/<instance>/<id>).
+<instance> is derived from the state directory, so two orchestrators on one
+host (two checkouts testing at once) never take each other's cgroups for
+orphans. The
 sandbox's pid-1 is moved in while bwrap holds it before it starts anything,
 so every process of the container is born inside.
 """
@@ -9,6 +12,7 @@ so every process of the container is born inside.
 from __future__ import annotations
 
 import errno
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,12 @@ class Limits:
     cpu_millicores: int
     memory_mib: int
     pids: int
+
+
+def parent_for(state_dir: Path) -> str:
+    """The cgroup parent of the containers of the orchestrator using ``state_dir``."""
+    digest = hashlib.sha256(str(state_dir.absolute()).encode()).hexdigest()[:10]
+    return f"{PARENT}/{digest}"
 
 
 def detect(root: Path = ROOT) -> str:
@@ -42,27 +52,32 @@ def _write(path: Path, value: str) -> None:
 
 
 class Cgroups:
-    def __init__(self, version: str, root: Path = ROOT) -> None:
+    def __init__(self, version: str, root: Path = ROOT, parent: str = PARENT) -> None:
         self.version = version
         self._root = root
+        self._parent = parent
 
     def dirs(self, container_id: str) -> list[Path]:
         if self.version == "v2":
-            return [self._root / PARENT / container_id]
+            return [self._root / self._parent / container_id]
         if self.version == "v1":
-            return [self._root / c / PARENT / container_id for c in V1_CONTROLLERS]
+            return [self._root / c / self._parent / container_id for c in V1_CONTROLLERS]
         return []
 
     def prepare(self) -> None:
+        """Creates the parent cgroups (each level, with the controllers enabled on v2)."""
+        levels = [Path(*self._parent.split("/")[: i + 1]) for i in range(len(self._parent.split("/")))]
         if self.version == "v2":
-            parent = self._root / PARENT
-            parent.mkdir(exist_ok=True)
             wanted = {"cpu", "memory", "pids"} & set((self._root / "cgroup.controllers").read_text().split())
-            _write(self._root / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
-            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+            enable = " ".join(f"+{c}" for c in sorted(wanted))
+            _write(self._root / "cgroup.subtree_control", enable)
+            for level in levels:
+                (self._root / level).mkdir(exist_ok=True)
+                _write(self._root / level / "cgroup.subtree_control", enable)
         elif self.version == "v1":
             for c in V1_CONTROLLERS:
-                (self._root / c / PARENT).mkdir(exist_ok=True)
+                for level in levels:
+                    (self._root / c / level).mkdir(exist_ok=True)
 
     def create(self, container_id: str, limits: Limits) -> None:
         for d in self.dirs(container_id):
@@ -125,7 +140,8 @@ class Cgroups:
     def leftovers(self) -> list[str]:
         """Container ids that still have a cgroup."""
         found: set[str] = set()
-        parents = [self._root / PARENT] if self.version == "v2" else [self._root / c / PARENT for c in V1_CONTROLLERS]
+        parents = ([self._root / self._parent] if self.version == "v2"
+                   else [self._root / c / self._parent for c in V1_CONTROLLERS])
         for parent in parents:
             if parent.is_dir():
                 found.update(p.name for p in parent.iterdir() if p.is_dir())

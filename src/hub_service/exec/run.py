@@ -1,0 +1,165 @@
+"""One-shot runs (Run) and interactive sessions (Exec), on any exec driver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from hub_service.exec.commands import exit_status, pty_size, signal_number
+from hub_service.exec.output import OutputReader
+from orchestrator_service.backends.exec_base import ExitInfo, OutputChunk, RunningProcess
+from sandhub.config import ExecLimits
+from sandhub.errors import InvalidStream
+from sandhub.exec.v1 import exec_pb2 as pb
+
+SIGKILL = 9
+
+
+@dataclass
+class Capped:
+    """Output kept up to ``limit`` bytes; the rest is read and dropped."""
+
+    limit: int
+    data: bytearray
+    truncated: bool = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(room, 0)]
+        self.data += chunk
+
+
+async def _feed_stdin(proc: RunningProcess, data: bytes) -> None:
+    try:
+        if data:
+            await proc.write_stdin(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the program did not want it all; that is its business
+    finally:
+        with contextlib.suppress(OSError):
+            await proc.close_stdin()
+
+
+async def run_once(
+    proc: RunningProcess, *, stdin: bytes, timeout_s: float, max_output: int
+) -> pb.RunResponse:
+    """Feeds stdin, collects capped stdout/stderr, waits for the exit; kills
+    the process group when ``timeout_s`` passes."""
+    start_wall, start = time.time(), time.monotonic()
+    out, err = Capped(max_output, bytearray()), Capped(max_output, bytearray())
+    feeder = asyncio.ensure_future(_feed_stdin(proc, stdin))
+    timed_out = False
+    try:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while (chunk := await proc.read()) is not None:
+                    (out if chunk.stream == "stdout" else err).add(chunk.data)
+                info = await proc.wait()
+        except TimeoutError:
+            timed_out = True
+            await proc.kill()
+            info = await proc.wait()
+    finally:
+        feeder.cancel()
+        await proc.kill()
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int((time.monotonic() - start) * 1e9))
+    started = timestamp_pb2.Timestamp()
+    started.FromNanoseconds(int(start_wall * 1e9))
+    return pb.RunResponse(
+        status=exit_status(info, timed_out=timed_out),
+        stdout=bytes(out.data), stderr=bytes(err.data),
+        stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+        start_time=started, duration=duration,
+    )
+
+
+class ExecSession:
+    """Drives one Exec stream: requests in, output and exit out."""
+
+    def __init__(self, proc: RunningProcess, limits: ExecLimits, *, timeout_s: float) -> None:
+        self._proc = proc
+        self._limits = limits
+        self._timeout_s = timeout_s
+        self._failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self._stdin_open = True
+
+    async def _inputs(self, requests: AsyncIterator[pb.ExecRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._apply(request)
+        except InvalidStream as e:
+            if not self._failure.done():
+                self._failure.set_result(e)
+
+    async def _apply(self, request: pb.ExecRequest) -> None:
+        kind = request.WhichOneof("msg")
+        proc = self._proc
+        if kind == "stdin":
+            if not self._stdin_open:
+                raise InvalidStream("stdin after close_stdin")
+            try:
+                await proc.write_stdin(request.stdin)
+            except (BrokenPipeError, ConnectionResetError):
+                self._stdin_open = False  # the program closed it; drop the rest
+        elif kind == "close_stdin":
+            if self._stdin_open:
+                self._stdin_open = False
+                with contextlib.suppress(OSError):
+                    await proc.close_stdin()
+        elif kind == "resize":
+            await proc.resize(pty_size(request.resize, field="resize"))
+        elif kind == "signal":
+            await proc.signal(signal_number(request.signal))
+        elif kind == "start":
+            raise InvalidStream("a second start message: one stream runs one command")
+        else:
+            raise InvalidStream("an empty message: set stdin, close_stdin, resize or signal")
+
+    async def run(self, requests: AsyncIterator[pb.ExecRequest]) -> AsyncIterator[pb.ExecResponse]:
+        proc = self._proc
+        yield pb.ExecResponse(started=pb.ExecResponse.Started(pid=proc.pid))
+        reader = OutputReader(proc, chunk_bytes=self._limits.chunk_bytes, window_s=self._limits.batch_window_s)
+        inputs = asyncio.ensure_future(self._inputs(requests))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        timed_out = False
+        try:
+            while True:
+                if loop.time() >= deadline:
+                    timed_out = True
+                    await proc.kill()
+                    break
+                idle_s = min(self._limits.keepalive_s, max(deadline - loop.time(), 0.0))
+                nxt = asyncio.ensure_future(reader.next(idle_s=idle_s))
+                waiting: list[asyncio.Future[Any]] = [nxt, self._failure]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if self._failure.done():
+                    nxt.cancel()
+                    raise self._failure.result()
+                batch = nxt.result()
+                if batch is None:
+                    break
+                if not isinstance(batch, OutputChunk):
+                    if loop.time() < deadline:
+                        yield pb.ExecResponse(keepalive=pb.ExecResponse.Keepalive())
+                elif batch.stream == "stdout":
+                    yield pb.ExecResponse(stdout=batch.data)
+                else:
+                    yield pb.ExecResponse(stderr=batch.data)
+            info: ExitInfo = await proc.wait()
+            yield pb.ExecResponse(exited=exit_status(info, timed_out=timed_out))
+        finally:
+            # Normal end, error, or the caller went away (cancelled): in every
+            # case the process and its children go.
+            inputs.cancel()
+            await reader.close()
+            await proc.kill()

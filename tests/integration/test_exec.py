@@ -1,0 +1,406 @@
+"""ExecService end to end through the Hub, on the real local backend (root).
+
+Real grpc.aio servers on loopback port 0, called through the generated stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from hub_service.server import start_hub
+from sandhub.config import ExecLimits, HubConfig
+from sandhub.exec.v1 import exec_pb2 as xpb
+from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.conftest import KEYS, Services, auth
+from tests.integration.test_lifecycle import create, reason_of
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+A = auth("key-a")
+B = auth("key-b")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def ex(services: Services) -> xpb_grpc.ExecServiceStub:
+    return xpb_grpc.ExecServiceStub(services.hub_channel)
+
+
+def seconds(s: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(s * 1e9))
+    return d
+
+
+async def run(ex: xpb_grpc.ExecServiceStub, cid: str, *argv: str, shell: str = "", md=A, **kw) -> xpb.RunResponse:  # type: ignore[no-untyped-def]
+    cmd = xpb.Command(shell=shell) if shell else xpb.Command(argv=list(argv))
+    return await ex.Run(xpb.RunRequest(container_id=cid, command=cmd, **kw), metadata=md)
+
+
+async def put(ex: xpb_grpc.ExecServiceStub, cid: str, files: dict[str, bytes], *, destination: str = "",
+              chunk: int = MiB, mode: int = 0, announce: bool = True) -> xpb.PutFilesResponse:
+    async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=cid, destination=destination))
+        for path, data in files.items():
+            yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=path, mode=mode,
+                                                                     size=len(data) if announce else 0))
+            for i in range(0, len(data), chunk):
+                yield xpb.PutFilesRequest(data=data[i:i + chunk])
+
+    return await ex.PutFiles(requests(), metadata=A)
+
+
+async def get(ex: xpb_grpc.ExecServiceStub, cid: str, path: str, fmt: int = 0) -> tuple[xpb.FileInfo, bytes]:
+    info, data = None, bytearray()
+    async for r in ex.GetFiles(xpb.GetFilesRequest(container_id=cid, path=path, format=fmt), metadata=A):
+        if r.HasField("info"):
+            info = r.info
+        else:
+            data += r.data
+    assert info is not None
+    return info, bytes(data)
+
+
+async def expect_error(coro, code: grpc.StatusCode, reason: str = "") -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await coro
+    assert e.value.code() is code, e.value.details()
+    if reason:
+        assert reason_of(e.value)[0] == reason
+    return e.value
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+async def test_the_seed_flow_put_a_file_then_cat_it(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    got = await put(ex, c.id, {"hello.txt": b"hello, student\n"}, mode=0o600)
+    assert [(f.path, f.size, f.mode) for f in got.files] == [("/work/hello.txt", 15, 0o600)]
+    assert got.files[0].sha256 == hashlib.sha256(b"hello, student\n").hexdigest()
+    r = await run(ex, c.id, "cat", "hello.txt")
+    assert (r.status.exit_code, r.stdout) == (0, b"hello, student\n")
+    r = await run(ex, c.id, shell="stat -c '%a %u' /work/hello.txt")
+    assert r.stdout.split() == [b"600", b"1000"]
+
+
+async def test_upload_100_mib_and_download_it_identical(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services, resources=pb.Resources(disk_mib=512))
+    blob = os.urandom(MiB) * 100
+    got = await put(ex, c.id, {"big/blob.bin": blob})
+    assert got.total_bytes == len(blob) and got.files[0].sha256 == hashlib.sha256(blob).hexdigest()
+    info, data = await get(ex, c.id, "/work/big/blob.bin")
+    assert info.size == len(blob) and not info.is_dir
+    assert hashlib.sha256(data).digest() == hashlib.sha256(blob).digest()
+    # A directory comes back as tar.
+    info, tar = await get(ex, c.id, "/work/big")
+    assert info.is_dir and len(tar) > len(blob)
+
+
+async def test_tar_upload_and_many_files(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    import io
+    import tarfile
+
+    c = await create(services)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as t:
+        for name, body in {"app/main.py": b"print('hi')\n", "app/static/x.css": b"body{}"}.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(body), 0o640
+            t.addfile(ti, io.BytesIO(body))
+
+    async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id, format=xpb.ARCHIVE_FORMAT_TAR))
+        yield xpb.PutFilesRequest(data=raw.getvalue())
+
+    got = await ex.PutFiles(requests(), metadata=A)
+    assert sorted(f.path for f in got.files) == ["/work/app/main.py", "/work/app/static/x.css"]
+    r = await run(ex, c.id, "python3", "/work/app/main.py")
+    assert r.stdout == b"hi\n"
+
+
+async def test_path_escapes_are_refused(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    for bad in ("../etc/passwd", "a/../../x", "/proc/1/root/etc/x", "/sys/x"):
+        await expect_error(put(ex, c.id, {bad: b"x"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
+    # A symlink planted by the container, pointing out of the work dir, is not followed.
+    await run(ex, c.id, "ln", "-s", "/etc", "/work/evil")
+    await expect_error(put(ex, c.id, {"evil/passwd": b"owned"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
+    # Read-only places stay read-only.
+    err = await expect_error(put(ex, c.id, {"/etc/sandhub-x": b"x"}), grpc.StatusCode.INTERNAL)
+    assert "read-only" in err.details() or "cannot" in err.details()
+    assert not os.path.exists("/etc/sandhub-x")
+    await expect_error(get(ex, c.id, "/work/nope"), grpc.StatusCode.NOT_FOUND, "PATH_NOT_FOUND")
+
+
+async def test_oversized_and_aborted_uploads_leave_nothing(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services, resources=pb.Resources(disk_mib=64))
+    # Announced too big: refused before a byte is written.
+    limits = ExecLimits()
+    huge = xpb.PutFilesRequest.File(path="huge.bin", size=limits.max_upload_bytes + 1)
+
+    async def announce() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(file=huge)
+
+    await expect_error(ex.PutFiles(announce(), metadata=A), grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE")
+    # Bigger than the container's disk (32 MiB of /work): the disk is the limit.
+    await expect_error(put(ex, c.id, {"fill.bin": b"\0" * (40 * MiB)}, announce=False),
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE")
+    # A stream that breaks off midway.
+    async def broken() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path="half.bin", size=4 * MiB))
+        yield xpb.PutFilesRequest(data=b"x" * MiB)
+        raise RuntimeError("client crashed")
+
+    with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+        await ex.PutFiles(broken(), metadata=A)
+    await asyncio.sleep(0.5)
+    listing = (await run(ex, c.id, "ls", "-a", "/work")).stdout.split()
+    assert sorted(listing) == [b".", b".."], listing
+
+
+async def test_malformed_streams_are_invalid(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+
+    async def data_first() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(data=b"x")
+
+    async def two_starts() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+
+    async def data_before_file() -> AsyncIterator[xpb.PutFilesRequest]:
+        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(data=b"x")
+
+    for gen in (data_first, two_starts, data_before_file):
+        await expect_error(ex.PutFiles(gen(), metadata=A), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_STREAM")
+
+    async def exec_stdin_first() -> AsyncIterator[xpb.ExecRequest]:
+        yield xpb.ExecRequest(stdin=b"x")
+
+    async def exec_two_starts() -> AsyncIterator[xpb.ExecRequest]:
+        start = xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"]))
+        yield xpb.ExecRequest(start=start)
+        yield xpb.ExecRequest(start=start)
+
+    for egen in (exec_stdin_first, exec_two_starts):
+        call = ex.Exec(egen(), metadata=A)
+        err = await expect_error(_drain(call), grpc.StatusCode.INVALID_ARGUMENT)
+        assert reason_of(err)[0] == "INVALID_STREAM"
+
+
+async def _drain(call) -> list[xpb.ExecResponse]:  # type: ignore[no-untyped-def]
+    return [r async for r in call]
+
+
+# -- Run -----------------------------------------------------------------------------
+
+
+async def test_run_exit_codes_signals_timeouts_and_streams(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    r = await run(ex, c.id, "ls", "/")
+    assert r.status.exit_code == 0 and b"work" in r.stdout.split() and r.duration.ToNanoseconds() > 0
+    r = await run(ex, c.id, shell="echo out; echo err >&2; exit 3")
+    assert (r.status.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    r = await run(ex, c.id, shell="kill -TERM $$")
+    assert r.status.signal == xpb.SIGNAL_SIGTERM and r.status.signal_number == 15
+    r = await run(ex, c.id, "cat", stdin=b"from stdin")
+    assert r.stdout == b"from stdin"
+    r = await run(ex, c.id, shell="sleep 30 & sleep 30; echo never", timeout=seconds(0.5))
+    assert r.status.timed_out and r.status.signal == xpb.SIGNAL_SIGKILL and b"never" not in r.stdout
+    ps = await run(ex, c.id, "ps", "-eo", "args")
+    assert b"sleep 30" not in ps.stdout and b"sleep inf" in ps.stdout  # the timed-out group is gone
+    r = await run(ex, c.id, "yes", timeout=seconds(1), max_output_bytes=1000)
+    assert r.stdout_truncated and len(r.stdout) == 1000 and r.status.timed_out
+    r = await run(ex, c.id, "env")
+    assert f"SANDHUB_CONTAINER_ID={c.id}".encode() in r.stdout
+    r = await ex.Run(xpb.RunRequest(container_id=c.id, command=xpb.Command(argv=["pwd"], cwd="/tmp",
+                                                                           env={"X": "1"})), metadata=A)
+    assert r.stdout == b"/tmp\n"
+    await expect_error(run(ex, c.id, "no-such-program"), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_run_bad_input_and_tenancy(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    await expect_error(run(ex, "cnt-000000000000", "ls"), grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
+    await expect_error(run(ex, c.id, "ls", md=B), grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
+    await expect_error(run(ex, c.id, "ls", md=()), grpc.StatusCode.UNAUTHENTICATED)
+    await expect_error(ex.Run(xpb.RunRequest(container_id=c.id), metadata=A), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_error(run(ex, c.id, "ls", timeout=seconds(10**6)), grpc.StatusCode.INVALID_ARGUMENT)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    for _ in range(100):
+        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)).container
+        if got.state == pb.CONTAINER_STATE_TERMINATED:
+            break
+        await asyncio.sleep(0.02)
+    await expect_error(run(ex, c.id, "ls"), grpc.StatusCode.FAILED_PRECONDITION, "CONTAINER_NOT_RUNNING")
+
+
+# -- Exec ----------------------------------------------------------------------------
+
+
+class Session:
+    """Drives an Exec stream from the test: send requests, read responses."""
+
+    def __init__(self, ex: xpb_grpc.ExecServiceStub, start: xpb.ExecRequest.Start) -> None:
+        self.queue: asyncio.Queue[xpb.ExecRequest | None] = asyncio.Queue()
+        self.queue.put_nowait(xpb.ExecRequest(start=start))
+        self.call = ex.Exec(self._requests(), metadata=A)
+
+    async def _requests(self) -> AsyncIterator[xpb.ExecRequest]:
+        while (r := await self.queue.get()) is not None:
+            yield r
+
+    def send(self, **kw) -> None:  # type: ignore[no-untyped-def]
+        self.queue.put_nowait(xpb.ExecRequest(**kw))
+
+    async def read_until(self, needle: bytes, timeout: float = 10) -> bytes:
+        seen = bytearray()
+        async with asyncio.timeout(timeout):
+            while needle not in seen:
+                r = await self.call.read()
+                assert r is not grpc.aio.EOF, bytes(seen)
+                seen += r.stdout + r.stderr
+        return bytes(seen)
+
+    async def exit(self, timeout: float = 10) -> xpb.ExitStatus:
+        async with asyncio.timeout(timeout):
+            while True:
+                r = await self.call.read()
+                assert r is not grpc.aio.EOF
+                if r.HasField("exited"):
+                    return r.exited
+
+
+async def test_interactive_shell_with_stdin_eof_and_pty(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sh"])))
+    first = await s.call.read()
+    assert first.started.pid > 1
+    s.send(stdin=b"echo $((6*7))\n")
+    assert b"42" in await s.read_until(b"42")
+    s.send(stdin=b"echo err >&2\n")
+    await s.read_until(b"err")
+    s.send(close_stdin=xpb.ExecRequest.CloseStdin())
+    assert (await s.exit()).exit_code == 0
+
+    pty = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sh", "-i"]),
+                                            pty=xpb.PtySize(rows=24, cols=80)))
+    await pty.call.read()
+    pty.send(stdin=b"stty size\n")
+    await pty.read_until(b"24 80")
+    pty.send(resize=xpb.PtySize(rows=50, cols=132))
+    pty.send(stdin=b"stty size; tty\n")
+    out = await pty.read_until(b"50 132")
+    pty.send(stdin=b"exit 5\n")
+    assert (await pty.exit()).exit_code == 5, out
+
+    sig = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sleep", "60"])))
+    await sig.call.read()
+    sig.send(signal=xpb.SIGNAL_SIGINT)
+    assert (await sig.exit()).signal == xpb.SIGNAL_SIGINT
+
+
+async def test_exec_caller_going_away_kills_the_process(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="sleep 77 & sleep 78")))
+    await s.call.read()
+    assert b"sleep 77" in (await run(ex, c.id, "ps", "-eo", "args")).stdout
+    s.call.cancel()
+    for _ in range(100):
+        if b"sleep 7" not in (await run(ex, c.id, "ps", "-eo", "args")).stdout:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the process outlived its caller")
+
+
+async def test_slow_reader_does_not_make_the_hub_buffer(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="yes | head -c 200000000; echo done")))
+    await s.call.read()
+    await asyncio.sleep(2)  # read nothing: the pipe and gRPC's windows fill, then yes waits
+    written = (await run(ex, c.id, shell="cat /proc/$(pidof yes)/io | grep wchar")).stdout
+    assert int(written.split()[1]) < 50 * MiB, written  # far from all 200 MB
+    got = 0
+    async with asyncio.timeout(60):
+        while True:
+            r = await s.call.read()
+            if r.HasField("exited"):
+                break
+            got += len(r.stdout)
+    assert got == 200000000 + len(b"done\n")
+
+
+# -- background processes ---------------------------------------------------------
+
+
+async def test_background_web_server_survives_a_hub_restart(services: Services) -> None:
+    c = await create(services, ports=[pb.Port(port=8000)])
+    ex = xpb_grpc.ExecServiceStub(services.hub_channel)
+    await put(ex, c.id, {"site/index.html": b"<p>hello</p>\n"})
+    cmd = xpb.Command(shell="echo starting; exec /.sandhub/busybox httpd -f -vv -p 8000 -h /work/site")
+    started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="web", command=cmd), metadata=A)
+    assert started.created and started.process.state == xpb.PROCESS_STATE_RUNNING
+    again = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="web", command=cmd), metadata=A)
+    assert not again.created and again.process.pid == started.process.pid
+
+    url = f"http://{c.network.ip_address}:8000/index.html"
+    body = b""
+    for _ in range(100):
+        try:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read())
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    assert body == b"<p>hello</p>\n"
+
+    # The Hub goes away and a new one comes up: the process belongs to the container.
+    await services.hub.stop(0)
+    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
+                                    api_keys=KEYS, local=services.orchestrator.config.local))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
+    ex = xpb_grpc.ExecServiceStub(channel)
+    try:
+        listed = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id), metadata=A)
+        assert [p.process_id for p in listed.processes] == ["web"]
+        assert listed.processes[0].state == xpb.PROCESS_STATE_RUNNING
+        assert listed.processes[0].stdout_bytes == len(b"starting\n")
+        out = bytearray()
+        async for r in ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.id, process_id="web",
+                                                                 stdout_offset=2), metadata=A):
+            out += r.stdout.data
+            assert not r.HasField("exited")
+        assert out == b"arting\n"
+        await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read())
+        killed = await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.id, process_id="web",
+                                                                 signal=xpb.SIGNAL_SIGTERM), metadata=A)
+        assert killed.process.process_id == "web"
+        follow = ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.id, process_id="web", follow=True,
+                                                           stdout_offset=0, stderr_offset=0), metadata=A)
+        exited = None
+        async with asyncio.timeout(10):
+            async for r in follow:
+                if r.HasField("exited"):
+                    exited = r.exited
+        assert exited is not None and exited.signal == xpb.SIGNAL_SIGTERM
+        got = await ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="web"), metadata=A)
+        assert got.process.state == xpb.PROCESS_STATE_EXITED
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="nope"), metadata=A),
+                           grpc.StatusCode.NOT_FOUND, "PROCESS_NOT_FOUND")
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="web"), metadata=B),
+                           grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
+    finally:
+        await channel.close()
+        await hub.stop(0)

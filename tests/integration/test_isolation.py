@@ -1,0 +1,238 @@
+"""What a student's code can try from inside a container, and how it is stopped.
+
+Each test creates real containers through the Hub (local backend, root) and
+runs the attempt inside through the local exec driver: the same entering path
+ExecService uses, so these processes carry the container's uid, cgroups,
+namespaces, seccomp filter and no capabilities. Network probes go only to the
+containers' own addresses and to this host's loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo
+from orchestrator_service.backends.local.exec_driver import LocalExecDriver
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.conftest import Services, auth
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+BB = "/.sandhub/busybox"
+
+
+@pytest.fixture
+async def driver(services: Services) -> AsyncIterator[LocalExecDriver]:
+    d = LocalExecDriver(services.orchestrator.config.local)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.close()
+
+
+async def create(services: Services, **resources: int) -> pb.Container:
+    response = await services.hub_stub.CreateContainer(
+        pb.CreateContainerRequest(resources=pb.Resources(**resources), ports=[pb.Port(port=8000)],
+                                  wait_until_running=True),
+        metadata=auth("key-a"),
+    )
+    assert response.container.state == pb.CONTAINER_STATE_RUNNING, response.container.state_message
+    return response.container
+
+
+async def sh(driver: LocalExecDriver, container_id: str, script: str, timeout_s: float = 20.0) -> tuple[ExitInfo, str]:
+    """Runs a busybox shell script inside; returns its exit and stdout+stderr."""
+    proc = await driver.spawn(container_id=container_id, command=CommandSpec(argv=(BB, "sh", "-c", script)))
+    out = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while (chunk := await proc.read()) is not None:
+                out += chunk.data
+            return await proc.wait(), out.decode(errors="replace")
+    finally:
+        await proc.kill()
+
+
+def host_pids_of(pid_ns: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}/ns/pid").st_ino == pid_ns:
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def host_uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+async def test_files_processes_and_signals_of_another_container(services: Services, driver: LocalExecDriver) -> None:
+    a, b = await create(services), await create(services)
+    exit_a, _ = await sh(driver, a.id, "echo secret-of-a > /work/secret && chmod 600 /work/secret")
+    assert exit_a.exit_code == 0
+    # B has its own /work and /tmp, and sees no process but its own.
+    exit_b, out = await sh(driver, b.id, "cat /work/secret")
+    assert "secret-of-a" not in out and exit_b.exit_code != 0
+    exit_b, out = await sh(driver, b.id, f"exec {BB} ps -o pid,args")
+    rows = [line.split(None, 1)[1] for line in out.strip().splitlines()[1:]]
+    # Its own init (bwrap's, then busybox sleep) and this ps: nothing of A's, nothing of the host's.
+    assert len(rows) == 3 and "bwrap" in rows[0] and "sleep" in rows[1] and "ps" in rows[2], out
+    pid_ns_a = os.stat(f"/proc/{next(iter(host_pids_of_container(a.id)))}/ns/pid").st_ino
+    a_host_pids = host_pids_of(pid_ns_a)
+    assert a_host_pids
+    # A's processes are invisible to B, by host pid and through /proc.
+    for pid in a_host_pids:
+        exit_b, out = await sh(driver, b.id, f"kill -0 {pid} 2>&1; ls /proc/{pid}/root/work 2>&1")
+        assert "secret" not in out
+    # Each container has its own unprivileged host uid: even a process that
+    # could see A's (a shared mount, a leaked pid) can neither signal nor read it.
+    uid_a, uid_b = host_uid_of(a_host_pids[0]), host_uid_of(host_pids_of_container(b.id)[0])
+    assert uid_a != uid_b and uid_a >= 200000 and uid_b >= 200000
+    as_b = ["setpriv", f"--reuid={uid_b}", f"--regid={uid_b}", "--clear-groups", "--"]
+    kill = subprocess.run([*as_b, "kill", "-0", str(a_host_pids[0])], capture_output=True, text=True)
+    assert kill.returncode != 0 and "not permitted" in kill.stderr
+    read = subprocess.run([*as_b, "cat", f"/proc/{a_host_pids[0]}/root/work/secret"], capture_output=True, text=True)
+    assert read.returncode != 0 and "secret-of-a" not in read.stdout
+
+
+def host_pids_of_container(container_id: str) -> list[int]:
+    marker = f"SANDHUB_CONTAINER_ID={container_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if marker in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                    found.append(int(name))
+            except OSError:
+                pass
+    return sorted(found)
+
+
+async def test_network_other_container_and_host_loopback(services: Services, driver: LocalExecDriver) -> None:
+    a, b = await create(services), await create(services)
+    assert a.network.ip_address and b.network.ip_address and a.network.ip_address != b.network.ip_address
+    assert [e.address for e in a.network.endpoints] == [f"{a.network.ip_address}:8000"]
+    server, _ = await driver.start_background(
+        container_id=a.id, process_id="nc", command=CommandSpec(argv=(BB, "nc", "-ll", "-p", "8000", "-e", BB, "echo", "hi"))
+    )
+    # The host reaches A at its address...
+    for _ in range(100):
+        try:
+            with socket.create_connection((a.network.ip_address, 8000), timeout=1) as s:
+                assert s.recv(10) == b"hi\n"
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the host could not reach the container's server")
+    # ...B does not, nor a server on the host's loopback or the bridge address.
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    host_port = listener.getsockname()[1]
+    gateway = a.network.ip_address.rsplit(".", 1)[0] + ".1"
+    try:
+        for target in (f"{a.network.ip_address} 8000", f"127.0.0.1 {host_port}", f"{gateway} {host_port}"):
+            exit_b, out = await sh(driver, b.id, f"{BB} nc -w 2 {target} </dev/null && echo CONNECTED")
+            assert "CONNECTED" not in out and "hi" not in out, (target, out)
+    finally:
+        listener.close()
+
+
+async def test_http_server_inside_is_reached_at_the_reported_address(
+    services: Services, driver: LocalExecDriver
+) -> None:
+    c = await create(services)
+    exit_, _ = await sh(driver, c.id, "mkdir -p /work/site && echo '<h1>student app</h1>' > /work/site/index.html")
+    assert exit_.exit_code == 0
+    await driver.start_background(
+        container_id=c.id, process_id="web", command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
+    )
+    url = f"http://{c.network.endpoints[0].address}/index.html"
+
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(r.read().decode())
+
+    for _ in range(100):
+        try:
+            assert await asyncio.to_thread(fetch) == "<h1>student app</h1>\n"
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"no answer from {url}")
+
+
+async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, driver: LocalExecDriver) -> None:
+    bomb, other = await create(services, pids=64), await create(services)
+    exit_, out = await sh(
+        driver, bomb.id,
+        # 200 background sleeps want 200 processes; the limit is 64.
+        f"i=0; while [ $i -lt 200 ]; do {BB} sleep 30 >/dev/null 2>&1 & i=$((i+1)); done 2>&1; echo spawned",
+    )
+    assert "Resource temporarily unavailable" in out or "can't fork" in out, out
+    events = [*Path("/sys/fs/cgroup").glob(f"pids/sandhub/*/{bomb.id}/pids.events"),  # v1
+              *Path("/sys/fs/cgroup").glob(f"sandhub/*/{bomb.id}/pids.events")]  # v2
+    assert len(events) == 1 and int(events[0].read_text().split()[1]) > 0
+    exit_o, out_o = await sh(driver, other.id, "echo still-fine")
+    assert exit_o.exit_code == 0 and out_o.strip() == "still-fine"
+
+
+async def test_memory_bomb_is_oom_killed_inside_and_reported(services: Services, driver: LocalExecDriver) -> None:
+    bomb, other = await create(services, memory_mib=64), await create(services)
+    exit_, _ = await sh(driver, bomb.id, "python3 -c 'b = bytearray(256 * 1024 * 1024); print(len(b))'")
+    assert exit_.signal == 9 or exit_.exit_code == 137, exit_
+    for _ in range(100):  # the OOM watcher looks every second
+        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=bomb.id), metadata=auth("key-a"))).container
+        if got.state_reason == "OOMKilled":
+            break
+        await asyncio.sleep(0.05)
+    assert got.state_reason == "OOMKilled" and got.state == pb.CONTAINER_STATE_RUNNING, got
+    assert "64 MiB" in got.state_message
+    # The container itself, and its neighbour, go on.
+    assert (await sh(driver, bomb.id, "echo alive"))[1].strip() == "alive"
+    assert (await sh(driver, other.id, "echo alive"))[1].strip() == "alive"
+
+
+async def test_disk_fill_is_capped(services: Services, driver: LocalExecDriver) -> None:
+    c = await create(services, disk_mib=64)
+    exit_, out = await sh(driver, c.id, f"{BB} dd if=/dev/zero of=/work/big bs=1M count=500 2>&1; {BB} du -m /work/big")
+    assert exit_.exit_code == 0  # du ran
+    assert "No space left on device" in out, out
+    assert int(out.strip().splitlines()[-1].split()[0]) <= 32  # /work is half the disk
+
+
+async def test_module_loading_mounting_and_privileges_are_refused(services: Services, driver: LocalExecDriver) -> None:
+    c = await create(services)
+    attempts = {
+        "mount": f"{BB} mount -t tmpfs none /work",
+        "insmod": f"{BB} insmod /work/none.ko",
+        "write root": "echo x > /etc/sandhub-test",
+        "chroot": f"{BB} chroot / true",
+        "unshare": f"{BB} unshare -r true",
+    }
+    for name, cmd in attempts.items():
+        exit_, out = await sh(driver, c.id, f"{cmd} 2>&1")
+        assert exit_.exit_code != 0, (name, out)
+    status = (await sh(driver, c.id, "cat /proc/self/status"))[1]
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["CapEff"].strip() == "0000000000000000"
+    assert fields["CapBnd"].strip() == "0000000000000000"
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+    assert not Path("/etc/sandhub-test").exists()
