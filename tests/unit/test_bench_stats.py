@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sandhub.bench import report
+from sandhub.bench import host, report
 from sandhub.bench.results import MemorySample, Results
 from sandhub.bench.stats import BAR, buckets, histogram, percentile, summarize
 
@@ -99,3 +101,18 @@ def test_ratios_between_two_runs() -> None:
     got = report.ratios(hub, floor)
     assert got["cct"]["p50"] == pytest.approx(3.0)
     assert "ratio hub/floor" in report.ratio_text(hub, floor)[0]
+    # the floor run comparing against the hub run still says sandhub/floor
+    assert report.ratio_text(floor, hub) == report.ratio_text(hub, floor)
+
+
+def test_cgroup_index_finds_containers_one_or_two_levels_under_the_parent(tmp_path: Path) -> None:
+    for d in ("memory/sandhub/cnt-aaaaaaaaaaaa", "pids/sandhub/3f2a/cnt-bbbbbbbbbbbb", "memory/other/cnt-cccccccccccc"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "memory/sandhub/cnt-aaaaaaaaaaaa/memory.usage_in_bytes").write_text("4096\n")
+    index = host.cgroup_index("sandhub", root=tmp_path)
+    assert index["cnt-aaaaaaaaaaaa"] == [tmp_path / "memory/sandhub/cnt-aaaaaaaaaaaa"]
+    assert index["cnt-bbbbbbbbbbbb"] == [tmp_path / "pids/sandhub/3f2a/cnt-bbbbbbbbbbbb"]
+    assert "cnt-cccccccccccc" not in index
+    assert host.memory_cgroup(index["cnt-aaaaaaaaaaaa"]) == (tmp_path / "memory/sandhub/cnt-aaaaaaaaaaaa",
+                                                            "memory.usage_in_bytes")
+    assert host.memory_cgroup(index["cnt-bbbbbbbbbbbb"]) is None

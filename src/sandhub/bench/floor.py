@@ -65,9 +65,10 @@ class FloorTarget:
             await self._backend.close()
             self._backend = None
         if self._config is not None:
-            from sandhub.bench.local import remove_network
+            from sandhub.bench.local import remove_cgroup_parent, remove_network
 
             await remove_network(self._config)
+            remove_cgroup_parent(self._config)
         if self._state is not None:
             shutil.rmtree(self._state, ignore_errors=True)
         return swept

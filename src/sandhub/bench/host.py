@@ -59,29 +59,38 @@ def cgroup_version(root: Path = CGROUP_ROOT) -> str:
     return ""
 
 
-def cgroup_dirs(container_id: str, parent: str, root: Path = CGROUP_ROOT) -> list[Path]:
-    """Every cgroup directory named for the container that exists: on v1 one
-    per controller (cpu, memory, pids...), on v2 one."""
-    found = []
-    for d in [root / parent / container_id, *(c / parent / container_id for c in _v1_controllers(root))]:
-        if d.is_dir():
-            found.append(d)
-    return found
-
-
-def _v1_controllers(root: Path) -> list[Path]:
+def cgroup_index(parent: str, root: Path = CGROUP_ROOT) -> dict[str, list[Path]]:
+    """Cgroup directories under ``parent`` (on v2 ``root/parent``, on v1
+    ``root/<controller>/parent``) by name, one or two levels down: the local
+    backend puts a container at ``parent/<id>`` or, with one cgroup parent
+    per orchestrator, at ``parent/<instance>/<id>``."""
+    tops = [root / parent]
     try:
-        return [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+        tops += [c / parent for c in root.iterdir() if c.is_dir() and not c.is_symlink()]
+    except OSError:
+        pass
+    index: dict[str, list[Path]] = {}
+    for top in tops:
+        for level1 in _subdirs(top):
+            index.setdefault(level1.name, []).append(level1)
+            for level2 in _subdirs(level1):
+                index.setdefault(level2.name, []).append(level2)
+    return index
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
     except OSError:
         return []
 
 
-def memory_cgroup(container_id: str, parent: str, root: Path = CGROUP_ROOT) -> tuple[Path, str] | None:
-    """The container's memory cgroup and its usage file, or None."""
-    for d, usage in ((root / "memory" / parent / container_id, "memory.usage_in_bytes"),
-                     (root / parent / container_id, "memory.current")):
-        if (d / usage).exists():
-            return d, usage
+def memory_cgroup(dirs: Iterable[Path]) -> tuple[Path, str] | None:
+    """Of a container's cgroup directories, the memory one and its usage file."""
+    for d in dirs:
+        for usage in ("memory.usage_in_bytes", "memory.current"):
+            if (d / usage).exists():
+                return d, usage
     return None
 
 
@@ -97,8 +106,9 @@ def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, 
     whose command line names it (bwrap's parent, outside the cgroup)."""
     wanted = set(container_ids)
     found: dict[str, set[int]] = {cid: set() for cid in wanted}
+    index = cgroup_index(parent)
     for cid in wanted:
-        mem = memory_cgroup(cid, parent)
+        mem = memory_cgroup(index.get(cid, []))
         if mem is not None:
             try:
                 found[cid].update(int(p) for p in (mem[0] / "cgroup.procs").read_text().split())
@@ -146,8 +156,9 @@ class ContainerMemory:
 def container_memory(container_ids: Iterable[str], parent: str) -> ContainerMemory:
     ids = list(container_ids)
     cgroup_total: int | None = None
+    index = cgroup_index(parent)
     for cid in ids:
-        mem = memory_cgroup(cid, parent)
+        mem = memory_cgroup(index.get(cid, []))
         usage = _read_int(mem[0] / mem[1]) if mem else None
         if usage is not None:
             cgroup_total = (cgroup_total or 0) + usage
@@ -164,7 +175,8 @@ def leftovers(container_ids: Iterable[str], parent: str) -> list[str]:
     ids = list(container_ids)
     if not ids:
         return []
-    found = [f"{cid}: cgroup {d}" for cid in ids for d in cgroup_dirs(cid, parent)]
+    index = cgroup_index(parent)
+    found = [f"{cid}: cgroup {d}" for cid in ids for d in index.get(cid, [])]
     found.extend(f"{cid}: veth {veth_name(cid)}" for cid in ids if (SYS_NET / veth_name(cid)).exists())
     for cid, pids in sorted(container_processes(ids, parent).items()):
         found.extend(f"{cid}: process {pid}" for pid in sorted(pids))

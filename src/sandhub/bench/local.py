@@ -44,6 +44,26 @@ def private_backend_config(state: Path) -> LocalBackendConfig:
     )
 
 
+def remove_cgroup_parent(config: LocalBackendConfig) -> None:
+    """Removes the backend's own cgroup parent when the local backend keeps
+    one per state directory (sandhub/<instance>), once it is empty: with a
+    temp state dir per run nobody else would. rmdir never removes a cgroup
+    that still has children or processes."""
+    from orchestrator_service.backends.local import cgroups
+
+    parent_for = getattr(cgroups, "parent_for", None)
+    if parent_for is None:
+        return
+    parent = str(parent_for(config.state_dir))
+    if parent == cgroups.PARENT:
+        return  # the shared parent of every orchestrator: not ours to remove
+    for d in [cgroups.ROOT / parent, *(cgroups.ROOT / c / parent for c in cgroups.V1_CONTROLLERS)]:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 async def remove_network(config: LocalBackendConfig) -> None:
     """The bridge outlives its backend on purpose (containers survive a
     restart); the bench removes its own."""
@@ -112,6 +132,7 @@ class LocalServices:
             self._loop.close()
         if self._local is not None:
             await remove_network(self._local)
+            remove_cgroup_parent(self._local)
         if self._state is not None:
             shutil.rmtree(self._state, ignore_errors=True)
         return swept

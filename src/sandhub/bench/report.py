@@ -145,11 +145,15 @@ def ratios(this: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, dict[
 
 
 def ratio_text(this: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """Ratios of this run to the other, turned so the floor is always the
+    denominator (sandhub/floor, docker/floor) whichever run compares."""
+    if this.get("target") == "floor" and other.get("target") != "floor":
+        this, other = other, this
     label = f"{this.get('target')}/{other.get('target')}"
     found = ratios(this, other)
     if not found:
         return [f"ratio {label}: no metric with values in both runs"]
-    lines = [f"ratio {label} (against {other.get('target_detail', 'the other run')}):"]
+    lines = [f"ratio {label} ({this.get('target_detail', '?')} / {other.get('target_detail', '?')}):"]
     for name, pair in found.items():
         lines.append(f"  {name}: p50 {pair.get('p50', float('nan')):.2f}x  p99 {pair.get('p99', float('nan')):.2f}x")
     return lines
