@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from orchestrator_service.backends.local.network import veth_name
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import Services, auth
 
@@ -30,6 +32,16 @@ def reason_of(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
             assert status.details[0].Unpack(info)
             return info.reason, dict(info.metadata)
     raise AssertionError("no ErrorInfo detail")
+
+
+def leftovers(container_id: str) -> list[str]:
+    """What of a container is still on the host: processes, cgroups, its veth."""
+    found = [f"pid {p}" for p in sandbox_pids(container_id)]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/*/{container_id}")]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sandhub/*/{container_id}")]
+    if os.path.exists(f"/sys/class/net/{veth_name(container_id)}"):
+        found.append(veth_name(container_id))
+    return found
 
 
 async def create(s: Services, md=A, **kw) -> pb.Container:  # type: ignore[no-untyped-def]
@@ -207,7 +219,7 @@ async def test_expiry_reaps(services: Services) -> None:
     assert sandbox_pids(c.id)
     final = await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED, timeout=10)
     assert final.state == pb.CONTAINER_STATE_TERMINATED and final.state_reason == "Expired"
-    assert sandbox_pids(c.id) == []
+    assert c.network.ip_address and leftovers(c.id) == []  # processes, cgroups and veth all gone
 
 
 async def test_container_that_dies_is_failed(services: Services) -> None:

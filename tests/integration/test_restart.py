@@ -19,9 +19,8 @@ import pytest
 
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator_service.backends.local.network import veth_name
 from tests.conftest import PrivateNetwork
-from tests.integration.test_lifecycle import sandbox_pids
+from tests.integration.test_lifecycle import leftovers, sandbox_pids
 
 pytestmark = pytest.mark.root
 
@@ -66,16 +65,6 @@ def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
         for pid in sandbox_pids(record.stem):
             os.kill(pid, signal.SIGKILL)
     asyncio.run(o.net.teardown())
-
-
-def leftovers(container_id: str) -> list[str]:
-    """What of a container is still on the host: processes, cgroups, its veth."""
-    found = [f"pid {p}" for p in sandbox_pids(container_id)]
-    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/sandhub/*/{container_id}")]
-    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"sandhub/*/{container_id}")]
-    if os.path.exists(f"/sys/class/net/{veth_name(container_id)}"):
-        found.append(veth_name(container_id))
-    return found
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
