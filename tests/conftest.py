@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +49,15 @@ class PrivateNetwork:
         await HostNetwork(NetworkConfig(bridge=self.bridge, subnet=self.subnet)).teardown()
 
 
+def traversable(path: Path) -> Path:
+    """Lets other uids (containers run as their own) pass through ``path`` and
+    its pytest parents, which pytest makes 0700."""
+    for p in (path, *path.parents):
+        if str(p).startswith(tempfile.gettempdir() + "/pytest-of-"):
+            p.chmod(p.stat().st_mode | 0o711)
+    return path
+
+
 def orchestrator_config(state: Path, net: PrivateNetwork | None = None, **overrides: object) -> OrchestratorConfig:
     net = net or PrivateNetwork.new()
     base = OrchestratorConfig(
@@ -78,6 +88,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
     if os.geteuid() != 0:
         pytest.fail("these tests create namespaces and need root (CI runs as root)")
     net = PrivateNetwork.new()
+    traversable(tmp_path)  # local images live under it
     orch = await start_orchestrator(orchestrator_config(tmp_path, net))
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
                                     local=orch.config.local))

@@ -17,6 +17,7 @@ import pytest
 
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from tests.conftest import traversable
 from tests.integration.test_restart import free_port, wait_for
 
 pytestmark = pytest.mark.root
@@ -39,10 +40,7 @@ def as_nobody(*argv: str) -> list[str]:
 def shared_tmp(tmp_path: Path) -> Path:
     if os.geteuid() != 0:
         pytest.fail("this test switches to an unprivileged uid and needs root to do it (CI runs as root)")
-    tmp_path.chmod(0o777)
-    for parent in tmp_path.parents:  # pytest's base dirs are 0700
-        if str(parent).startswith("/tmp/pytest-of-"):
-            parent.chmod(parent.stat().st_mode | 0o711)
+    traversable(tmp_path).chmod(0o777)
     return tmp_path
 
 

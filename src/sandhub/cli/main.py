@@ -131,6 +131,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    """Local images live on the orchestrator's host: run this there."""
+    from orchestrator_service.backends.local.images import Images
+
+    local = cfg.load_local(dict(os.environ))
+    if args.image_command == "import":
+        from pathlib import Path
+
+        from orchestrator_service.backends.local.image_import import import_rootfs
+        from sandhub.errors import InvalidField
+
+        try:
+            path = import_rootfs(local.images_dir, args.name, Path(args.archive), replace=args.replace)
+        except InvalidField as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 4
+        print(f"imported {args.name} into {path}")
+        return 0
+    for name in Images(local.images_dir).names():
+        print(name)
+    return 0
+
+
 # -- client verbs -----------------------------------------------------------------
 
 
@@ -265,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="show which isolation the local backend gives on this host")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)
+
+    im = sub.add_parser("image", help="local images: list, or import a root filesystem tar (docker export)")
+    im_sub = im.add_subparsers(dest="image_command", required=True)
+    im_sub.add_parser("list", help="image names a container may ask for").set_defaults(func=cmd_image)
+    imp = im_sub.add_parser("import", help="unpack a root filesystem tar as a named image")
+    imp.add_argument("name")
+    imp.add_argument("archive", help="a .tar (optionally compressed), e.g. from `docker export`")
+    imp.add_argument("--replace", action="store_true")
+    imp.set_defaults(func=cmd_image)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--hub", default=env.get("SANDHUB_HUB", "127.0.0.1:50051"), help="Hub address [SANDHUB_HUB]")

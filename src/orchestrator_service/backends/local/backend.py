@@ -257,8 +257,10 @@ class LocalBackend:
             proc, started = await sandbox.spawn(self._bwrap, box, hold=hold)
         except (sandbox.SpawnError, NetworkError, OSError) as e:
             await self._release(container_id)
-            log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=getattr(e, "detail", ""))
-            return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=str(e)))
+            detail = getattr(e, "detail", "")
+            log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=detail)
+            message = f"{e}: {detail.splitlines()[-1]}" if detail else str(e)
+            return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=message))
         self._children[container_id] = proc
         runtime = Runtime(
             bwrap_pid=started.bwrap_pid,

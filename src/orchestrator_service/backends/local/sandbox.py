@@ -230,7 +230,15 @@ async def spawn(
             if info_raw:
                 child_pid = int(json.loads(info_raw)["child-pid"])
             if child_pid and hold is not None:
-                await hold(child_pid)
+                try:
+                    await hold(child_pid)
+                except Exception as e:
+                    # Most often bwrap itself gave up meanwhile: its stderr says why.
+                    await asyncio.sleep(0.05)
+                    if proc.poll() is not None:
+                        raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})",
+                                         _read_stderr(err_r)) from e
+                    raise
             try:
                 os.write(block_w, b"G")
             except BrokenPipeError:
