@@ -178,6 +178,24 @@ async def test_http_server_inside_is_reached_at_the_reported_address(
         pytest.fail(f"no answer from {url}")
 
 
+async def test_python_http_server_does_not_stall_on_dns(services: Services, driver: LocalExecDriver) -> None:
+    """http.server looks up its own name at start; without egress that lookup
+    must fail at once (rejected), not hang for the resolver's timeout."""
+    c = await create(services)
+    await driver.start_background(container_id=c.id, process_id="py",
+                                  command=CommandSpec(argv=("python3", "-m", "http.server", "8000")))
+    url = f"http://{c.network.ip_address}:8000/"
+    for _ in range(60):  # 3 s; a stalled lookup takes 20
+        try:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=1).read())
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("python -m http.server did not answer")
+    assert b"Directory listing" in body
+
+
 async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, driver: LocalExecDriver) -> None:
     bomb, other = await create(services, pids=64), await create(services)
     exit_, out = await sh(

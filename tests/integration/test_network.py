@@ -314,10 +314,13 @@ async def test_host_reaches_containers_and_containers_reach_nothing(
 async def test_egress_only_when_allowed(
     net: HostNetwork, boxes: tuple[Box, Box], outside: Box, ip_forward: None
 ) -> None:
-    a, _ = boxes
-    await attach(net, a, set())
+    a, b = boxes
+    await attach(net, b, set())
     egress = HostNetwork(NetworkConfig(bridge=BRIDGE, subnet=SUBNET, allow_egress=True))
     await egress.setup()
+    await attach(egress, a, {b.ip})
+    # Attached without egress, b has no default route: it fails at once.
+    assert (await probe(b, OUT_FAR_IP)).startswith("error:Network is unreachable")
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         assert f.read().strip() == "1"
     assert await probe(a, OUT_FAR_IP) == "ok:hello from outside"

@@ -23,7 +23,11 @@ Isolation, enforced in three layers:
     ``allow_egress`` (every container) or the container's address is in the
     table's ``egress`` set (``attach(egress=True)``), and then masqueraded.
   Connections the host opens to a container are locally generated traffic
-  (output hook), which these rules leave alone.
+  (output hook), which these rules leave alone. What a container may not
+  reach fails at once instead of hanging: without egress it has no default
+  route (ENETUNREACH), and the host rejects rather than drops. So a DNS lookup
+  (``python -m http.server`` does one at start) errors out in microseconds
+  rather than after the resolver's 20 s.
 
 The rules live in tables of their own (``inet sandhub_<bridge>`` and ``bridge
 sandhub_<bridge>``), replaced atomically by ``setup`` and deleted by
@@ -256,7 +260,7 @@ class HostNetwork:
             f'        iifname "{br}" accept\n'
             if self.config.allow_egress
             else f'        iifname "{br}" ip saddr @egress accept comment "egress allowed per container"\n'
-            f'        iifname "{br}" counter drop comment "no egress"\n'
+            f'        iifname "{br}" counter reject with icmpx type admin-prohibited comment "no egress"\n'
         )
         masquerade = self._net if self.config.allow_egress else "@egress"
         nat = (
@@ -277,7 +281,7 @@ class HostNetwork:
             f"    chain input {{\n"
             f"        type filter hook input priority filter; policy accept;\n"
             f'        iifname "{br}" ct state established,related accept\n'
-            f'        iifname "{br}" counter drop comment "containers never reach the host"\n'
+            f'        iifname "{br}" counter reject with icmpx type admin-prohibited comment "containers never reach the host"\n'
             f"    }}\n"
             f"    chain forward {{\n"
             f"        type filter hook forward priority filter; policy accept;\n"
@@ -386,8 +390,12 @@ class HostNetwork:
             "link set dev lo up",
             f"addr add {addr}/{self.prefixlen} dev {CONTAINER_IFACE}",
             f"link set dev {CONTAINER_IFACE} up",
-            f"route add default via {self._gateway} dev {CONTAINER_IFACE}",
         ]
+        if egress or self.config.allow_egress:
+            # Without egress there is no default route at all: a connection
+            # beyond the subnet fails at once (ENETUNREACH) instead of being
+            # dropped on the way; the firewall stays as the second line.
+            inside.append(f"route add default via {self._gateway} dev {CONTAINER_IFACE}")
         try:
             await _run([tools.ip, "-batch", "-"], "\n".join(host) + "\n")
             await _run([tools.nsenter, f"--net={ns}", tools.ip, "-batch", "-"], "\n".join(inside) + "\n")
