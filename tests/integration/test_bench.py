@@ -30,7 +30,8 @@ from sandhub.bench.target import CreateParams
 from sandhub.config import OrchestratorConfig
 from sandhub.exec.v1 import exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
-from tests.bench_fakes import FakeExec
+from sandhub.bench.floor import FloorTarget
+from tests.bench_fakes import FakeDriver, FakeExec
 
 pytestmark = pytest.mark.root
 SANDHUB = str(Path(sys.executable).parent / "sandhub")
@@ -133,4 +134,20 @@ async def test_basic_through_a_real_orchestrator_and_a_fake_exec_service(tmp_pat
     assert len(results.metrics["ls"].values) == 30 and len(results.metrics["ls_mean"].values) == 3
     assert {cid for cid, _ in fake.runs} == set(results.container_ids)
     assert results.memory is not None and results.memory.containers == 3
+    assert traces_on_host(results.container_ids) == []
+
+
+async def test_floor_basic_enters_containers_through_an_exec_driver() -> None:
+    """Real sandboxes from the local backend; `ls /` through a fake driver
+    (the plumbing: the real one is exercised by the Hub's exec tests)."""
+    driver = FakeDriver()
+    results = Results(command="floor", target="floor", target_detail="", scenario="basic", params={"n": 2})
+    await run(FloorTarget(exec_driver=driver), SCENARIOS["basic"],  # type: ignore[arg-type]
+              ScenarioOptions(create=CreateParams(image="", cpu_millicores=0, memory_mib=0), runs=3),
+              RunOptions(n=2, interval_s=0.05, settle_s=0), results)
+    assert not results.failed, {name: dict(m.failures) for name, m in results.metrics.items()}
+    assert len(results.metrics["ls"].values) == 6 and len(results.metrics["ls_mean"].values) == 2
+    assert sorted({cid for cid, _ in driver.spawned}) == results.container_ids
+    assert {argv for _, argv in driver.spawned} == {("ls", "/")}
+    assert driver.started and driver.closed
     assert traces_on_host(results.container_ids) == []

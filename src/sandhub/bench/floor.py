@@ -6,21 +6,23 @@ service layers cost.
 The spec goes through the orchestrator's own validation, so defaults (pids,
 disk, open files) are exactly what a CreateContainer would get.
 
-Commands (`ls /`) will enter the sandbox through the local exec driver once it
-exists: implement ``run`` (and ``put_files``/``start_process``) on top of
-``orchestrator_service.backends.local.exec_driver.LocalExecDriver``; until then
-they fail with a clear reason and the scenario reports them as failures.
+Commands (`ls /`) enter the sandbox through the local exec driver, the one
+the Hub's Run uses, called directly. Uploads and background processes are
+not offered by the floor (they are Hub features built on the driver), so the
+webserver scenario reports them as failures here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from orchestrator_service.backends.exec_base import CommandSpec, ExecDriver
 from orchestrator_service.model import Event, State, new_container_id
 from orchestrator_service.validation import RawCreate, build_spec
 from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError
@@ -28,17 +30,23 @@ from sandhub.config import Limits, LocalBackendConfig
 from sandhub.errors import SandhubError
 
 TENANT = "bench"
+_ID = re.compile(r"cnt-[a-z0-9]{12}")
 
 
 class FloorTarget:
     name = "floor"
     cgroup_parent = "sandhub"
 
-    def __init__(self, *, limits: Limits | None = None) -> None:
+    def __init__(self, *, limits: Limits | None = None, exec_driver: ExecDriver | None = None) -> None:
+        """``exec_driver``: enter containers with this one (started and
+        closed here) instead of the local exec driver."""
         self._limits = limits or Limits()
         self._state: Path | None = None
         self._backend: Any = None
         self._config: LocalBackendConfig | None = None
+        self._exec: ExecDriver | None = None
+        self._given_driver = exec_driver
+        self._exec_lock = asyncio.Lock()
 
     @property
     def detail(self) -> str:
@@ -60,6 +68,9 @@ class FloorTarget:
 
     async def close(self) -> list[str]:
         swept: list[str] = []
+        if self._exec is not None:
+            await self._exec.close()
+            self._exec = None
         if self._backend is not None:
             swept = await self._sweep()
             await self._backend.close()
@@ -106,17 +117,49 @@ class FloorTarget:
         cct = (c.ready_time - c.create_time).total_seconds() * 1000 if c.ready_time else None
         return Created(container_id=c.id, cct_ms=cct, ip_address=c.ip_address)
 
-    def _no_exec(self) -> NoReturn:
-        raise TargetError("the floor can't enter containers yet (the local exec driver is not available)")
+    async def _driver(self) -> ExecDriver:
+        async with self._exec_lock:
+            if self._exec is None:
+                driver = self._given_driver or self._local_driver()
+                try:
+                    await driver.start()
+                except SandhubError as e:
+                    raise TargetError(f"the local exec driver did not start: {e.message}") from None
+                self._exec = driver
+            return self._exec
 
-    async def put_files(self, container_id: str, files: Sequence[FileToPut]) -> None:
-        self._no_exec()
+    def _local_driver(self) -> ExecDriver:
+        assert self._config is not None
+        try:
+            from orchestrator_service.backends.local.exec_driver import LocalExecDriver
+        except ImportError:
+            raise TargetError("the floor can't enter containers: the local exec driver is not installed") from None
+        driver: ExecDriver = LocalExecDriver(self._config)
+        return driver
 
     async def run(self, container_id: str, argv: Sequence[str]) -> RunResult:
-        self._no_exec()
+        driver = await self._driver()
+        try:
+            proc = await driver.spawn(container_id=container_id, command=CommandSpec(argv=tuple(argv)))
+        except SandhubError as e:
+            raise TargetError(f"{type(e).__name__}: {_ID.sub('cnt-...', e.message)}") from None
+        out, err = bytearray(), bytearray()
+        try:
+            while (chunk := await proc.read()) is not None:
+                (out if chunk.stream == "stdout" else err).extend(chunk.data)
+            info = await proc.wait()
+        finally:
+            await proc.kill()
+        return RunResult(exit_code=-1 if info.signal else info.exit_code, stdout=bytes(out), stderr=bytes(err))
+
+    def _hub_only(self, what: str) -> NoReturn:
+        raise TargetError(f"the floor has no {what} (a Hub feature); only `ls /` runs here")
+
+    async def put_files(self, container_id: str, files: Sequence[FileToPut]) -> None:
+        self._hub_only("file upload")
 
     async def start_process(self, container_id: str, process_id: str, argv: Sequence[str]) -> None:
-        self._no_exec()
+        self._hub_only("background processes")
 
     async def delete(self, container_id: str) -> None:
         try:

@@ -54,8 +54,9 @@ def memory_text(r: Results) -> list[str]:
     if r.memory is None:
         return []
     per = r.memory.per_container_mib()
+    what = "container with its web server running" if r.scenario == "webserver" else "idle container"
     return [
-        f"memory per idle container ({r.memory.containers} alive): "
+        f"memory per {what} ({r.memory.containers} alive): "
         f"cgroup {_num(per['cgroup'], 2)} MiB, PSS {_num(per['pss'], 2)} MiB "
         f"({r.memory.processes} processes), host MemAvailable drop {_num(per['host_available_delta'], 2)} MiB"
     ]

@@ -112,7 +112,7 @@ async def run_create(ctx: Context, index: int) -> None:
 
 def declare_basic(results: Results, options: ScenarioOptions) -> None:
     declare_common(results, options)
-    results.metric("ls", "ms", "one `ls /` through Run, every run")
+    results.metric("ls", "ms", "one `ls /` run to completion (the Hub: the Run RPC), every run")
     results.metric("ls_mean", "ms", f"mean of the {options.runs} `ls /` runs of one container")
 
 
