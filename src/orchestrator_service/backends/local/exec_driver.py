@@ -1,0 +1,717 @@
+"""LocalExecDriver: the Hub's way into local sandboxes (ExecDriver, exec_base.py).
+
+The Hub never forks (it runs gRPC threads): commands are started by a fork
+server (spawner.py) that the driver launches once with posix_spawn. For an
+attached command the driver receives the command's pipe (or PTY) fds
+themselves, so output goes from the command to the caller with nothing
+buffered in between: a caller that stops reading makes the command block on
+a full pipe. Background processes outlive the Hub; what they are and what
+they printed is in files under ``<state_dir>/exec/<container_id>/<process_id>/``,
+read here directly, without the fork server.
+
+Which container to enter comes from the local backend's records (store.py),
+read on every call: the Hub keeps no container state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import posixpath
+import re
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from orchestrator_service.backends.exec_base import (
+    CommandSpec, ExecDriver, ExitInfo, OutputChunk, OutputRead, ProcessInfo, PtySize, RunningProcess, Stream,
+)
+from orchestrator_service.backends.local import cgroups
+from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, RingState, read_ring, ring_state
+from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env, is_same_process
+from orchestrator_service.backends.local.spawner import EXIT, META, STREAMS
+from orchestrator_service.backends.local.store import Record, Store, from_json
+from orchestrator_service.model import State
+from sandhub.config import LocalBackendConfig
+from sandhub.errors import (
+    BackendError, BackendUnavailable, ContainerNotFound, ContainerNotRunning, InvalidField, InvalidStream,
+    ProcessNotFound, QuotaExceeded, SandhubError,
+)
+
+log = structlog.get_logger("sandhub.local.exec")
+
+PROCESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_BACKGROUND = 64
+"""Background processes kept per container (running or finished; the oldest
+finished one makes room for a new one). Each keeps two rings on disk."""
+START_TIMEOUT_S = 10.0
+ABANDONED_S = 10.0
+"""A process directory still without meta.json after this long belongs to a
+start that died half-way; it is removed so the id can be used again."""
+KILL_WAIT_S = 5.0
+
+
+def exec_dir(state_dir: Path) -> Path:
+    return state_dir / "exec"
+
+
+def remove_container_state(state_dir: Path, container_id: str) -> None:
+    """Deletes what the driver kept for a container (background processes'
+    output and status). The backend calls it on teardown, once the
+    container's processes are gone."""
+    if _SAFE_NAME.match(container_id):
+        shutil.rmtree(exec_dir(state_dir) / container_id, ignore_errors=True)
+
+
+class LocalExecDriver:
+    def __init__(
+        self, config: LocalBackendConfig, *, ring_capacity: int = DEFAULT_CAPACITY, max_background: int = MAX_BACKGROUND
+    ) -> None:
+        self._config = config
+        self._store = Store(config.state_dir)
+        self._exec_dir = exec_dir(config.state_dir)
+        self._capacity = ring_capacity
+        self._max_background = max_background
+        self._cgroups = cgroups.Cgroups("")
+        self._seccomp = config.seccomp
+        self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._launch_lock = asyncio.Lock()
+        self._live: set[LocalProcess] = set()
+        self._toolbox = ""
+
+    @property
+    def spawner_pid(self) -> int:
+        """The fork server's pid (0 when not running); for tests and `doctor`."""
+        return self._proc.pid if self._proc and self._proc.poll() is None else 0
+
+    @property
+    def toolbox(self) -> str:
+        """The static busybox the backend binds into every container, or ""."""
+        return self._toolbox
+
+    async def start(self) -> None:
+        if os.geteuid() != 0:
+            raise BackendUnavailable("running commands in local containers needs root (setns into their namespaces)")
+        from orchestrator_service.backends.local.backend import _is_static  # the backend's own rule
+
+        if await asyncio.to_thread(_is_static, self._config.busybox_path):
+            self._toolbox = f"{AGENT_DIR}/busybox"
+        self._cgroups = cgroups.Cgroups(cgroups.detect(), parent=cgroups.parent_for(self._config.state_dir))
+        if self._seccomp:
+            try:
+                from orchestrator_service.backends.local.seccomp import build_filter
+
+                build_filter()
+            except Exception as e:  # as the backend does: no table, no filter in containers either
+                log.warning("exec.seccomp_unavailable", error=str(e))
+                self._seccomp = False
+        self._exec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._launch()
+
+    async def close(self) -> None:
+        for proc in list(self._live):
+            await proc.kill()
+        proc_, self._proc = self._proc, None
+        if proc_ is not None:
+            if proc_.stdin:
+                proc_.stdin.close()  # EOF: the fork server leaves
+            try:
+                await asyncio.to_thread(proc_.wait, 5.0)
+            except subprocess.TimeoutExpired:
+                proc_.kill()
+                await asyncio.to_thread(proc_.wait)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    # -- the fork server ----------------------------------------------------------
+
+    async def _launch(self) -> None:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="sandhub-exec-"))  # 0700
+        path = self._dir / "spawner.sock"
+        path.unlink(missing_ok=True)
+        # posix_spawn/vfork: no preexec_fn, so no fork() in this threaded process.
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator_service.backends.local.spawner", "--socket", str(path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as e:
+            raise BackendUnavailable(f"cannot start the local exec fork server: {e.strerror}") from e
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = await _read_line(proc.stdout.fileno())
+        except TimeoutError:
+            ready = b""
+        proc.stdout.close()
+        if ready != b"ready\n":
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            raise BackendUnavailable("the local exec fork server did not start; see its log")
+        self._proc = proc
+        log.info("exec.spawner_started", pid=proc.pid, socket=str(path))
+
+    async def _connect(self) -> socket.socket:
+        for attempt in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                if self._dir is None:
+                    raise FileNotFoundError("driver not started")
+                await asyncio.get_running_loop().sock_connect(sock, str(self._dir / "spawner.sock"))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if attempt or self._dir is None:
+                    raise BackendUnavailable("the local exec fork server is not running") from e
+                async with self._launch_lock:
+                    if self.spawner_pid == 0:
+                        log.warning("exec.spawner_restarting")
+                        if self._proc is not None and self._proc.stdin:
+                            self._proc.stdin.close()
+                        await self._launch()
+        raise AssertionError("unreachable")
+
+    async def _call(self, request: dict[str, Any], *, container_id: str, command: CommandSpec) -> tuple[Channel, dict[str, Any], list[int]]:
+        """Sends one request to a new supervisor; returns its first reply."""
+        channel = Channel(await self._connect())
+        try:
+            await channel.send(request)
+            message = await channel.recv()
+        except BaseException:
+            channel.close()
+            raise
+        if message is None:
+            channel.close()
+            raise BackendError("the exec supervisor ended without a reply")
+        reply, fds = message
+        if "error" in reply:
+            for fd in fds:
+                os.close(fd)
+            channel.close()
+            self._raise_for(reply, container_id=container_id, command=command)
+        return channel, reply, fds
+
+    def _raise_for(self, reply: dict[str, Any], *, container_id: str, command: CommandSpec) -> None:
+        kind, step, message = reply["error"], reply.get("step", ""), reply.get("message", "")
+        if kind == "exec" and step == "chdir":
+            raise InvalidField("command.cwd", f"{command.cwd!r}: {os.strerror(reply['errno'])} in the container")
+        if kind == "exec":
+            what = "not found in the container" if reply["errno"] == errno.ENOENT else os.strerror(reply["errno"])
+            raise InvalidField("command.argv", f"{command.argv[0]!r}: {what}")
+        self._running(container_id)  # gone meanwhile: ContainerNotRunning
+        if kind == "not_running":
+            raise ContainerNotRunning(container_id, "FAILED")
+        log.error("exec.enter_failed", container_id=container_id, step=step, error=message)
+        raise BackendError(f"entering container {container_id} failed at {step}: {message}")
+
+    # -- records and requests -----------------------------------------------------------
+
+    def _record(self, container_id: str) -> Record:
+        if not _SAFE_NAME.match(container_id):
+            raise ContainerNotFound(container_id)
+        try:
+            return from_json(json.loads(self._store.path(container_id).read_text()))
+        except FileNotFoundError:
+            raise ContainerNotFound(container_id) from None
+
+    def _running(self, container_id: str) -> Record:
+        record = self._record(container_id)
+        state = record.container.state
+        if state is not State.RUNNING:
+            raise ContainerNotRunning(container_id, state.value)
+        if not is_same_process(record.runtime.init_pid, record.runtime.init_start_ticks):
+            raise ContainerNotRunning(container_id, "FAILED")
+        return record
+
+    def _request(self, container_id: str, command: CommandSpec) -> dict[str, Any]:
+        _check_command(command)
+        record = self._running(container_id)
+        c, rt = record.container, record.runtime
+        if not rt.host_uid:
+            raise BackendUnavailable("this container has no user namespace of its own; commands can't enter it safely")
+        env = container_env(c.id, c.env)
+        env.update(command.env)
+        return {
+            "init_pid": rt.init_pid,
+            "init_start_ticks": rt.init_start_ticks,
+            "cgroups": [str(d) for d in self._cgroups.dirs(c.id)],
+            "nofile": min(c.resources.open_files, self._nofile_max),
+            "seccomp": self._seccomp,
+            "uid": SANDBOX_UID,
+            "gid": SANDBOX_UID,
+            "argv": list(command.argv),
+            "env": env,
+            "cwd": posixpath.join(WORK_DIR, command.cwd) if command.cwd else WORK_DIR,
+        }
+
+    # -- attached ---------------------------------------------------------------------
+
+    async def spawn(self, *, container_id: str, command: CommandSpec, pty: PtySize | None = None) -> LocalProcess:
+        if pty is not None and not (0 < pty.rows < 65536 and 0 < pty.cols < 65536):
+            raise InvalidField("pty", "rows and cols must be between 1 and 65535")
+        request = {"mode": "attached", **self._request(container_id, command),
+                   "pty": [pty.rows, pty.cols] if pty else None}
+        channel, reply, fds = await self._call(request, container_id=container_id, command=command)
+        proc = LocalProcess(channel, reply, fds, pty=pty is not None, on_close=self._live.discard)
+        self._live.add(proc)
+        return proc
+
+    # -- background ---------------------------------------------------------------------
+
+    async def start_background(self, *, container_id: str, process_id: str, command: CommandSpec) -> tuple[ProcessInfo, bool]:
+        if not PROCESS_ID.match(process_id):
+            raise InvalidField("process_id", "1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit")
+        request = self._request(container_id, command)
+        cdir = self._exec_dir / container_id
+        cdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pdir = cdir / process_id
+        while True:
+            try:
+                pdir.mkdir(mode=0o700)  # atomic: of two concurrent starts, one creates
+                break
+            except FileExistsError:
+                existing = await self._wait_started(pdir, process_id)
+                if existing is not None:
+                    return existing, False
+        try:
+            self._make_room(cdir, keep=process_id)
+        except BaseException:
+            shutil.rmtree(pdir, ignore_errors=True)
+            raise
+        request.update(mode="background", dir=str(pdir), capacity=self._capacity, process_id=process_id,
+                       command={"argv": list(command.argv), "env": dict(command.env), "cwd": command.cwd})
+        try:
+            channel, _, _ = await self._call(request, container_id=container_id, command=command)
+        except (SandhubError, BackendError):
+            if not (pdir / META).exists():  # nothing started: the id is free again
+                shutil.rmtree(pdir, ignore_errors=True)
+            raise
+        channel.close()
+        info = _read_process(pdir, process_id)
+        if info is None:
+            raise BackendError("the background process started but its record is missing")
+        log.info("exec.background_started", container_id=container_id, process_id=process_id, pid=info.pid)
+        return info, True
+
+    async def _wait_started(self, pdir: Path, process_id: str) -> ProcessInfo | None:
+        """The process made by another start of the same id; None if that start failed."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            info = _read_process(pdir, process_id)
+            if info is not None:
+                return info
+            try:
+                age = time.time() - pdir.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if age > ABANDONED_S:
+                shutil.rmtree(pdir, ignore_errors=True)
+                return None
+            await asyncio.sleep(0.01)
+        raise BackendError(f"background process {process_id!r} is still starting; retry")
+
+    def _make_room(self, cdir: Path, *, keep: str) -> None:
+        """Evicts the oldest finished processes when the container is at its cap."""
+        others = [d for d in cdir.iterdir() if d.name != keep]
+        excess = len(others) - self._max_background + 1
+        if excess <= 0:
+            return
+        finished = sorted(
+            (info.end_time, d.name) for d in others if (info := _read_process(d, d.name)) is not None and info.exit is not None
+        )
+        if len(finished) < excess:
+            raise QuotaExceeded(
+                f"the container already has {len(others)} background processes running; end some first",
+                limit="max_background_processes",
+            )
+        for _, name in finished[:excess]:
+            shutil.rmtree(cdir / name, ignore_errors=True)
+
+    def _process_dir(self, container_id: str, process_id: str) -> tuple[Path, ProcessInfo]:
+        self._record(container_id)
+        pdir = self._exec_dir / container_id / process_id
+        info = _read_process(pdir, process_id) if PROCESS_ID.match(process_id) else None
+        if info is None:
+            raise ProcessNotFound(container_id, process_id)
+        return pdir, info
+
+    async def get_background(self, *, container_id: str, process_id: str) -> ProcessInfo:
+        return self._process_dir(container_id, process_id)[1]
+
+    async def list_background(self, *, container_id: str) -> list[ProcessInfo]:
+        self._record(container_id)
+        cdir = self._exec_dir / container_id
+        if not cdir.is_dir():
+            return []
+        found = [info for d in cdir.iterdir() if (info := _read_process(d, d.name)) is not None]
+        return sorted(found, key=lambda p: (p.start_time, p.process_id))
+
+    async def signal_background(self, *, container_id: str, process_id: str, signum: int) -> ProcessInfo:
+        if not 1 <= signum < signal.NSIG:
+            raise InvalidField("signal", f"{signum} is not a signal number")
+        pdir, info = self._process_dir(container_id, process_id)
+        if info.exit is not None:
+            return info
+        meta = json.loads((pdir / META).read_text())
+        if is_same_process(meta["host_pid"], meta["host_start_ticks"]):  # not a reused pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(meta["host_pid"], signum)
+        return self._process_dir(container_id, process_id)[1]
+
+    async def read_output(
+        self, *, container_id: str, process_id: str, stream: Stream, offset: int, max_bytes: int
+    ) -> OutputRead:
+        if stream not in STREAMS:
+            raise InvalidStream(f"stream must be one of {', '.join(STREAMS)}")
+        if offset < 0:
+            raise InvalidField("offset", "must not be negative")
+        if max_bytes <= 0:
+            raise InvalidField("max_bytes", "must be positive")
+        pdir, _ = self._process_dir(container_id, process_id)
+        try:
+            got = read_ring(pdir / stream, offset, max_bytes)
+        except (FileNotFoundError, RingError):
+            raise ProcessNotFound(container_id, process_id) from None
+        return OutputRead(offset=got.offset, data=got.data, dropped_before=got.dropped_before)
+
+
+def _check_command(command: CommandSpec) -> None:
+    if not command.argv or not command.argv[0]:
+        raise InvalidField("command.argv", "must name a program")
+    if any("\0" in a for a in command.argv):
+        raise InvalidField("command.argv", "must not contain NUL")
+    for key, value in command.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise InvalidField("command.env", f"{key!r}: names must be non-empty without '=' or NUL, values without NUL")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except FileNotFoundError:
+        return None
+
+
+def _read_process(pdir: Path, process_id: str) -> ProcessInfo | None:
+    """A background process as its supervisor recorded it; None before it started."""
+    try:
+        meta = _read_json(pdir / META)
+    except NotADirectoryError:
+        return None
+    if meta is None:
+        return None
+    ended = _read_json(pdir / EXIT)
+    if ended is None and not is_same_process(meta["supervisor_pid"], meta["supervisor_start_ticks"]):
+        # The supervisor is gone without a word: it crashed (or was killed),
+        # unless it wrote exit.json just before it went.
+        ended = _read_json(pdir / EXIT)
+        if ended is None and not is_same_process(meta["host_pid"], meta["host_start_ticks"]):
+            ended = {"exit_code": 0, "signal": signal.SIGKILL, "end_time": 0.0}
+    rings = {name: _ring_state(pdir / name) for name in STREAMS}
+    cmd = meta["command"]
+    return ProcessInfo(
+        process_id=process_id,
+        command=CommandSpec(argv=tuple(cmd["argv"]), env=dict(cmd["env"]), cwd=cmd["cwd"]),
+        pid=meta["pid"],
+        start_time=meta["start_time"],
+        exit=ExitInfo(ended["exit_code"], ended["signal"]) if ended else None,
+        end_time=ended["end_time"] if ended else 0.0,
+        stdout_bytes=rings["stdout"].total,
+        stderr_bytes=rings["stderr"].total,
+        stdout_first_offset=rings["stdout"].first_offset,
+        stderr_first_offset=rings["stderr"].first_offset,
+    )
+
+
+def _ring_state(path: Path) -> RingState:
+    try:
+        return ring_state(path)
+    except (OSError, RingError):  # removed meanwhile: nothing kept
+        return RingState(capacity=1, begun=0, total=0)
+
+
+async def _read_line(fd: int) -> bytes:
+    """The first line of a pipe, without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    buf = bytearray()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 256)
+        except BlockingIOError:
+            return
+        buf.extend(data)
+        if (not data or b"\n" in buf) and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, on_readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return bytes(buf)
+
+
+# -- the connection to one supervisor, and an attached process -------------------------
+
+
+class Channel:
+    """JSON lines (with fds) over the unix socket to one supervisor."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._fds: list[int] = []
+        self._eof = False
+        self.closed = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await asyncio.get_running_loop().sock_sendall(self._sock, json.dumps(message).encode() + b"\n")
+
+    async def recv(self) -> tuple[dict[str, Any], list[int]] | None:
+        while b"\n" not in self._buf:
+            if self._eof or self.closed:
+                return None
+            await _wait_fd(self._sock.fileno(), writable=False, still_open=lambda: not self.closed)
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, 65536, 4)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, fds = b"", []
+            self._fds += fds
+            self._eof = not data
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        fds, self._fds = self._fds, []
+        message: dict[str, Any] = json.loads(line)
+        return message, fds
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock.fileno())  # before close: the number may be reused
+            loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+
+
+async def _wait_fd(fd: int, *, writable: bool, still_open: Callable[[], bool], wake: list[asyncio.Future[None]] | None = None) -> None:
+    """Waits until ``fd`` is ready. Whoever closes ``fd`` removes its
+    registration first and wakes the waiter (``wake``); ``still_open`` tells
+    the waiter not to touch the fd number afterwards."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, on_ready)
+    if wake is not None:
+        wake.append(ready)
+    try:
+        await ready
+    finally:
+        if wake is not None and ready in wake:
+            wake.remove(ready)
+        if still_open():
+            (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
+class LocalProcess:
+    """A RunningProcess (exec_base.py) whose pipes or PTY master are ours."""
+
+    def __init__(self, channel: Channel, reply: dict[str, Any], fds: list[int], *, pty: bool,
+                 on_close: Callable[[LocalProcess], None]) -> None:
+        self._channel = channel
+        self._pid = int(reply["pid"])
+        self.host_pid = int(reply["host_pid"])
+        """The process's pid on the host (its process group too): for tests and logs."""
+        self._pty = fds[0] if pty else -1
+        if pty:
+            self._stdin = os.dup(fds[0])  # closing stdin must not close the output
+            self._out: dict[Stream, int] = {"stdout": fds[0]}
+        else:
+            self._stdin, out, err = fds
+            self._out = {"stdout": out, "stderr": err}
+        for fd in (self._stdin, *self._out.values()):
+            os.set_blocking(fd, False)
+        self._next: Stream = "stdout"
+        self._closed = False
+        self._wakes: list[asyncio.Future[None]] = []
+        self._on_close = on_close
+        self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._watcher = asyncio.ensure_future(self._watch_exit())
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    async def _watch_exit(self) -> None:
+        message = await self._channel.recv()
+        if not self._exit.done():
+            if message is None:
+                log.warning("exec.supervisor_lost", host_pid=self.host_pid)
+                self._exit.set_result(ExitInfo(signal=signal.SIGKILL))
+            else:
+                reply, fds = message
+                for fd in fds:
+                    os.close(fd)
+                self._exit.set_result(ExitInfo(int(reply.get("exit_code", 0)), int(reply.get("signal", 0))))
+
+    async def read(self, max_bytes: int = 65536) -> OutputChunk | None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        while not self._closed and self._out:
+            order: list[Stream] = [self._next, "stderr" if self._next == "stdout" else "stdout"]
+            for stream in order:
+                fd = self._out.get(stream)
+                if fd is None:
+                    continue
+                try:
+                    data = os.read(fd, max_bytes)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EIO:  # EIO: a PTY whose other side is all closed
+                        raise
+                    data = b""
+                if data:
+                    self._next = order[1]  # the other stream goes first next time: fair
+                    return OutputChunk(stream, data)
+                self._drop(stream)
+            if self._out:
+                await self._wait_any_output()
+        return None
+
+    async def _wait_any_output(self) -> None:
+        waiters = [asyncio.ensure_future(_wait_fd(fd, writable=False, still_open=self._is_open, wake=self._wakes))
+                   for fd in self._out.values()]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def _is_open(self) -> bool:
+        return not self._closed
+
+    def _drop(self, stream: Stream) -> None:
+        fd = self._out.pop(stream)
+        if fd != self._pty:  # the PTY master stays open for resize; _release closes it
+            os.close(fd)
+
+    async def write_stdin(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._stdin < 0 or self._closed:
+                raise BrokenPipeError("the process's stdin is closed")
+            try:
+                view = view[os.write(self._stdin, view) :]
+            except BlockingIOError:
+                fd = self._stdin
+                await _wait_fd(fd, writable=True, still_open=lambda: self._stdin == fd and not self._closed, wake=self._wakes)
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    raise BrokenPipeError("the process's terminal is closed") from e
+                raise
+
+    async def close_stdin(self) -> None:
+        if self._stdin < 0 or self._closed:
+            return
+        if self._pty >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._stdin, b"\x04")  # the terminal's EOF (VEOF), read at a line start
+        fd, self._stdin = self._stdin, -1
+        asyncio.get_running_loop().remove_writer(fd)
+        self._wake_all()  # a write_stdin waiting on it sees BrokenPipeError
+        os.close(fd)
+
+    async def resize(self, size: PtySize) -> None:
+        if self._pty >= 0 and not self._closed:
+            fcntl.ioctl(self._pty, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+
+    async def signal(self, signum: int) -> None:
+        if not 1 <= signum < signal.NSIG:
+            raise InvalidField("signal", f"{signum} is not a signal number")
+        if not self._exit.done() and not self._channel.closed:
+            with contextlib.suppress(OSError):
+                await self._channel.send({"signal": signum})
+
+    async def wait(self) -> ExitInfo:
+        return await asyncio.shield(self._exit)
+
+    async def kill(self) -> None:
+        if self._closed:
+            return
+        try:
+            await self.signal(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_WAIT_S):
+                    await asyncio.shield(self._exit)
+        finally:
+            self._release()
+
+    def _wake_all(self) -> None:
+        for ready in list(self._wakes):
+            if not ready.done():
+                ready.set_result(None)
+
+    def _release(self) -> None:
+        """Closes everything; the supervisor, seeing EOF, SIGKILLs what is left of the group."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        fds = {fd for fd in (self._stdin, self._pty, *self._out.values()) if fd >= 0}
+        for fd in fds:  # before closing: the numbers may be reused at once
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+        self._closed = True
+        self._wake_all()
+        for fd in fds:
+            os.close(fd)
+        self._stdin, self._out = -1, {}
+        self._watcher.cancel()
+        self._channel.close()
+        if not self._exit.done():
+            self._exit.set_result(ExitInfo(signal=signal.SIGKILL))
+        self._on_close(self)
+
+
+if TYPE_CHECKING:  # mypy checks that the classes fulfil the contract
+
+    def _is_driver(driver: LocalExecDriver) -> ExecDriver:
+        return driver
+
+    def _is_process(process: LocalProcess) -> RunningProcess:
+        return process
