@@ -62,6 +62,8 @@ MAX_BACKGROUND = 64
 """Background processes kept per container (running or finished; the oldest
 finished one makes room for a new one). Each keeps two rings on disk."""
 START_TIMEOUT_S = 10.0
+"""How long starting a command (or the fork server) may take; it takes
+milliseconds, so this only catches a stuck host."""
 ABANDONED_S = 10.0
 """A process directory still without meta.json after this long belongs to a
 start that died half-way; it is removed so the id can be used again."""
@@ -197,10 +199,13 @@ class LocalExecDriver:
         """Sends one request to a new supervisor; returns its first reply."""
         channel = Channel(await self._connect())
         try:
-            await channel.send(request)
-            message = await channel.recv()
-        except BaseException:
-            channel.close()
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await channel.send(request)
+                message = await channel.recv()
+        except BaseException as e:
+            channel.close()  # the supervisor, seeing EOF, kills what it started
+            if isinstance(e, TimeoutError):
+                raise BackendError(f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s") from None
             raise
         if message is None:
             channel.close()
