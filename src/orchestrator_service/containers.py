@@ -128,7 +128,12 @@ class ContainerService:
                     )
                 waiter = self._waiter() if wait_until_running else None
                 try:
-                    container = await self._backend.create(spec=spec, container_id=new_container_id())
+                    # Shielded: a caller that gives up mid-create must not leave
+                    # a half-made container; it finishes, and a retry with the
+                    # same request_id finds it.
+                    container = await asyncio.shield(
+                        asyncio.ensure_future(self._backend.create(spec=spec, container_id=new_container_id()))
+                    )
                     log.info("container.created", container_id=container.id, tenant=tenant,
                              backend=container.backend, image=spec.image, state=container.state.value)
                     if waiter is not None and container.state is State.PENDING:

@@ -201,6 +201,22 @@ async def test_idempotent_create(services: Services) -> None:
     assert other.id != first.id
 
 
+async def test_create_cancelled_by_the_caller_still_finishes(services: Services) -> None:
+    call = services.hub_stub.CreateContainer(
+        pb.CreateContainerRequest(request_id="give-up-1", wait_until_running=True), metadata=A)
+    await asyncio.sleep(0.005)  # the orchestrator is spawning now
+    call.cancel()
+    for _ in range(200):
+        found = (await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A)).containers
+        if found and found[0].state != pb.CONTAINER_STATE_PENDING:
+            break
+        await asyncio.sleep(0.02)
+    if found:  # the request reached the orchestrator before the cancel
+        assert [c.state for c in found] == [pb.CONTAINER_STATE_RUNNING]
+        again = await create(services, request_id="give-up-1")
+        assert again.id == found[0].id and sandbox_pids(again.id)
+
+
 async def test_extend(services: Services) -> None:
     c = await create(services, ttl=duration_pb2.Duration(seconds=60))
     ext = await services.hub_stub.ExtendContainer(
