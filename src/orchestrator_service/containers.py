@@ -70,6 +70,8 @@ class ContainerService:
         self._config = config
         self._limits = config.limits
         self._subs: set[_Subscription] = set()
+        self._settling: dict[str, asyncio.Future[Container]] = {}
+        """Containers a create call waits on (wait_until_running), by id."""
         self._create_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.backend: Backend | None = None
@@ -83,6 +85,9 @@ class ContainerService:
         """Backends call this after every change."""
         for sub in self._subs:
             sub.offer(event)
+        settled = self._settling.get(event.container.id)
+        if settled is not None and event.container.state is not State.PENDING and not settled.done():
+            settled.set_result(event.container)
 
     @property
     def _backend(self) -> Backend:
@@ -126,21 +131,22 @@ class ContainerService:
                         f"tenant already has {len(alive)} containers; delete some first",
                         limit="max_containers_per_tenant",
                     )
-                waiter = self._waiter() if wait_until_running else None
+                container_id = new_container_id()
+                if wait_until_running:
+                    self._settling[container_id] = asyncio.get_running_loop().create_future()
                 try:
                     # Shielded: a caller that gives up mid-create must not leave
                     # a half-made container; it finishes, and a retry with the
                     # same request_id finds it.
                     container = await asyncio.shield(
-                        asyncio.ensure_future(self._backend.create(spec=spec, container_id=new_container_id()))
+                        asyncio.ensure_future(self._backend.create(spec=spec, container_id=container_id))
                     )
                     log.info("container.created", container_id=container.id, tenant=tenant,
                              backend=container.backend, image=spec.image, state=container.state.value)
-                    if waiter is not None and container.state is State.PENDING:
-                        container = await self._wait_settled(waiter, container)
+                    if wait_until_running and container.state is State.PENDING:
+                        container = await self._wait_settled(container)
                 finally:
-                    if waiter is not None:
-                        self._subs.discard(waiter)
+                    self._settling.pop(container_id, None)
                 return container
             finally:
                 if lock is not None:
@@ -157,19 +163,14 @@ class ContainerService:
                 return c
         return None
 
-    def _waiter(self) -> _Subscription:
-        sub = _Subscription(None, Selector())
-        self._subs.add(sub)
-        return sub
-
-    async def _wait_settled(self, sub: _Subscription, container: Container) -> Container:
+    async def _wait_settled(self, container: Container) -> Container:
+        """Waits until the container leaves PENDING (one future per container,
+        resolved by notify: no queue to overflow however many wait)."""
         # The backend may have finished before we looked: check once, then wait.
         current = await self._backend.get(container_id=container.id)
-        while current.state is State.PENDING:
-            event = await sub.queue.get()
-            if event is not None and event.container.id == container.id:
-                current = event.container
-        return current
+        if current.state is not State.PENDING:
+            return current
+        return await self._settling[container.id]
 
     async def get(self, container_id: str, *, tenant: str | None) -> Container:
         check_container_id(container_id)

@@ -1,0 +1,59 @@
+"""wait_until_running on a backend whose create returns PENDING (as a cluster's does)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator_service.containers import ContainerService
+from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
+from orchestrator_service.validation import RawCreate
+from sandhub.config import OrchestratorConfig
+
+
+class SlowBackend:
+    """Containers start PENDING and turn RUNNING a little later, in any order."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.containers: dict[str, Container] = {}
+        self.service: ContainerService | None = None
+
+    def validate_image(self, image: str) -> None:
+        pass
+
+    async def list(self) -> list[Container]:
+        return list(self.containers.values())
+
+    async def get(self, *, container_id: str) -> Container:
+        return self.containers[container_id]
+
+    async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
+        c = Container.from_spec(spec, id=container_id, backend=self.name, now=utcnow())
+        self.containers[container_id] = c
+        asyncio.get_running_loop().call_later(0.01 + len(self.containers) % 7 * 0.003, self._run, container_id)
+        return c
+
+    def _run(self, container_id: str) -> None:
+        c = self.containers[container_id].with_state(State.RUNNING)
+        self.containers[container_id] = c
+        assert self.service is not None
+        self.service.notify(Event(EventType.MODIFIED, c))
+
+
+def raw(**kw: object) -> RawCreate:
+    base: dict[str, object] = dict(image="", cpu_millicores=0, memory_mib=0, pids=0, disk_mib=0, open_files=0,
+                                   env={}, labels={}, ttl_s=0, ports=(), placement="", request_id="")
+    base.update(kw)
+    return RawCreate(**base)  # type: ignore[arg-type]
+
+
+async def test_many_waiters_each_get_their_own_container_running() -> None:
+    service = ContainerService(OrchestratorConfig(backend="slow"))
+    backend = SlowBackend()
+    backend.service = service
+    service.attach(backend)  # type: ignore[arg-type]
+    made = await asyncio.gather(*(service.create(raw(), tenant="t", wait_until_running=True) for _ in range(500)))
+    assert all(c.state is State.RUNNING for c in made)
+    assert len({c.id for c in made}) == 500
+    assert service._settling == {}  # nothing left waiting
