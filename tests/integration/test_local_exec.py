@@ -23,7 +23,7 @@ import pytest
 
 from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, PtySize
 from orchestrator_service.backends.local import cgroups
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver, LocalProcess, remove_container_state
+from orchestrator_service.backends.local.exec_driver import LocalExecDriver, LocalProcess
 from orchestrator_service.model import State
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate
@@ -451,8 +451,8 @@ async def test_background_outlives_the_driver_and_fork_server_but_not_its_contai
 
     await env.delete(cid)
     await eventually(lambda: asyncio.sleep(0, alive(meta["host_pid"]) or alive(meta["supervisor_pid"])), lambda a: not a)
-    remove_container_state(env.config.state_dir, cid)  # what the backend does on teardown
-    assert not (env.config.state_dir / "exec" / cid).exists()
+    # The backend's teardown removes the exec state (after the supervisor wrote its last).
+    await eventually(lambda: asyncio.sleep(0, (env.config.state_dir / "exec" / cid).exists()), lambda e: not e)
     assert await later.list_background(container_id=cid) == []
     with pytest.raises(ProcessNotFound):
         await later.get_background(container_id=cid, process_id="ticker")

@@ -26,6 +26,7 @@ import structlog
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.local import cgroups, sandbox
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, NetworkError
+from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.model import Container, ContainerSpec, Endpoint, Event, EventType, State, utcnow
@@ -392,7 +393,8 @@ class LocalBackend:
 
     async def _release(self, container_id: str) -> None:
         """Frees what a dead container held on the host: its veth and egress
-        permission, its cgroups; then its uid and address can be reused."""
+        permission, its cgroups, its exec state; then its uid and address can
+        be reused."""
         if self._net is not None:
             record = self._records.get(container_id)
             ip = record.runtime.ip_address if record and self._egress(record.container) else ""
@@ -402,6 +404,8 @@ class LocalBackend:
                 log.error("local.detach_failed", container_id=container_id, error=str(e))
         if not await asyncio.to_thread(self._cgroups.remove, container_id):
             log.error("local.cgroup_busy", container_id=container_id)
+        # Background processes' records and output: they died with the container.
+        await asyncio.to_thread(remove_container_state, self._config.state_dir, container_id)
 
     def _taken_ips(self) -> set[str]:
         return {

@@ -43,6 +43,8 @@ from orchestrator_service.backends.exec_base import (
     CommandSpec, ExecDriver, ExitInfo, OutputChunk, OutputRead, ProcessInfo, PtySize, RunningProcess, Stream,
 )
 from orchestrator_service.backends.local import cgroups
+from orchestrator_service.backends.local.exec_state import SAFE_NAME as _SAFE_NAME
+from orchestrator_service.backends.local.exec_state import exec_dir, remove_container_state
 from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, RingState, read_ring, ring_state
 from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env, is_same_process
 from orchestrator_service.backends.local.spawner import EXIT, META, STREAMS
@@ -57,7 +59,6 @@ from sandhub.errors import (
 log = structlog.get_logger("sandhub.local.exec")
 
 PROCESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_BACKGROUND = 64
 """Background processes kept per container (running or finished; the oldest
 finished one makes room for a new one). Each keeps two rings on disk."""
@@ -68,18 +69,6 @@ ABANDONED_S = 10.0
 """A process directory still without meta.json after this long belongs to a
 start that died half-way; it is removed so the id can be used again."""
 KILL_WAIT_S = 5.0
-
-
-def exec_dir(state_dir: Path) -> Path:
-    return state_dir / "exec"
-
-
-def remove_container_state(state_dir: Path, container_id: str) -> None:
-    """Deletes what the driver kept for a container (background processes'
-    output and status). The backend calls it on teardown, once the
-    container's processes are gone."""
-    if _SAFE_NAME.match(container_id):
-        shutil.rmtree(exec_dir(state_dir) / container_id, ignore_errors=True)
 
 
 class LocalExecDriver:
