@@ -19,6 +19,24 @@ DEB_PACKAGES := iproute2 busybox-static nftables
 export SANDHUB_GRPCURL := $(GRPCURL)
 export SANDHUB_BUF := $(BUF)
 
+# A real control plane for the Kubernetes backend's tests, built from Go
+# modules (tools/k8s/<name>/go.mod holds each one's version; the cache
+# directory is keyed by it, so a version bump rebuilds and nothing else does).
+k8s_version = $(shell awk '$$1 == "$(2)" && $$2 ~ /^v/ {print $$2}' tools/k8s/$(1)/go.mod)
+KUBE_VERSION := $(call k8s_version,kubernetes,k8s.io/kubernetes)
+ETCD_VERSION := $(call k8s_version,etcd,go.etcd.io/etcd/server/v3)
+KWOK_VERSION := $(call k8s_version,kwok,sigs.k8s.io/kwok)
+KUBE_APISERVER := $(TOOLS_CACHE)/kube-apiserver-$(KUBE_VERSION)/kube-apiserver
+KUBE_SCHEDULER := $(TOOLS_CACHE)/kube-scheduler-$(KUBE_VERSION)/kube-scheduler
+ETCD := $(TOOLS_CACHE)/etcd-$(ETCD_VERSION)/etcd
+KWOK := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)/kwok
+KWOK_STAGES := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)/stages
+export SANDHUB_KUBE_APISERVER := $(KUBE_APISERVER)
+export SANDHUB_KUBE_SCHEDULER := $(KUBE_SCHEDULER)
+export SANDHUB_ETCD := $(ETCD)
+export SANDHUB_KWOK := $(KWOK)
+export SANDHUB_KWOK_STAGES := $(KWOK_STAGES)
+
 .PHONY: run test install system-deps tools gen check-gen lint clean
 
 run: install
@@ -51,7 +69,7 @@ system-deps:
 	  else echo "note: missing$$missing (install them for full isolation)"; fi; \
 	fi
 
-tools: $(GRPCURL) $(BUF)
+tools: $(GRPCURL) $(BUF) k8s-tools
 
 $(GRPCURL):
 	mkdir -p $(dir $@)
@@ -60,6 +78,41 @@ $(GRPCURL):
 $(BUF):
 	mkdir -p $(TOOLS_CACHE)/buf-$(BUF_VERSION)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS_CACHE)/buf-$(BUF_VERSION) @bufbuild/buf@$(BUF_VERSION)
+
+.PHONY: k8s-tools
+k8s-tools: $(KUBE_APISERVER) $(KUBE_SCHEDULER) $(ETCD) $(KWOK) $(KWOK_STAGES)
+
+# Built into a temporary name and renamed, so an interrupted build leaves no
+# binary that looks finished. No go.mod prerequisite: a fresh clone's mtimes
+# would rebuild every time; the version in the path is the cache key. The version variables make `kube-apiserver
+# --version` tell the truth (the emulated version comes from the sources).
+KUBE_LDFLAGS := -s -w $(foreach v,gitVersion=$(KUBE_VERSION) gitMajor=1 gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))),\
+	-X k8s.io/component-base/version.$(v))
+
+$(KUBE_APISERVER) $(KUBE_SCHEDULER):
+	mkdir -p $(dir $@)
+	cd tools/k8s/kubernetes && go build -trimpath -ldflags='$(KUBE_LDFLAGS)' -o $@.tmp k8s.io/kubernetes/cmd/$(notdir $@)
+	mv $@.tmp $@
+
+$(ETCD):
+	mkdir -p $(dir $@)
+	cd tools/k8s/etcd && go build -trimpath -ldflags='-s -w' -o $@.tmp go.etcd.io/etcd/server/v3
+	mv $@.tmp $@
+
+$(KWOK):
+	mkdir -p $(dir $@)
+	cd tools/k8s/kwok && go build -trimpath -ldflags='-s -w' -o $@.tmp sigs.k8s.io/kwok/cmd/kwok
+	mv $@.tmp $@
+
+# KWOK's own "fast" stages (what kwokctl configures): nodes become Ready,
+# pods Running with an IP, deleted pods go away. Copied from the same module
+# version as the binary, so the two always match.
+$(KWOK_STAGES):
+	rm -rf $@.tmp && mkdir -p $@.tmp
+	cd tools/k8s/kwok && src=$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage && \
+	  cp $$src/node/fast/node-initialize.yaml $$src/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+	     $$src/pod/fast/pod-ready.yaml $$src/pod/fast/pod-complete.yaml $$src/pod/fast/pod-delete.yaml $(abspath $@.tmp)/
+	mv $@.tmp $@
 
 # Regenerates the Python stubs under src/ so that their import path matches
 # the proto package (sandhub.orchestrator.v1 → src/sandhub/orchestrator/v1).
