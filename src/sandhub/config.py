@@ -6,6 +6,7 @@ else in the code reads ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -84,12 +85,80 @@ class LocalBackendConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesToleration:
+    """A pod toleration: lets pods onto nodes tainted to keep other workloads off."""
+
+    key: str
+    operator: str = "Equal"
+    """"Equal" (key and value must match) or "Exists" (key alone)."""
+    value: str = ""
+    effect: str = ""
+    """"NoSchedule", "PreferNoSchedule", "NoExecute" or "" for all of them."""
+
+
+@dataclass(frozen=True)
+class KubernetesPlacement:
+    """Where one placement's pods run. An EKS Fargate profile is chosen by
+    ``labels`` (those its selector matches, with the namespace); an EC2 node
+    group by ``node_selector`` and ``tolerations``; empty means anywhere."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Extra pod labels, e.g. the ones a Fargate profile's selector matches."""
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    """e.g. {"eks.amazonaws.com/nodegroup": "sandbox"} for an EC2 node group."""
+    tolerations: tuple[KubernetesToleration, ...] = ()
+    """For the taints that keep other workloads off the node group."""
+    runtime_class: str = ""
+    """runtimeClassName (e.g. "gvisor", "kata") for stronger isolation; "" = the node's default."""
+    egress_cidrs: tuple[str, ...] = ()
+    """Where these pods may connect to; empty denies all egress (the default)."""
+
+
+@dataclass(frozen=True)
+class KubernetesBackendConfig:
+    kubeconfig: str = ""
+    """Path of a kubeconfig; "" = in-cluster config when running in a pod, else
+    $KUBECONFIG or ~/.kube/config."""
+    context: str = ""
+    """kubeconfig context; "" = its current context."""
+    namespace: str = "sandhub"
+    """Where container pods live. All state is in their labels and annotations."""
+    default_image: str = "busybox:1.37"
+    """Image for a request that names none: small, has /bin/sh and tar (exec needs both)."""
+    placements: Mapping[str, KubernetesPlacement] = field(default_factory=lambda: {"default": KubernetesPlacement()})
+    """Placement name -> where its pods run. The first is the default placement."""
+    run_as_user: int = 65532
+    """uid (and gid) of every container: pods must run as non-root, and many
+    images would start as root without it. 65532 is distroless' "nonroot"."""
+    hub_labels: Mapping[str, str] = field(default_factory=lambda: {"app.kubernetes.io/name": "sandhub-hub"})
+    """Labels of the Hub's pods: the only peers a container's ports admit."""
+    hub_namespace: str = ""
+    """Namespace of the Hub's pods; "" = the containers' namespace."""
+    network_policies: bool = True
+    """Default-deny NetworkPolicies for container pods, one per container opening its ports."""
+    egress_except: tuple[str, ...] = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")
+    """Never reachable even when egress is allowed: the cluster's private
+    ranges and the cloud metadata address (credentials live there)."""
+    request_timeout_s: float = 10.0
+    """Deadline of one API call; a slower API server counts as unavailable."""
+    retries: int = 4
+    """Extra attempts of a call that got 429, 5xx or no connection."""
+    retry_backoff_s: float = 0.2
+    """First wait between attempts, doubled each time (so at most ~3 s in all)."""
+    unschedulable_timeout_s: float = 0.0
+    """How long a pod may stay Unschedulable before it is FAILED: 0 fails it at
+    once; raise it where a cluster autoscaler adds nodes."""
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
 class OrchestratorConfig:
     listen: str = "127.0.0.1:50052"
     backend: str = "local"
     """Which backend runs containers: "local" (default), "kubernetes" or "ecs"."""
     limits: Limits = field(default_factory=Limits)
     local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
+    kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
     reap_interval_s: float = 5.0
     """How often expired containers are looked for."""
     tombstone_s: float = 600.0
@@ -204,9 +273,81 @@ def load_local(env: Mapping[str, str]) -> LocalBackendConfig:
     )
 
 
+def _pairs(env: Mapping[str, str], name: str, default: Mapping[str, str]) -> dict[str, str]:
+    """"k=v,k2=v2"; unset keeps the default, empty means none."""
+    raw = env.get(name)
+    if raw is None:
+        return dict(default)
+    pairs: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{name}: expected key=value pairs separated by commas")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _placement(name: str, raw: object, var: str) -> KubernetesPlacement:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{var}: placement {name!r} must be an object")
+    known = {"labels", "nodeSelector", "tolerations", "runtimeClassName", "egressCidrs"}
+    if set(raw) - known:
+        raise ConfigError(f"{var}: placement {name!r}: unknown keys {sorted(set(raw) - known)}; known: {sorted(known)}")
+    try:
+        return KubernetesPlacement(
+            labels={str(k): str(v) for k, v in dict(raw.get("labels") or {}).items()},
+            node_selector={str(k): str(v) for k, v in dict(raw.get("nodeSelector") or {}).items()},
+            tolerations=tuple(KubernetesToleration(key=str(t["key"]), operator=str(t.get("operator", "Equal")),
+                                                   value=str(t.get("value", "")), effect=str(t.get("effect", "")))
+                              for t in raw.get("tolerations") or ()),
+            runtime_class=str(raw.get("runtimeClassName") or ""),
+            egress_cidrs=tuple(str(c) for c in raw.get("egressCidrs") or ()),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{var}: placement {name!r}: {e}") from None
+
+
+def load_kubernetes(env: Mapping[str, str]) -> KubernetesBackendConfig:
+    """SANDHUB_K8S_PLACEMENTS (or _FILE) is JSON: {"name": {"labels": {..},
+    "nodeSelector": {..}, "tolerations": [{"key", "operator", "value", "effect"}],
+    "runtimeClassName": "..", "egressCidrs": [..]}, ...}, the first the default."""
+    var, text = "SANDHUB_K8S_PLACEMENTS", env.get("SANDHUB_K8S_PLACEMENTS", "")
+    if env.get("SANDHUB_K8S_PLACEMENTS_FILE"):
+        var, path = "SANDHUB_K8S_PLACEMENTS_FILE", Path(env["SANDHUB_K8S_PLACEMENTS_FILE"])
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{var}: cannot read {path}: {e.strerror}") from None
+    placements: dict[str, KubernetesPlacement] = {"default": KubernetesPlacement()}
+    if text.strip():
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{var}: not JSON: {e}") from None
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{var}: expected a non-empty object of placement name -> placement")
+        placements = {str(name): _placement(str(name), p, var) for name, p in raw.items()}
+    default = KubernetesBackendConfig()
+    return KubernetesBackendConfig(
+        kubeconfig=env.get("SANDHUB_K8S_KUBECONFIG", ""),
+        context=env.get("SANDHUB_K8S_CONTEXT", ""),
+        namespace=env.get("SANDHUB_K8S_NAMESPACE") or default.namespace,
+        default_image=env.get("SANDHUB_K8S_DEFAULT_IMAGE") or default.default_image,
+        placements=placements,
+        run_as_user=int(_float(env, "SANDHUB_K8S_RUN_AS_USER", default.run_as_user)),
+        hub_labels=_pairs(env, "SANDHUB_K8S_HUB_LABELS", default.hub_labels),
+        hub_namespace=env.get("SANDHUB_K8S_HUB_NAMESPACE", ""),
+        network_policies=_bool(env, "SANDHUB_K8S_NETWORK_POLICIES", True),
+        request_timeout_s=_float(env, "SANDHUB_K8S_REQUEST_TIMEOUT", default.request_timeout_s),
+        unschedulable_timeout_s=_float(env, "SANDHUB_K8S_UNSCHEDULABLE_TIMEOUT", default.unschedulable_timeout_s),
+    )
+
+
 def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
     local = load_local(env)
-    placements = _names(env, "SANDHUB_PLACEMENTS") or ("default",)
+    kubernetes = load_kubernetes(env)
+    placements = _names(env, "SANDHUB_PLACEMENTS") or (
+        tuple(kubernetes.placements) if env.get("SANDHUB_BACKEND") == "kubernetes" else ("default",))
     unknown = set(local.egress_placements) - set(placements)
     if unknown:
         raise ConfigError(f"SANDHUB_EGRESS_PLACEMENTS: {', '.join(sorted(unknown))} not in SANDHUB_PLACEMENTS")
@@ -219,6 +360,7 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         backend=env.get("SANDHUB_BACKEND", "local"),
         limits=limits,
         local=local,
+        kubernetes=kubernetes,
         reap_interval_s=_float(env, "SANDHUB_REAP_INTERVAL", 5.0),
         tombstone_s=_float(env, "SANDHUB_TOMBSTONE", 600.0),
         placements=placements,

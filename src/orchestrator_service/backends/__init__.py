@@ -13,6 +13,7 @@ def load_backend(config: OrchestratorConfig, notify: Notify) -> Backend:
     not loaded when the local backend runs."""
     factories: dict[str, Callable[[], Backend]] = {
         "local": lambda: _local(config, notify),
+        "kubernetes": lambda: _kubernetes(config, notify),
     }
     try:
         factory = factories[config.backend]
@@ -27,3 +28,9 @@ def _local(config: OrchestratorConfig, notify: Notify) -> Backend:
     from orchestrator_service.backends.local.backend import LocalBackend
 
     return LocalBackend(config.local, notify=notify)
+
+
+def _kubernetes(config: OrchestratorConfig, notify: Notify) -> Backend:
+    from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
+
+    return KubernetesBackend(config.kubernetes, notify=notify, placements=config.placements)
