@@ -24,7 +24,7 @@ from datetime import datetime
 import structlog
 
 from orchestrator_service.backends.base import Notify
-from orchestrator_service.backends.local import cgroups, sandbox
+from orchestrator_service.backends.local import cgroups, linux, sandbox
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, NetworkError
 from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
@@ -154,7 +154,7 @@ class LocalBackend:
         c, rt = record.container, record.runtime
         if c.state in (State.TERMINATED, State.FAILED):
             return
-        if c.state is State.RUNNING and sandbox.is_same_process(rt.init_pid, rt.init_start_ticks):
+        if c.state is State.RUNNING and linux.is_same_process(rt.init_pid, rt.init_start_ticks):
             self._watch(c.id, rt.init_pid)
             if self._net is not None and rt.ip_address and self._egress(c):
                 # setup() replaced the firewall tables, and with them the egress set.
@@ -319,7 +319,7 @@ class LocalBackend:
         try:
             rt = self._record(container_id).runtime
             self._unwatch(container_id)
-            if grace_period_s > 0 and sandbox.is_same_process(rt.init_pid, rt.init_start_ticks):
+            if grace_period_s > 0 and linux.is_same_process(rt.init_pid, rt.init_start_ticks):
                 sandbox.signal_namespace(rt.namespaces.get("pid", 0), signal.SIGTERM)
                 await self._wait_gone(rt, grace_period_s)
             sandbox.kill_tree(rt.init_pid, rt.init_start_ticks)
@@ -335,7 +335,7 @@ class LocalBackend:
     async def _wait_gone(self, rt: Runtime, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while sandbox.is_same_process(rt.init_pid, rt.init_start_ticks) and loop.time() < deadline:
+        while linux.is_same_process(rt.init_pid, rt.init_start_ticks) and loop.time() < deadline:
             await asyncio.sleep(0.005)
 
     async def _reap_child(self, container_id: str) -> None:

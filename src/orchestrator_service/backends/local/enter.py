@@ -37,13 +37,16 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+from orchestrator_service.backends.local.linux import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+)
+
 NAMESPACES: dict[str, int] = {
     # Order matters: user last (see the module docstring).
     "cgroup": CLONE_NEWCGROUP,

@@ -46,7 +46,8 @@ from orchestrator_service.backends.local import cgroups
 from orchestrator_service.backends.local.exec_state import SAFE_NAME as _SAFE_NAME
 from orchestrator_service.backends.local.exec_state import exec_dir, remove_container_state
 from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, RingState, read_ring, ring_state
-from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env, is_same_process
+from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env
+from orchestrator_service.backends.local.linux import is_same_process
 from orchestrator_service.backends.local.spawner import EXIT, META, STREAMS
 from orchestrator_service.backends.local.store import Record, Store, from_json
 from orchestrator_service.model import State

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator_service.backends.local.images import Image
+from orchestrator_service.backends.local.linux import is_same_process, start_ticks
 
 WORK_DIR = "/work"
 AGENT_DIR = "/.sandhub"
@@ -141,21 +142,6 @@ def launcher(spec: SandboxSpec) -> list[str]:
         uid = str(spec.host_uid)
         prefix += [spec.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     return prefix
-
-
-def start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    # Field 22, counted after the parenthesised command name (which may hold spaces).
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def is_same_process(pid: int, ticks: int) -> bool:
-    return pid > 0 and ticks > 0 and start_ticks(pid) == ticks
 
 
 async def _read_pipe(fd: int, *, first_byte_only: bool) -> bytes:

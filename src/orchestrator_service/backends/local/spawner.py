@@ -57,9 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator_service.backends.local.enter import (
-    CLONE_NEWPID, EnterError, Libc, Target, close_target, enter, open_target,
-)
+from orchestrator_service.backends.local.enter import EnterError, Libc, Target, close_target, enter, open_target
+from orchestrator_service.backends.local.linux import CLONE_NEWPID, is_same_process, start_ticks
 from orchestrator_service.backends.local.ring import RingWriter
 
 if TYPE_CHECKING:
@@ -97,21 +96,6 @@ def _log() -> FilteringBoundLogger:
         logs.configure()
     logger: FilteringBoundLogger = structlog.get_logger("sandhub.local.spawner")
     return logger
-
-
-def start_ticks(pid: int) -> int:
-    """As sandbox.start_ticks; not imported from there, which would import
-    the backend and grpc (25 MB more for every fork to copy)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def is_same_process(pid: int, ticks: int) -> bool:
-    return pid > 0 and ticks > 0 and start_ticks(pid) == ticks
 
 
 # -- F: the fork server ---------------------------------------------------------
