@@ -23,7 +23,8 @@ import pytest
 
 from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, PtySize
 from orchestrator_service.backends.local import cgroups
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver, LocalProcess
+from orchestrator_service.backends.local.attached import LocalProcess
+from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.model import State
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate

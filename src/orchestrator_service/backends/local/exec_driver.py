@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import posixpath
@@ -27,28 +26,26 @@ import resource
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import termios
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from orchestrator_service.backends.exec_base import (
-    CommandSpec, ExecDriver, ExitInfo, OutputChunk, OutputRead, ProcessInfo, PtySize, RunningProcess, Stream,
+    CommandSpec, ExecDriver, OutputRead, ProcessInfo, PtySize, Stream,
 )
 from orchestrator_service.backends.local import cgroups
+from orchestrator_service.backends.local.attached import Channel, LocalProcess
 from orchestrator_service.backends.local.exec_state import SAFE_NAME as _SAFE_NAME
-from orchestrator_service.backends.local.exec_state import exec_dir, remove_container_state
-from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, RingState, read_ring, ring_state
+from orchestrator_service.backends.local.exec_state import exec_dir, read_process
+from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, read_ring
 from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env
 from orchestrator_service.backends.local.linux import is_same_process
-from orchestrator_service.backends.local.spawner import EXIT, META, STREAMS
+from orchestrator_service.backends.local.spawner import META, STREAMS
 from orchestrator_service.backends.local.store import Record, Store, from_json
 from orchestrator_service.model import State
 from sandhub.config import LocalBackendConfig
@@ -304,7 +301,7 @@ class LocalExecDriver:
                 shutil.rmtree(pdir, ignore_errors=True)
             raise
         channel.close()
-        info = _read_process(pdir, process_id)
+        info = read_process(pdir, process_id)
         if info is None:
             raise BackendError("the background process started but its record is missing")
         log.info("exec.background_started", container_id=container_id, process_id=process_id, pid=info.pid)
@@ -314,7 +311,7 @@ class LocalExecDriver:
         """The process made by another start of the same id; None if that start failed."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            info = _read_process(pdir, process_id)
+            info = read_process(pdir, process_id)
             if info is not None:
                 return info
             try:
@@ -334,7 +331,7 @@ class LocalExecDriver:
         if excess <= 0:
             return
         finished = sorted(
-            (info.end_time, d.name) for d in others if (info := _read_process(d, d.name)) is not None and info.exit is not None
+            (info.end_time, d.name) for d in others if (info := read_process(d, d.name)) is not None and info.exit is not None
         )
         if len(finished) < excess:
             raise QuotaExceeded(
@@ -347,7 +344,7 @@ class LocalExecDriver:
     def _process_dir(self, container_id: str, process_id: str) -> tuple[Path, ProcessInfo]:
         self._record(container_id)
         pdir = self._exec_dir / container_id / process_id
-        info = _read_process(pdir, process_id) if PROCESS_ID.match(process_id) else None
+        info = read_process(pdir, process_id) if PROCESS_ID.match(process_id) else None
         if info is None:
             raise ProcessNotFound(container_id, process_id)
         return pdir, info
@@ -360,7 +357,7 @@ class LocalExecDriver:
         cdir = self._exec_dir / container_id
         if not cdir.is_dir():
             return []
-        found = [info for d in cdir.iterdir() if (info := _read_process(d, d.name)) is not None]
+        found = [info for d in cdir.iterdir() if (info := read_process(d, d.name)) is not None]
         return sorted(found, key=lambda p: (p.start_time, p.process_id))
 
     async def signal_background(self, *, container_id: str, process_id: str, signum: int) -> ProcessInfo:
@@ -402,52 +399,6 @@ def _check_command(command: CommandSpec) -> None:
             raise InvalidField("command.env", f"{key!r}: names must be non-empty without '=' or NUL, values without NUL")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    except FileNotFoundError:
-        return None
-
-
-def _read_process(pdir: Path, process_id: str) -> ProcessInfo | None:
-    """A background process as its supervisor recorded it; None before it started."""
-    try:
-        meta = _read_json(pdir / META)
-    except NotADirectoryError:
-        return None
-    if meta is None:
-        return None
-    ended = _read_json(pdir / EXIT)
-    if ended is None and not is_same_process(meta["supervisor_pid"], meta["supervisor_start_ticks"]):
-        # The supervisor is gone without a word: it crashed (or was killed),
-        # unless it wrote exit.json just before it went.
-        ended = _read_json(pdir / EXIT)
-        if ended is None and not is_same_process(meta["host_pid"], meta["host_start_ticks"]):
-            ended = {"exit_code": 0, "signal": signal.SIGKILL, "end_time": 0.0}
-    rings = {name: _ring_state(pdir / name) for name in STREAMS}
-    cmd = meta["command"]
-    return ProcessInfo(
-        process_id=process_id,
-        command=CommandSpec(argv=tuple(cmd["argv"]), env=dict(cmd["env"]), cwd=cmd["cwd"]),
-        pid=meta["pid"],
-        start_time=meta["start_time"],
-        exit=ExitInfo(ended["exit_code"], ended["signal"]) if ended else None,
-        end_time=ended["end_time"] if ended else 0.0,
-        stdout_bytes=rings["stdout"].total,
-        stderr_bytes=rings["stderr"].total,
-        stdout_first_offset=rings["stdout"].first_offset,
-        stderr_first_offset=rings["stderr"].first_offset,
-    )
-
-
-def _ring_state(path: Path) -> RingState:
-    try:
-        return ring_state(path)
-    except (OSError, RingError):  # removed meanwhile: nothing kept
-        return RingState(capacity=1, begun=0, total=0)
-
-
 async def _read_line(fd: int) -> bytes:
     """The first line of a pipe, without blocking the loop."""
     loop = asyncio.get_running_loop()
@@ -472,241 +423,8 @@ async def _read_line(fd: int) -> bytes:
     return bytes(buf)
 
 
-# -- the connection to one supervisor, and an attached process -------------------------
-
-
-class Channel:
-    """JSON lines (with fds) over the unix socket to one supervisor."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buf = b""
-        self._fds: list[int] = []
-        self._eof = False
-        self.closed = False
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await asyncio.get_running_loop().sock_sendall(self._sock, json.dumps(message).encode() + b"\n")
-
-    async def recv(self) -> tuple[dict[str, Any], list[int]] | None:
-        while b"\n" not in self._buf:
-            if self._eof or self.closed:
-                return None
-            await _wait_fd(self._sock.fileno(), writable=False, still_open=lambda: not self.closed)
-            try:
-                data, fds, _, _ = socket.recv_fds(self._sock, 65536, 4)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data, fds = b"", []
-            self._fds += fds
-            self._eof = not data
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        fds, self._fds = self._fds, []
-        message: dict[str, Any] = json.loads(line)
-        return message, fds
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._sock.fileno())  # before close: the number may be reused
-            loop.remove_writer(self._sock.fileno())
-            self._sock.close()
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = []
-
-
-async def _wait_fd(fd: int, *, writable: bool, still_open: Callable[[], bool], wake: list[asyncio.Future[None]] | None = None) -> None:
-    """Waits until ``fd`` is ready. Whoever closes ``fd`` removes its
-    registration first and wakes the waiter (``wake``); ``still_open`` tells
-    the waiter not to touch the fd number afterwards."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_ready() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    (loop.add_writer if writable else loop.add_reader)(fd, on_ready)
-    if wake is not None:
-        wake.append(ready)
-    try:
-        await ready
-    finally:
-        if wake is not None and ready in wake:
-            wake.remove(ready)
-        if still_open():
-            (loop.remove_writer if writable else loop.remove_reader)(fd)
-
-
-class LocalProcess:
-    """A RunningProcess (exec_base.py) whose pipes or PTY master are ours."""
-
-    def __init__(self, channel: Channel, reply: dict[str, Any], fds: list[int], *, pty: bool,
-                 on_close: Callable[[LocalProcess], None]) -> None:
-        self._channel = channel
-        self._pid = int(reply["pid"])
-        self.host_pid = int(reply["host_pid"])
-        """The process's pid on the host (its process group too): for tests and logs."""
-        self._pty = fds[0] if pty else -1
-        if pty:
-            self._stdin = os.dup(fds[0])  # closing stdin must not close the output
-            self._out: dict[Stream, int] = {"stdout": fds[0]}
-        else:
-            self._stdin, out, err = fds
-            self._out = {"stdout": out, "stderr": err}
-        for fd in (self._stdin, *self._out.values()):
-            os.set_blocking(fd, False)
-        self._next: Stream = "stdout"
-        self._closed = False
-        self._wakes: list[asyncio.Future[None]] = []
-        self._on_close = on_close
-        self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
-        self._watcher = asyncio.ensure_future(self._watch_exit())
-
-    @property
-    def pid(self) -> int:
-        return self._pid
-
-    async def _watch_exit(self) -> None:
-        message = await self._channel.recv()
-        if not self._exit.done():
-            if message is None:
-                log.warning("exec.supervisor_lost", host_pid=self.host_pid)
-                self._exit.set_result(ExitInfo(signal=signal.SIGKILL))
-            else:
-                reply, fds = message
-                for fd in fds:
-                    os.close(fd)
-                self._exit.set_result(ExitInfo(int(reply.get("exit_code", 0)), int(reply.get("signal", 0))))
-
-    async def read(self, max_bytes: int = 65536) -> OutputChunk | None:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        while not self._closed and self._out:
-            order: list[Stream] = [self._next, "stderr" if self._next == "stdout" else "stdout"]
-            for stream in order:
-                fd = self._out.get(stream)
-                if fd is None:
-                    continue
-                try:
-                    data = os.read(fd, max_bytes)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EIO:  # EIO: a PTY whose other side is all closed
-                        raise
-                    data = b""
-                if data:
-                    self._next = order[1]  # the other stream goes first next time: fair
-                    return OutputChunk(stream, data)
-                self._drop(stream)
-            if self._out:
-                await self._wait_any_output()
-        return None
-
-    async def _wait_any_output(self) -> None:
-        waiters = [asyncio.ensure_future(_wait_fd(fd, writable=False, still_open=self._is_open, wake=self._wakes))
-                   for fd in self._out.values()]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
-
-    def _is_open(self) -> bool:
-        return not self._closed
-
-    def _drop(self, stream: Stream) -> None:
-        fd = self._out.pop(stream)
-        if fd != self._pty:  # the PTY master stays open for resize; _release closes it
-            os.close(fd)
-
-    async def write_stdin(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._stdin < 0 or self._closed:
-                raise BrokenPipeError("the process's stdin is closed")
-            try:
-                view = view[os.write(self._stdin, view) :]
-            except BlockingIOError:
-                fd = self._stdin
-                await _wait_fd(fd, writable=True, still_open=lambda: self._stdin == fd and not self._closed, wake=self._wakes)
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    raise BrokenPipeError("the process's terminal is closed") from e
-                raise
-
-    async def close_stdin(self) -> None:
-        if self._stdin < 0 or self._closed:
-            return
-        if self._pty >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._stdin, b"\x04")  # the terminal's EOF (VEOF), read at a line start
-        fd, self._stdin = self._stdin, -1
-        asyncio.get_running_loop().remove_writer(fd)
-        self._wake_all()  # a write_stdin waiting on it sees BrokenPipeError
-        os.close(fd)
-
-    async def resize(self, size: PtySize) -> None:
-        if self._pty >= 0 and not self._closed:
-            fcntl.ioctl(self._pty, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
-
-    async def signal(self, signum: int) -> None:
-        if not 1 <= signum < signal.NSIG:
-            raise InvalidField("signal", f"{signum} is not a signal number")
-        if not self._exit.done() and not self._channel.closed:
-            with contextlib.suppress(OSError):
-                await self._channel.send({"signal": signum})
-
-    async def wait(self) -> ExitInfo:
-        return await asyncio.shield(self._exit)
-
-    async def kill(self) -> None:
-        if self._closed:
-            return
-        try:
-            await self.signal(signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(KILL_WAIT_S):
-                    await asyncio.shield(self._exit)
-        finally:
-            self._release()
-
-    def _wake_all(self) -> None:
-        for ready in list(self._wakes):
-            if not ready.done():
-                ready.set_result(None)
-
-    def _release(self) -> None:
-        """Closes everything; the supervisor, seeing EOF, SIGKILLs what is left of the group."""
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        fds = {fd for fd in (self._stdin, self._pty, *self._out.values()) if fd >= 0}
-        for fd in fds:  # before closing: the numbers may be reused at once
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
-        self._closed = True
-        self._wake_all()
-        for fd in fds:
-            os.close(fd)
-        self._stdin, self._out = -1, {}
-        self._watcher.cancel()
-        self._channel.close()
-        if not self._exit.done():
-            self._exit.set_result(ExitInfo(signal=signal.SIGKILL))
-        self._on_close(self)
-
-
 if TYPE_CHECKING:  # mypy checks that the classes fulfil the contract
 
     def _is_driver(driver: LocalExecDriver) -> ExecDriver:
         return driver
 
-    def _is_process(process: LocalProcess) -> RunningProcess:
-        return process
