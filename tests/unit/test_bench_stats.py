@@ -9,6 +9,7 @@ import pytest
 from sandhub.bench import host, report
 from sandhub.bench.results import MemorySample, Results
 from sandhub.bench.stats import BAR, buckets, histogram, percentile, summarize
+from sandhub.bench.target import not_running
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
@@ -116,3 +117,10 @@ def test_cgroup_index_finds_containers_one_or_two_levels_under_the_parent(tmp_pa
     assert host.memory_cgroup(index["cnt-aaaaaaaaaaaa"]) == (tmp_path / "memory/sandhub/cnt-aaaaaaaaaaaa",
                                                             "memory.usage_in_bytes")
     assert host.memory_cgroup(index["cnt-bbbbbbbbbbbb"]) is None
+
+
+def test_not_running_reason_is_the_same_for_the_same_cause() -> None:
+    a = not_running("FAILED", "StartFailed", "the sandbox did not start (bwrap exit 1)\nmore")
+    assert a == "container is FAILED (StartFailed: the sandbox did not start (bwrap exit 1))"
+    assert not_running("FAILED", "", "") == "container is FAILED (no reason)"
+    assert not_running("FAILED", "X", "cnt-aaaaaaaaaaaa died") == not_running("FAILED", "X", "cnt-bbbbbbbbbbbb died")

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 from orchestrator_service.backends.exec_base import CommandSpec, ExecDriver
 from orchestrator_service.model import Event, State, new_container_id
 from orchestrator_service.validation import RawCreate, build_spec
-from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError
+from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError, not_running
 from sandhub.config import Limits, LocalBackendConfig
 from sandhub.errors import SandhubError
 
@@ -113,7 +113,7 @@ class FloorTarget:
         except SandhubError as e:
             raise TargetError(f"{type(e).__name__}: {e.message}") from None
         if c.state is not State.RUNNING:
-            raise TargetError(f"container is {c.state.value} ({c.state_reason or 'no reason'})", container_id=c.id)
+            raise TargetError(not_running(c.state.value, c.state_reason, c.state_message), container_id=c.id)
         cct = (c.ready_time - c.create_time).total_seconds() * 1000 if c.ready_time else None
         return Created(container_id=c.id, cct_ms=cct, ip_address=c.ip_address)
 

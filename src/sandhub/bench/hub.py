@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from sandhub import rpc
-from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError
+from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError, not_running
 from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -81,7 +81,7 @@ class HubTarget:
         c = (await self._call(self._containers.CreateContainer, req)).container
         if c.state != pb.CONTAINER_STATE_RUNNING:
             state = pb.ContainerState.Name(c.state).removeprefix("CONTAINER_STATE_")
-            raise TargetError(f"container is {state} ({c.state_reason or 'no reason'})", container_id=c.id)
+            raise TargetError(not_running(state, c.state_reason, c.state_message), container_id=c.id)
         cct = None
         if c.HasField("ready_time") and c.HasField("create_time"):
             cct = (c.ready_time.ToNanoseconds() - c.create_time.ToNanoseconds()) / 1e6

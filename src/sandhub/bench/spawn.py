@@ -68,7 +68,11 @@ async def run(
         failed = max((m.failed for m in results.metrics.values()), default=0)
         show.update(done=s.finished, in_flight=s.in_flight, failed=failed)
 
-    await target.start()
+    try:
+        await target.start()
+    except BaseException:
+        await target.close()  # whatever it had started (a temp dir, servers)
+        raise
     results.target_detail = target.detail
     try:
         available_before = await asyncio.to_thread(host.meminfo, "MemAvailable")

@@ -8,9 +8,17 @@ counted and printed grouped, so keep them free of ids and timestamps.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def not_running(state: str, reason: str, message: str) -> str:
+    """The failure reason for a container that ended ``state`` instead of
+    RUNNING: its reason and the first line of its message, ids blanked."""
+    first = re.sub(r"cnt-[a-z0-9]{12}", "cnt-...", message.splitlines()[0] if message else "")[:160]
+    return f"container is {state} ({reason or 'no reason'}{': ' + first if first else ''})"
 
 
 class TargetError(Exception):
