@@ -6,7 +6,7 @@ import asyncio
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,7 +37,9 @@ class PrivateNetwork:
     @classmethod
     def new(cls) -> PrivateNetwork:
         n = secrets.randbelow(16 * 256)
-        return cls(bridge=f"sht{secrets.token_hex(4)}", subnet=f"10.{240 + n // 256}.{n % 256}.0/24")
+        net = cls(bridge=f"sht{secrets.token_hex(4)}", subnet=f"10.{240 + n // 256}.{n % 256}.0/24")
+        _MADE.append(net)
+        return net
 
     def env(self) -> dict[str, str]:
         return {"SANDHUB_BRIDGE": self.bridge, "SANDHUB_SUBNET": self.subnet,
@@ -47,6 +49,22 @@ class PrivateNetwork:
         """The bridge outlives the orchestrator on purpose (containers survive
         a restart); a test removes its own."""
         await HostNetwork(NetworkConfig(bridge=self.bridge, subnet=self.subnet)).teardown()
+
+
+_MADE: list[PrivateNetwork] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_networks() -> Iterator[None]:
+    """Whatever a test forgot (or could not do after a failure), the session
+    removes: every bridge and firewall table a PrivateNetwork named."""
+    yield
+    async def teardown_all() -> None:
+        for net in _MADE:
+            await net.teardown()
+
+    if os.geteuid() == 0:
+        asyncio.run(teardown_all())
 
 
 def traversable(path: Path) -> Path:

@@ -181,6 +181,7 @@ class LocalBackend:
             task.cancel()
         # Our bwrap children keep running; detach so they are not reaped as ours.
         self._children.clear()
+        self._cgroups.remove_parent()
 
     def status(self) -> dict[str, str]:
         return {

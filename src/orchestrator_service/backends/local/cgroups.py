@@ -137,6 +137,17 @@ class Cgroups:
                     time.sleep(0.01)
         return True
 
+    def remove_parent(self) -> None:
+        """Removes this orchestrator's parent cgroups if no container is left in
+        them (an orchestrator that stops with containers running keeps them)."""
+        parents = ([self._root / self._parent] if self.version == "v2"
+                   else [self._root / c / self._parent for c in V1_CONTROLLERS])
+        for parent in parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                pass  # containers still in it, or never made
+
     def leftovers(self) -> list[str]:
         """Container ids that still have a cgroup."""
         found: set[str] = set()

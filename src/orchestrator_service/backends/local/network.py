@@ -386,8 +386,9 @@ class HostNetwork:
             f"link set dev {veth} type bridge_slave isolated on",
             f"link set dev {veth} up",
         ]
+        # Not "link set dev lo up": bwrap brings loopback up itself, maybe at
+        # this very moment, and its exclusive address add fails if we won.
         inside = [
-            "link set dev lo up",
             f"addr add {addr}/{self.prefixlen} dev {CONTAINER_IFACE}",
             f"link set dev {CONTAINER_IFACE} up",
         ]
