@@ -26,18 +26,22 @@ from sandhub.exec.v1 import exec_pb2 as pb
 WORK_DIR = "/work"
 FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
 DEFAULT_MODE = 0o644
+FILE_CHUNK = 1 << 20
+"""Largest data message of a download (the contract allows 1 MiB)."""
 MODE_BITS = 0o1777
 """Permission bits and sticky; setuid/setgid are dropped (they would mean nothing
 under no_new_privs, and are a smell in an upload)."""
 
 # $1 target (absolute, normalised), $2 mode (octal), $3 announced size or 0, $4 temp suffix.
+# dd with 1 MiB blocks, not cat: busybox cat copies 4 KiB at a time and tops out
+# near 300 MB/s here; dd moves what the (1 MiB) pipe holds in one go.
 PUT_SCRIPT = r"""
 t=$1; d=${t%/*}; [ -n "$d" ] || d=/
 $BB mkdir -p "$d" 2>/dev/null || exit 10
 [ "$($BB realpath "$d")" = "$d" ] || exit 11
 if [ -d "$t" ] && [ ! -L "$t" ]; then exit 12; fi
 tmp="$d/.sandhub-put-$4"
-if ! $BB cat > "$tmp"; then $BB rm -f "$tmp"; exit 13; fi
+if ! why=$($BB dd of="$tmp" bs=1M 2>&1); then echo "$why" >&2; $BB rm -f "$tmp"; exit 13; fi
 if [ "$3" -gt 0 ] && [ "$($BB stat -c %s "$tmp")" != "$3" ]; then $BB rm -f "$tmp"; exit 14; fi
 $BB chmod "$2" "$tmp" && $BB mv -f "$tmp" "$t" || { $BB rm -f "$tmp"; exit 15; }
 """
@@ -50,7 +54,7 @@ if [ -d "$p" ]; then
 elif [ -f "$p" ]; then
   echo "F $($BB stat -c '%s %a' "$p")"
   if [ "$2" = tar ]; then exec $BB tar -cf - -C "${p%/*}/" "${p##*/}"; fi
-  exec $BB cat "$p"
+  exec $BB dd if="$p" bs=1M 2>/dev/null
 else
   exit 20
 fi
@@ -233,7 +237,7 @@ async def get_files(
         header = bytearray()
         pending = b""
         while b"\n" not in header:
-            chunk = await proc.read(limits.chunk_bytes)
+            chunk = await proc.read(FILE_CHUNK)
             if chunk is None:
                 break
             if chunk.stream == "stdout":
@@ -251,7 +255,7 @@ async def get_files(
         yield pb.GetFilesResponse(info=pb.FileInfo(path=path, size=int(size), mode=int(mode, 8), is_dir=is_dir))
         if pending:
             yield pb.GetFilesResponse(data=pending)
-        while (chunk := await proc.read(limits.chunk_bytes)) is not None:
+        while (chunk := await proc.read(FILE_CHUNK)) is not None:
             if chunk.stream == "stdout":
                 yield pb.GetFilesResponse(data=chunk.data)
         info = await proc.wait()

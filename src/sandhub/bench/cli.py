@@ -87,6 +87,13 @@ def add_parser(subparsers: Any) -> None:
                        help="the same sandboxes created by the local backend directly, without gRPC or the Hub")
     f.set_defaults(func=cmd_floor)
 
+    e = sub.add_parser("exec", help="`ls /` through the Hub beside the exec driver and nsenter, and upload "
+                                    "MB/s beside plain gRPC, on a Hub and Orchestrator of its own")
+    e.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs per path (default 200)")
+    e.add_argument("--upload-mib", type=_positive_int, default=100, help="MiB per transfer (default 100)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_exec)
+
 
 def _read_files(paths: list[str]) -> tuple[FileToPut, ...]:
     files = []
@@ -127,6 +134,16 @@ def cmd_spawn(args: argparse.Namespace) -> int:
 
         target = HubTarget(args.hub, api_key=args.api_key, timeout_s=args.timeout)
     return _measure(args, "spawn", target)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from sandhub import logs
+    from sandhub.bench import exec_bench
+
+    logs.configure(level="warning")
+    results = asyncio.run(exec_bench.measure(runs=args.runs, upload_mib=args.upload_mib))
+    print(json.dumps(exec_bench.to_json(results), indent=2) if args.json else exec_bench.text(results))
+    return EXIT_FAILED if results.failures else 0
 
 
 def cmd_floor(args: argparse.Namespace) -> int:

@@ -92,6 +92,12 @@ class LocalServices:
     def state_dir(self) -> Path | None:
         return self._state
 
+    @property
+    def local_config(self) -> LocalBackendConfig:
+        """The local backend's configuration (once started): where its records are."""
+        assert self._local is not None, "start() first"
+        return self._local
+
     async def _in_thread(self, coro: Coroutine[Any, Any, T]) -> T:
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return await asyncio.wrap_future(future)

@@ -29,6 +29,9 @@ from sandhub.errors import InvalidField
 log = structlog.get_logger("sandhub.local.exec")
 
 KILL_WAIT_S = 5.0
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
+"""Pipe capacity asked for (the default maximum, /proc/sys/fs/pipe-max-size)."""
 
 
 class Channel:
@@ -114,6 +117,11 @@ class LocalProcess:
         else:
             self._stdin, out, err = fds
             self._out = {"stdout": out, "stderr": err}
+            for fd in fds:
+                # 1 MiB pipes instead of 64 KiB: a bulk transfer (PutFiles,
+                # GetFiles) then wakes the loop 16 times less per MiB.
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
         for fd in (self._stdin, *self._out.values()):
             os.set_blocking(fd, False)
         self._next: Stream = "stdout"

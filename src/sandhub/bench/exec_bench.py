@@ -1,0 +1,213 @@
+"""`sandhub bench exec`: the cost of reaching into a container, beside its floors.
+
+In one run, on one container, interleaved so load hits all alike:
+- `ls /` through the Hub (ExecService.Run over gRPC, as a caller does it);
+- the same through the local exec driver in this process (no gRPC, no Hub);
+- the same with `nsenter` (the physical floor: namespaces only, no cgroup join,
+  no seccomp, no fork server);
+and the transfer rate of a PutFiles upload (and a GetFiles download) beside a
+plain gRPC client stream of the same bytes, in the same message size, to a
+trivial in-process server (what gRPC in Python can carry at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+
+from sandhub.bench.local import TENANT, LocalServices
+from sandhub.bench.stats import Summary, histogram, summarize
+from sandhub.exec.v1 import exec_pb2 as xpb
+from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+API_KEY = "bench-key"
+CHUNK = 1 << 20
+SINK = "/sandhub.bench.Sink/Put"
+
+
+@dataclass
+class ExecBenchResults:
+    runs: int
+    upload_mib: int
+    ls_ms: dict[str, list[float]] = field(default_factory=dict)
+    upload_mb_s: dict[str, list[float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def summaries(self) -> dict[str, Summary | None]:
+        return {name: summarize(values) for name, values in self.ls_ms.items()}
+
+
+class _Sink:
+    """A plain gRPC server on its own thread and loop (as the Hub runs in
+    --start-local), taking a client stream of raw bytes."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bench-sink", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._thread.start()
+        self.port = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._start(), self._loop))
+
+    async def _start(self) -> int:
+        async def put(requests: AsyncIterator[bytes], _context: Any) -> bytes:
+            total = 0
+            async for chunk in requests:
+                total += len(chunk)
+            return str(total).encode()
+
+        handler = grpc.method_handlers_generic_handler(
+            "sandhub.bench.Sink", {"Put": grpc.stream_unary_rpc_method_handler(put)})
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers((handler,))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+
+
+async def _stream(payload: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(payload), CHUNK):
+        yield payload[i:i + CHUNK]
+
+
+async def _timed(coro: Any) -> float:
+    start = time.perf_counter()
+    await coro
+    return time.perf_counter() - start
+
+
+def _init_pid(services: LocalServices, container_id: str) -> int:
+    record = services.local_config.state_dir / "containers" / f"{container_id}.json"
+    return int(json.loads(record.read_text())["runtime"]["init_pid"])
+
+
+def _nsenter_ls(init_pid: int) -> float:
+    argv = ["nsenter", "-t", str(init_pid), "--all", "-r", "-w", "-S", "1000", "-G", "1000", "ls", "/"]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, timeout=30)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0 or b"work" not in done.stdout:
+        raise RuntimeError(f"nsenter ls failed: {done.stderr.decode(errors='replace').strip()}")
+    return elapsed
+
+
+async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
+    from orchestrator_service.backends.exec_base import CommandSpec
+    from orchestrator_service.backends.local.exec_driver import LocalExecDriver
+
+    results = ExecBenchResults(runs=runs, upload_mib=upload_mib)
+    services = LocalServices(api_key=API_KEY)
+    sink = _Sink()
+    await services.start()
+    channel = grpc.aio.insecure_channel(services.hub_address)
+    md = (("authorization", f"Bearer {API_KEY}"),)
+    driver = LocalExecDriver(services.local_config)
+    try:
+        await sink.start()
+        await driver.start()
+        containers = pb_grpc.OrchestratorServiceStub(channel)
+        ex = xpb_grpc.ExecServiceStub(channel)
+        c = (await containers.CreateContainer(
+            pb.CreateContainerRequest(wait_until_running=True, labels={"bench": "exec"}), metadata=md)).container
+        init_pid = _init_pid(services, c.id)
+        ls = xpb.RunRequest(container_id=c.id, command=xpb.Command(argv=["ls", "/"]))
+
+        async def via_driver() -> None:
+            proc = await driver.spawn(container_id=c.id, command=CommandSpec(("ls", "/")))
+            while await proc.read() is not None:
+                pass
+            await proc.wait()
+            await proc.kill()
+
+        for name in ("hub", "driver", "nsenter"):
+            results.ls_ms[name] = []
+        await ex.Run(ls, metadata=md)  # warm: the Hub starts its fork server on first use
+        for _ in range(runs):
+            results.ls_ms["hub"].append(1000 * await _timed(ex.Run(ls, metadata=md)))
+            results.ls_ms["driver"].append(1000 * await _timed(via_driver()))
+            results.ls_ms["nsenter"].append(1000 * await asyncio.to_thread(_nsenter_ls, init_pid))
+
+        payload = bytes(range(256)) * (upload_mib * CHUNK // 256)
+        sink_channel = grpc.aio.insecure_channel(f"127.0.0.1:{sink.port}")
+        put_raw: Any = sink_channel.stream_unary(SINK)
+
+        async def put_files() -> None:
+            async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
+                yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+                yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path="blob.bin", size=len(payload)))
+                async for chunk in _stream(payload):
+                    yield xpb.PutFilesRequest(data=chunk)
+            await ex.PutFiles(requests(), metadata=md)
+
+        async def get_files() -> None:
+            async for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=c.id, path="/work/blob.bin"), metadata=md):
+                pass
+
+        mb = len(payload) / 1e6
+        for name in ("plain_grpc", "put_files", "get_files"):
+            results.upload_mb_s[name] = []
+        for _ in range(3):
+            results.upload_mb_s["plain_grpc"].append(mb / await _timed(put_raw(_stream(payload))))
+            results.upload_mb_s["put_files"].append(mb / await _timed(put_files()))
+            results.upload_mb_s["get_files"].append(mb / await _timed(get_files()))
+        await sink_channel.close()
+    except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
+        results.failures.append(str(e))
+    finally:
+        await driver.close()
+        await channel.close()
+        await sink.stop()
+        await services.stop()
+    return results
+
+
+def text(r: ExecBenchResults) -> str:
+    lines = [f"`ls /` in one container, {r.runs} runs each, interleaved (ms)"]
+    sums = r.summaries()
+    for name, label in (("hub", "through the Hub (Run RPC)"), ("driver", "local exec driver, no gRPC"),
+                        ("nsenter", "nsenter (floor)")):
+        s = sums.get(name)
+        if s is None:
+            continue
+        lines.append(f"  {label:<28} p50 {s.p50:6.2f}  p90 {s.p90:6.2f}  p99 {s.p99:6.2f}  max {s.max:7.2f}")
+    hub, floor = sums.get("hub"), sums.get("nsenter")
+    if hub and floor:
+        lines.append(f"  ratio Hub/floor: p50 {hub.p50 / floor.p50:.2f}x, p99 {hub.p99 / floor.p99:.2f}x")
+        lines += ["", "  Hub, every run:"] + ["  " + h for h in histogram(r.ls_ms["hub"])]
+    if r.upload_mb_s:
+        lines += ["", f"transfer of {r.upload_mib} MiB in 1 MiB messages (MB/s, best of 3)"]
+        for name, label in (("plain_grpc", "plain gRPC client stream"), ("put_files", "PutFiles through the Hub"),
+                            ("get_files", "GetFiles through the Hub")):
+            if r.upload_mb_s.get(name):
+                lines.append(f"  {label:<28} {max(r.upload_mb_s[name]):8.1f}")
+        plain, put = r.upload_mb_s.get("plain_grpc"), r.upload_mb_s.get("put_files")
+        if plain and put:
+            lines.append(f"  ratio PutFiles/plain gRPC: {max(put) / max(plain):.2f}")
+    for f in r.failures:
+        lines.append(f"FAILED: {f}")
+    return "\n".join(lines)
+
+
+def to_json(r: ExecBenchResults) -> dict[str, Any]:
+    data = asdict(r)
+    data["ls_summary_ms"] = {k: asdict(v) if v else None for k, v in r.summaries().items()}
+    data["tenant"] = TENANT
+    return data
