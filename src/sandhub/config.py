@@ -207,6 +207,8 @@ class HubConfig:
     """Where the local backend keeps its containers: the Hub enters them
     directly, so it must run on the same host as a local orchestrator."""
     exec: ExecLimits = field(default_factory=ExecLimits)
+    kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
+    """Where the Kubernetes backend's pods are: the Hub execs into them itself."""
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -383,6 +385,7 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         backend_timeout_s=_float(env, "SANDHUB_BACKEND_TIMEOUT", 30.0),
         connect_timeout_s=_float(env, "SANDHUB_CONNECT_TIMEOUT", 2.0),
         local=load_local(env),
+        kubernetes=load_kubernetes(env),
     )
 
 

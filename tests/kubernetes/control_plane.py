@@ -7,6 +7,7 @@ started here so the test session owns every process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -55,7 +56,8 @@ class Binaries:
         """Where `make k8s-tools` put them (the Makefile exports the same paths)."""
         kube = _version("kubernetes", "k8s.io/kubernetes")
         etcd = _version("etcd", "go.etcd.io/etcd/server/v3")
-        kwok = _version("kwok", "sigs.k8s.io/kwok")
+        overlay = (REPO / "tools" / "k8s" / "kwok" / "overlay" / "exec.go").read_bytes()
+        kwok = _version("kwok", "sigs.k8s.io/kwok") + "-" + hashlib.sha256(overlay).hexdigest()[:8]
         env = os.environ.get
         return cls(
             kube_apiserver=Path(env("SANDHUB_KUBE_APISERVER") or TOOLS_CACHE / f"kube-apiserver-{kube}/kube-apiserver"),
@@ -173,7 +175,7 @@ class ControlPlane:
         stages = sorted(self.binaries.kwok_stages.glob("*.yaml"))
         # Stages only: without a KwokConfiguration document KWOK takes its own
         # defaults (one given with empty options would zero them).
-        config.write_text("\n---\n".join([*(p.read_text() for p in stages), STAGES.read_text()]))
+        config.write_text("\n---\n".join([*(p.read_text() for p in stages), STAGES.read_text(), self._cluster_exec()]))
         port = free_port()
         self._spawn("kwok", [
             str(self.binaries.kwok), f"--kubeconfig={self.kubeconfig}", f"--config={config}",
@@ -182,6 +184,22 @@ class ControlPlane:
             f"--tls-cert-file={crt}", f"--tls-private-key-file={key}", "--cidr=10.244.0.0/16",
             "--node-lease-duration-seconds=40",
         ])
+
+    def _cluster_exec(self) -> str:
+        """KWOK serves pods/exec by running the command on this host: as nobody,
+        in a scratch directory of the session's own (TMPDIR too, where the exec
+        driver keeps background-process state), never in the real /tmp."""
+        self.exec_dir = self.root / "exec"
+        (self.exec_dir / "tmp").mkdir(parents=True)
+        for d in (self.root, self.exec_dir, self.exec_dir / "tmp"):
+            d.chmod(0o1777 if d != self.root else 0o755)
+        return (
+            "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterExec\nmetadata:\n  name: local\nspec:\n  execs:\n"
+            f"  - local:\n      workDir: {self.exec_dir}\n"
+            f"      envs:\n      - name: TMPDIR\n        value: {self.exec_dir / 'tmp'}\n"
+            "      - name: PATH\n        value: /usr/local/bin:/usr/bin:/bin\n"
+            "      securityContext:\n        runAsUser: 65534\n        runAsGroup: 65534\n"
+        )
 
     def _wait(self, name: str, ready: object, *, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

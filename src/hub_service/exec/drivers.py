@@ -36,6 +36,10 @@ class Drivers:
             from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 
             return LocalExecDriver(self._config.local)
+        if backend == "kubernetes":
+            from orchestrator_service.backends.kubernetes.exec_driver import KubernetesExecDriver
+
+            return KubernetesExecDriver(self._config.kubernetes)
         raise NotSupported(f"running commands in {backend!r} containers is not supported by this Hub yet")
 
     async def close(self) -> None:
