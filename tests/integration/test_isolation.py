@@ -254,3 +254,28 @@ async def test_module_loading_mounting_and_privileges_are_refused(services: Serv
     assert fields["NoNewPrivs"].strip() == "1"
     assert fields["Seccomp"].strip() == "2"
     assert not Path("/etc/sandhub-test").exists()
+
+
+async def test_egress_is_granted_per_placement_by_configuration(services: Services, driver: LocalExecDriver) -> None:
+    """The test config lets placement "internet" reach beyond the host: such a
+    container gets a default route and a place in the firewall's egress set;
+    a default one has neither (and so fails at once, ENETUNREACH)."""
+    plain = await create(services)
+    online = (await services.hub_stub.CreateContainer(
+        pb.CreateContainerRequest(placement="internet", wait_until_running=True), metadata=auth("key-a"))).container
+    routes = {c.id: (await sh(driver, c.id, f"{BB} ip route"))[1] for c in (plain, online)}
+    assert "default via" not in routes[plain.id] and "default via" in routes[online.id], routes
+    table = f"sandhub_{services.network.bridge}"
+    members = subprocess.run(["nft", "list", "set", "inet", table, "egress"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    assert online.network.ip_address in members and plain.network.ip_address not in members
+    _, out = await sh(driver, plain.id, f"{BB} nc -w 2 192.0.2.1 80 </dev/null 2>&1; echo rc=$?")
+    assert "unreachable" in out.lower(), out  # refused by the kernel at once: nothing left the host
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=online.id), metadata=auth("key-a"))
+    for _ in range(100):
+        members = subprocess.run(["nft", "list", "set", "inet", table, "egress"], capture_output=True, text=True,
+                                 check=True, timeout=60).stdout
+        if online.network.ip_address not in members:
+            break
+        await asyncio.sleep(0.05)
+    assert online.network.ip_address not in members  # the next holder of that address gets no egress
