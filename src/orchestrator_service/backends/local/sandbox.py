@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -223,7 +224,7 @@ async def spawn(
                     await asyncio.sleep(0.05)
                     if proc.poll() is not None:
                         raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})",
-                                         _read_stderr(err_r)) from e
+                                         await asyncio.to_thread(_read_stderr, err_r)) from e
                     raise
             try:
                 os.write(block_w, b"G")
@@ -232,7 +233,9 @@ async def spawn(
             ready = await _read_pipe(ready_r, first_byte_only=True)
         if ready != READY_BYTE or not info_raw:
             await asyncio.to_thread(proc.wait, timeout_s)
-            raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})", _read_stderr(err_r) or f"info={info_raw!r} ready={ready!r}")
+            detail = await asyncio.to_thread(_read_stderr, err_r) or "no message from bwrap"
+            raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})",
+                             f"{detail} (ready byte {ready!r}, sandbox pid {child_pid})")
         info: dict[str, Any] = json.loads(info_raw)
     except BaseException as e:
         # Whatever went wrong (timeout, a hold step failed, we were cancelled),
@@ -253,12 +256,23 @@ async def spawn(
     return proc, Started(proc.pid, init_pid, start_ticks(init_pid), namespaces)
 
 
-def _read_stderr(fd: int) -> str:
+def _read_stderr(fd: int, *, wait_s: float = 0.5) -> str:
+    """What bwrap wrote to stderr, once it has exited: read until end of file
+    (or ``wait_s`` without more), at most 64 KiB."""
     os.set_blocking(fd, False)
-    try:
-        return os.read(fd, 65536).decode(errors="replace").strip()
-    except BlockingIOError:
-        return ""
+    data = bytearray()
+    while len(data) < 65536:
+        ready, _, _ = select.select([fd], [], [], wait_s)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536 - len(data))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 def kill_tree(init_pid: int, ticks: int) -> bool:
