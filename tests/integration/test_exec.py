@@ -404,3 +404,35 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
     finally:
         await channel.close()
         await hub.stop(0)
+
+
+async def test_output_is_batched_and_idle_streams_get_keepalives(services: Services) -> None:
+    limits = ExecLimits(keepalive_s=0.2)
+    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
+                                    api_keys=KEYS, local=services.orchestrator.config.local, exec=limits))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
+    try:
+        ex = xpb_grpc.ExecServiceStub(channel)
+        c = await create(services)
+        start = xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(
+            shell="i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done; sleep 1; echo end"))
+
+        async def requests() -> AsyncIterator[xpb.ExecRequest]:
+            yield xpb.ExecRequest(start=start)
+            await asyncio.sleep(30)  # keep the request side open
+
+        kinds: list[str] = []
+        out = bytearray()
+        async with asyncio.timeout(30):
+            async for r in ex.Exec(requests(), metadata=A):
+                kinds.append(r.WhichOneof("msg"))
+                out += r.stdout
+                if r.HasField("exited"):
+                    break
+        assert out.splitlines()[:2] == [b"line0", b"line1"] and out.endswith(b"line1999\nend\n")
+        assert kinds.count("stdout") < 200, kinds.count("stdout")  # 2,001 writes, far fewer messages
+        assert "keepalive" in kinds  # the idle second in the middle
+        assert kinds[0] == "started" and kinds[-1] == "exited"
+    finally:
+        await channel.close()
+        await hub.stop(0)
