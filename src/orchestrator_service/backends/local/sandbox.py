@@ -261,9 +261,10 @@ def _read_stderr(fd: int, *, wait_s: float = 0.5) -> str:
     (or ``wait_s`` without more), at most 64 KiB."""
     os.set_blocking(fd, False)
     data = bytearray()
+    poller = select.poll()  # not select(): the orchestrator holds far more than 1,024 fds
+    poller.register(fd, select.POLLIN)
     while len(data) < 65536:
-        ready, _, _ = select.select([fd], [], [], wait_s)
-        if not ready:
+        if not poller.poll(wait_s * 1000):
             break
         try:
             chunk = os.read(fd, 65536 - len(data))
