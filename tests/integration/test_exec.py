@@ -436,3 +436,29 @@ async def test_output_is_batched_and_idle_streams_get_keepalives(services: Servi
     finally:
         await channel.close()
         await hub.stop(0)
+
+
+async def test_list_processes_pages_and_filters(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    for pid, shell in (("a", "sleep 60"), ("b", "true"), ("c", "sleep 60")):
+        await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id=pid,
+                                                      command=xpb.Command(shell=shell)), metadata=A)
+    for _ in range(100):
+        b = (await ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="b"), metadata=A)).process
+        if b.state == xpb.PROCESS_STATE_EXITED:
+            break
+        await asyncio.sleep(0.05)
+    assert b.exit_status.exit_code == 0 and b.end_time.seconds > 0
+    first = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_size=2), metadata=A)
+    second = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_size=2,
+                                                             page_token=first.next_page_token), metadata=A)
+    assert [p.process_id for p in first.processes] + [p.process_id for p in second.processes] == ["a", "b", "c"]
+    assert second.next_page_token == ""
+    running = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, state=xpb.PROCESS_STATE_RUNNING),
+                                     metadata=A)
+    assert [p.process_id for p in running.processes] == ["a", "c"]
+    await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_token="junk"), metadata=A),
+                       grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="../x",
+                                                               command=xpb.Command(argv=["true"])), metadata=A),
+                       grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
