@@ -279,3 +279,21 @@ async def test_egress_is_granted_per_placement_by_configuration(services: Servic
             break
         await asyncio.sleep(0.05)
     assert online.network.ip_address not in members  # the next holder of that address gets no egress
+
+
+async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
+    services: Services, driver: LocalExecDriver
+) -> None:
+    """With ~1,000 containers the orchestrator holds over 1,024 fds, so the fds
+    handed to a new sandbox are numbered above the container's open-files
+    limit; applying that limit before bwrap made the init shell fail silently."""
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        c = await create(services, open_files=200)
+    finally:
+        for fd in held:
+            os.close(fd)
+    _, out = await sh(driver, c.id, "ulimit -n; ulimit -Hn")
+    assert out.split() == ["200", "200"]
+    init = [p for p in host_pids_of_container(c.id) if "sleep" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert "Max open files            200                  200" in Path(f"/proc/{init[0]}/limits").read_text()

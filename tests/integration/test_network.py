@@ -82,7 +82,7 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def nft_tables() -> str:
-    return subprocess.run(["nft", "list", "tables"], check=True, capture_output=True, text=True, timeout=10).stdout
+    return subprocess.run(["nft", "list", "tables"], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
 def exists(ifname: str) -> bool:

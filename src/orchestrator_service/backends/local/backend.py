@@ -89,7 +89,6 @@ class LocalBackend:
         self._cgroups = cgroups.Cgroups(cgroups.detect() if self._root else "",
                                         parent=cgroups.parent_for(config.state_dir))
         self._seccomp = config.seccomp
-        self._prlimit = shutil.which("prlimit") or ""
         self._setpriv = shutil.which("setpriv") or ""
         # Without CAP_SYS_RESOURCE no limit can go above our own hard limit.
         self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -193,7 +192,7 @@ class LocalBackend:
             "users": f"one unprivileged host uid per container from {self._config.uid_base}" if self._root else "the caller's uid (not root: containers share it)",
             "cgroups": self._cgroups.version or "none (not root or no cgroup controllers): cpu, memory and pids limits are NOT enforced",
             "seccomp": "deny-list" if self._seccomp else "off",
-            "open_files": f"limited (at most {self._nofile_max})" if self._prlimit else "NOT limited (prlimit missing)",
+            "open_files": f"limited (at most {self._nofile_max})",
             "root": "read-only",
             "network": self._net_status,
             "state_dir": str(self._config.state_dir),
@@ -244,7 +243,6 @@ class LocalBackend:
             host_uid=host_uid,
             seccomp=self._seccomp,
             open_files=min(res.open_files, self._nofile_max),
-            prlimit=self._prlimit,
             setpriv=self._setpriv,
         )
 

@@ -73,7 +73,6 @@ def run_checks(config: LocalBackendConfig) -> list[Check]:
                         else "none usable: cpu, memory and pids limits are NOT enforced"))
     if root:
         checks.append(_tool("setpriv", "util-linux", "containers would share one uid"))
-    checks.append(_tool("prlimit", "util-linux", "the open files limit is not applied"))
     if config.network and root:
         checks.append(_tool("ip", "iproute2", "containers get no address"))
         checks.append(_tool("nft", "nftables", "containers get no address (no firewall, no network)"))

@@ -54,10 +54,11 @@ class SandboxSpec:
     seccomp: bool = False
     """Load the deny-list seccomp filter (seccomp.py)."""
     open_files: int = 0
-    """RLIMIT_NOFILE (soft and hard) for every process inside; 0 leaves it alone."""
-    prlimit: str = ""
-    """util-linux prlimit, which sets the limit on itself before it execs bwrap:
-    setting it on another process would need CAP_SYS_RESOURCE."""
+    """RLIMIT_NOFILE (soft and hard) for the container's init, set inside once
+    the ready byte is written (commands entered later set their own); 0
+    leaves it alone. Not set on bwrap itself: the fds it and the init shell
+    are handed may be numbered above the limit (the orchestrator holds one fd
+    per container), and the shell then cannot write to them."""
     setpriv: str = ""
     """util-linux setpriv, which drops to host_uid before it execs bwrap."""
 
@@ -113,11 +114,12 @@ def bwrap_argv(
     if seccomp_fd >= 0:
         argv += ["--seccomp", str(seccomp_fd)]
     argv += ["--"]
+    limit = f"ulimit -n {spec.open_files} && " if spec.open_files else ""
     if spec.busybox:
         bb = f"{AGENT_DIR}/busybox"
-        argv += [bb, "sh", "-c", f"printf R >&{ready_fd} && exec {bb} sleep inf {ready_fd}>&-"]
+        argv += [bb, "sh", "-c", f"printf R >&{ready_fd} && {limit}exec {bb} sleep inf {ready_fd}>&-"]
     else:
-        argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && exec sleep inf {ready_fd}>&-"]
+        argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && {limit}exec sleep inf {ready_fd}>&-"]
     return argv
 
 
@@ -130,13 +132,10 @@ def container_env(container_id: str, env: dict[str, str]) -> dict[str, str]:
 
 
 def launcher(spec: SandboxSpec) -> list[str]:
-    """What runs before bwrap: prlimit for the open files limit, setpriv for
-    the uid. Exec wrappers, not Popen(user=...)/preexec_fn: those make Python
+    """What runs before bwrap: setpriv for the uid. Exec wrappers, not Popen(user=...)/preexec_fn: those make Python
     fork() instead of vfork(), and fork() in a process running gRPC threads
     crashes the child now and then (seen here as SIGSEGV)."""
     prefix: list[str] = []
-    if spec.open_files and spec.prlimit:
-        prefix += [spec.prlimit, f"--nofile={spec.open_files}:{spec.open_files}", "--"]
     if spec.host_uid:
         if not spec.setpriv:
             raise SpawnError("setpriv (util-linux) is needed to run containers as their own uid")
