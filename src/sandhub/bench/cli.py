@@ -94,6 +94,16 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_exec)
 
+    d = sub.add_parser("docker", parents=[common],
+                       help="the same containers through Docker's Engine API, on a dockerd the bench starts itself")
+    d.add_argument("--docker-network", choices=("bridge", "none"), default="bridge",
+                   help="a bridge of the bench's own (an address per container, like sandhub's) or none")
+    d.set_defaults(func=cmd_docker)
+
+    from sandhub.bench import matrix_cli
+
+    matrix_cli.add_parser(sub)
+
 
 def _read_files(paths: list[str]) -> tuple[FileToPut, ...]:
     files = []
@@ -150,6 +160,12 @@ def cmd_floor(args: argparse.Namespace) -> int:
     from sandhub.bench.floor import FloorTarget
 
     return _measure(args, "floor", FloorTarget())
+
+
+def cmd_docker(args: argparse.Namespace) -> int:
+    from sandhub.bench.docker import DockerTarget
+
+    return _measure(args, "docker", DockerTarget(network=args.docker_network))
 
 
 def _measure(args: argparse.Namespace, command: str, target: Target) -> int:
