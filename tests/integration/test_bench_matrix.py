@@ -175,3 +175,19 @@ def test_docker_interrupted_by_ctrl_c_still_removes_daemon_and_containers() -> N
     assert out["interrupted"] is True and out["leftovers"] == []
     assert 0 < len(out["container_ids"]) < 200
     assert docker_traces() == before
+
+
+async def test_step_timer_still_finds_every_step_it_wraps() -> None:
+    """The profiler of CCT and `ls /` steps wraps backend internals by name:
+    when one is renamed this fails, instead of the profile quietly missing it."""
+    from sandhub.bench import steps
+
+    timings = await steps.measure(2, 0.05, 1)
+    labels = set(timings)
+    for prefix in ("create: LocalBackend.create", "create: start bwrap", "create: wait for bwrap's info",
+                   "create: wait for bwrap's ready byte", "create: cgroup mkdir", "create: cgroup add pid",
+                   "create: network attach", "create: network: nsenter", "create: record write",
+                   "ls: connect", "ls: request to first reply", "ls: whole run"):
+        assert any(label.startswith(prefix) for label in labels), prefix
+    assert len(timings["create: LocalBackend.create, all of it (= CCT)"]) == 2
+    assert steps.table(timings)[0].startswith("step")
