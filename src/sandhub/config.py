@@ -190,6 +190,9 @@ class ExecLimits:
     keepalive_s: float = 15.0
     """A keepalive goes out on a stream idle this long, so proxies keep it open."""
     max_page_size: int = 100
+    max_calls_per_tenant: int = 256
+    """Run, Exec, PutFiles, GetFiles and AttachProcess calls one tenant may
+    have open at once on one Hub; beyond it is RESOURCE_EXHAUSTED."""
 
 
 @dataclass(frozen=True)

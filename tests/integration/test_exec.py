@@ -462,3 +462,34 @@ async def test_list_processes_pages_and_filters(services: Services, ex: xpb_grpc
     await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="../x",
                                                                command=xpb.Command(argv=["true"])), metadata=A),
                        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+
+
+async def test_open_exec_calls_are_bounded_per_tenant(services: Services) -> None:
+    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
+                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    exec=ExecLimits(max_calls_per_tenant=2)))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
+    try:
+        ex = xpb_grpc.ExecServiceStub(channel)
+        c = await create(services)
+        sessions = [Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sleep", "60"])))
+                    for _ in range(2)]
+        for s in sessions:
+            assert (await s.call.read()).HasField("started")
+        await expect_error(run(ex, c.id, "true"), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+        # Another tenant is not held back by this one's calls.
+        await expect_error(run(ex, c.id, "true", md=B), grpc.StatusCode.NOT_FOUND)
+        sessions[0].call.cancel()
+        for _ in range(100):
+            try:
+                assert (await run(ex, c.id, "true")).status.exit_code == 0
+                break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the slot of a finished call was not given back")
+        sessions[1].call.cancel()
+    finally:
+        await channel.close()
+        await hub.stop(0)

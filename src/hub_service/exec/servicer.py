@@ -11,6 +11,7 @@ from hub_service.exec.commands import command_spec, pty_size, signal_number, tim
 from hub_service.exec.containers import ContainerLookup
 from hub_service.exec.drivers import Drivers
 from hub_service.exec.run import ExecSession, run_once
+from hub_service.exec.slots import TenantSlots
 from orchestrator_service.backends.exec_base import ExecDriver
 from sandhub import pagination, rpc
 from sandhub.config import ExecLimits
@@ -35,6 +36,7 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         self._lookup = lookup
         self._drivers = drivers
         self._limits = limits
+        self._slots = TenantSlots(limits.max_calls_per_tenant)
 
     async def _driver(self, container_id: str, context: rpc.Ctx) -> ExecDriver:
         tenant = self._auth.tenant(context)
@@ -42,15 +44,16 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         return await self._drivers.get(backend)
 
     async def PutFiles(self, request_iterator: AsyncIterator[pb.PutFilesRequest], context: rpc.Ctx) -> pb.PutFilesResponse:
-        self._auth.tenant(context)
-        start = await _first(request_iterator, "start")
-        driver = await self._driver(start.container_id, context)
-        return await files.put_files(driver, start.container_id, start, request_iterator, self._limits)
+        with self._slots.take(self._auth.tenant(context)):
+            start = await _first(request_iterator, "start")
+            driver = await self._driver(start.container_id, context)
+            return await files.put_files(driver, start.container_id, start, request_iterator, self._limits)
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
-        driver = await self._driver(request.container_id, context)
-        async for response in files.get_files(driver, request.container_id, request, self._limits):
-            yield response
+        with self._slots.take(self._auth.tenant(context)):
+            driver = await self._driver(request.container_id, context)
+            async for response in files.get_files(driver, request.container_id, request, self._limits):
+                yield response
 
     async def Run(self, request: pb.RunRequest, context: rpc.Ctx) -> pb.RunResponse:
         limits = self._limits
@@ -59,13 +62,18 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
                             maximum=limits.max_run_timeout_s, field="timeout")
         if request.max_output_bytes < 0 or request.max_output_bytes > limits.max_output_bytes:
             raise InvalidField("max_output_bytes", f"0..{limits.max_output_bytes}")
-        driver = await self._driver(request.container_id, context)
-        proc = await driver.spawn(container_id=request.container_id, command=command)
-        return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
-                              max_output=request.max_output_bytes or limits.default_output_bytes)
+        with self._slots.take(self._auth.tenant(context)):
+            driver = await self._driver(request.container_id, context)
+            proc = await driver.spawn(container_id=request.container_id, command=command)
+            return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
+                                  max_output=request.max_output_bytes or limits.default_output_bytes)
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
-        self._auth.tenant(context)
+        with self._slots.take(self._auth.tenant(context)):
+            async for response in self._exec(request_iterator, context):
+                yield response
+
+    async def _exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
         start = await _first(request_iterator, "start")
         command = command_spec(start.command, self._limits, field="start.command")
         pty = pty_size(start.pty, field="start.pty") if start.HasField("pty") else None
@@ -112,6 +120,7 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         return pb.SignalProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def AttachProcess(self, request: pb.AttachProcessRequest, context: rpc.Ctx) -> AsyncIterator[pb.AttachProcessResponse]:
-        driver = await self._driver(request.container_id, context)
-        async for response in processes.attach(driver, request.container_id, request, self._limits):
-            yield response
+        with self._slots.take(self._auth.tenant(context)):
+            driver = await self._driver(request.container_id, context)
+            async for response in processes.attach(driver, request.container_id, request, self._limits):
+                yield response
