@@ -493,3 +493,27 @@ async def test_open_exec_calls_are_bounded_per_tenant(services: Services) -> Non
     finally:
         await channel.close()
         await hub.stop(0)
+
+
+async def test_run_and_exec_end_with_the_command_not_with_what_it_left_running(
+    services: Services, ex: xpb_grpc.ExecServiceStub
+) -> None:
+    c = await create(services)
+    r = await run(ex, c.id, shell="sleep 100 & echo hi", timeout=seconds(30))
+    assert (r.status.exit_code, r.stdout, r.status.timed_out) == (0, b"hi\n", False)
+    assert r.duration.ToNanoseconds() < 10e9  # not the 30 s timeout: the shell ended at once
+    assert b"sleep 100" not in (await run(ex, c.id, "ps", "-o", "args")).stdout  # its leftovers are gone
+    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="sleep 100 & echo hey; exit 3")))
+    await s.read_until(b"hey")
+    assert (await s.exit()).exit_code == 3
+    r = await run(ex, c.id, shell="kill -9 $$")
+    assert r.status.exit_code == -1 and r.status.signal == xpb.SIGNAL_SIGKILL
+
+
+async def test_a_bad_resize_ends_the_exec_stream_with_its_error(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    c = await create(services)
+    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"])))
+    await s.call.read()
+    s.send(resize=xpb.PtySize(rows=0, cols=0))
+    err = await expect_error(s.exit(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+    assert "resize" in err.details()

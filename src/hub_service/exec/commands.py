@@ -61,7 +61,7 @@ def signal_number(value: int, *, field: str = "signal") -> int:
 
 
 def exit_status(info: ExitInfo, *, timed_out: bool = False, oom_killed: bool = False) -> pb.ExitStatus:
-    status = pb.ExitStatus(exit_code=info.exit_code, signal_number=info.signal,
+    status = pb.ExitStatus(exit_code=-1 if info.signal else info.exit_code, signal_number=info.signal,
                            timed_out=timed_out, oom_killed=oom_killed)
     if info.signal and info.signal in pb.Signal.values():
         status.signal = info.signal  # type: ignore[assignment]

@@ -44,7 +44,9 @@ class OutputReader:
         try:
             while (chunk := await self._proc.read(self._chunk)) is not None:
                 await self._queue.put(chunk)
-        except OSError as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
             # Reading failed (the driver lost the process): end the output;
             # the exit status says what happened.
             log.warning("exec.output_lost", error=str(e))

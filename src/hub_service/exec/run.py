@@ -19,6 +19,10 @@ from sandhub.errors import InvalidStream
 from sandhub.exec.v1 import exec_pb2 as pb
 
 SIGKILL = 9
+AFTER_EXIT_S = 0.2
+"""Once the command itself has exited, how long output still in flight is
+collected before whatever it left running (holding the pipes open) is killed.
+Run and Exec are for commands that end; StartProcess is for ones that stay."""
 
 
 @dataclass
@@ -57,18 +61,28 @@ async def run_once(
     out, err = Capped(max_output, bytearray()), Capped(max_output, bytearray())
     feeder = asyncio.ensure_future(_feed_stdin(proc, stdin))
     timed_out = False
+
+    async def collect() -> None:
+        while (chunk := await proc.read()) is not None:
+            (out if chunk.stream == "stdout" else err).add(chunk.data)
+
+    reading = asyncio.ensure_future(collect())
     try:
         try:
             async with asyncio.timeout(timeout_s):
-                while (chunk := await proc.read()) is not None:
-                    (out if chunk.stream == "stdout" else err).add(chunk.data)
                 info = await proc.wait()
+                # Children it left behind may hold the pipes open: take what
+                # is in flight, then end them.
+                await asyncio.wait([reading], timeout=AFTER_EXIT_S)
         except TimeoutError:
             timed_out = True
             await proc.kill()
             info = await proc.wait()
+        await proc.kill()
+        await asyncio.wait([reading], timeout=AFTER_EXIT_S)
     finally:
         feeder.cancel()
+        reading.cancel()
         await proc.kill()
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int((time.monotonic() - start) * 1e9))
@@ -96,7 +110,9 @@ class ExecSession:
         try:
             async for request in requests:
                 await self._apply(request)
-        except InvalidStream as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bad message (InvalidStream, InvalidField) ends the stream with its error
             if not self._failure.done():
                 self._failure.set_result(e)
 
@@ -126,26 +142,47 @@ class ExecSession:
 
     async def run(self, requests: AsyncIterator[pb.ExecRequest]) -> AsyncIterator[pb.ExecResponse]:
         proc = self._proc
-        yield pb.ExecResponse(started=pb.ExecResponse.Started(pid=proc.pid))
         reader = OutputReader(proc, chunk_bytes=self._limits.chunk_bytes, window_s=self._limits.batch_window_s)
         inputs = asyncio.ensure_future(self._inputs(requests))
+        exited = asyncio.ensure_future(proc.wait())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         timed_out = False
+        exit_deadline = float("inf")
+        nxt: asyncio.Future[Any] | None = None
         try:
+            yield pb.ExecResponse(started=pb.ExecResponse.Started(pid=proc.pid))
+            leftovers_killed = False
             while True:
-                if loop.time() >= deadline:
+                now = loop.time()
+                if now >= deadline:
                     timed_out = True
                     await proc.kill()
                     break
-                idle_s = min(self._limits.keepalive_s, max(deadline - loop.time(), 0.0))
-                nxt = asyncio.ensure_future(reader.next(idle_s=idle_s))
+                wait_s: float | None = None
+                if exited.done() and not leftovers_killed:
+                    # The command ended; what it left running may hold the
+                    # pipes open. Take what is in flight, then end them.
+                    if exit_deadline == float("inf"):
+                        exit_deadline = now + AFTER_EXIT_S
+                    if now >= exit_deadline:
+                        await proc.kill()
+                        leftovers_killed = True
+                    else:
+                        wait_s = exit_deadline - now
+                if nxt is None:
+                    idle_s = min(self._limits.keepalive_s, max(deadline - now, 0.0))
+                    nxt = asyncio.ensure_future(reader.next(idle_s=idle_s))
                 waiting: list[asyncio.Future[Any]] = [nxt, self._failure]
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if not exited.done():
+                    waiting.append(exited)
+                await asyncio.wait(waiting, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 if self._failure.done():
-                    nxt.cancel()
                     raise self._failure.result()
+                if not nxt.done():
+                    continue
                 batch = nxt.result()
+                nxt = None
                 if batch is None:
                     break
                 if not isinstance(batch, OutputChunk):
@@ -161,5 +198,8 @@ class ExecSession:
             # Normal end, error, or the caller went away (cancelled): in every
             # case the process and its children go.
             inputs.cancel()
+            exited.cancel()
+            if nxt is not None:
+                nxt.cancel()
             await reader.close()
             await proc.kill()
