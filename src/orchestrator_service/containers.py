@@ -72,6 +72,8 @@ class ContainerService:
         self._subs: set[_Subscription] = set()
         self._settling: dict[str, asyncio.Future[Container]] = {}
         """Containers a create call waits on (wait_until_running), by id."""
+        self._starting: dict[str, int] = {}
+        """Creates in progress, per tenant (for the quota)."""
         self._create_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.backend: Backend | None = None
@@ -126,11 +128,15 @@ class ContainerService:
                 if existing is not None:
                     return existing
                 alive = [c for c in await self._backend.list() if c.tenant == tenant and c.state.alive]
-                if len(alive) >= self._limits.max_containers_per_tenant:
+                # Creates still on their way count too (checked and counted with no
+                # await in between): otherwise concurrent creates all pass the check.
+                starting = self._starting.get(tenant, 0)
+                if len(alive) + starting >= self._limits.max_containers_per_tenant:
                     raise QuotaExceeded(
-                        f"tenant already has {len(alive)} containers; delete some first",
+                        f"tenant already has {len(alive) + starting} containers; delete some first",
                         limit="max_containers_per_tenant",
                     )
+                self._starting[tenant] = starting + 1
                 container_id = new_container_id()
                 if wait_until_running:
                     self._settling[container_id] = asyncio.get_running_loop().create_future()
@@ -147,6 +153,9 @@ class ContainerService:
                         container = await self._wait_settled(container)
                 finally:
                     self._settling.pop(container_id, None)
+                    self._starting[tenant] -= 1
+                    if not self._starting[tenant]:
+                        del self._starting[tenant]
                 return container
             finally:
                 if lock is not None:

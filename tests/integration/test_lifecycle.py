@@ -276,3 +276,27 @@ async def test_orchestrator_down_is_unavailable_promptly(services: Services) -> 
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE
     assert reason_of(e.value)[0] == "BACKEND_UNAVAILABLE"
     assert time.monotonic() - start < 10  # not the caller's 20 s deadline
+
+
+async def test_delete_while_starting_leaves_nothing(services: Services) -> None:
+    creating = asyncio.ensure_future(create(services, wait_until_running=False))
+    backend = services.orchestrator.containers.backend
+    assert backend is not None
+    pending = None
+    for _ in range(2000):
+        pending = next((c for c in await backend.list() if c.state.value == "PENDING"), None)
+        if pending is not None:
+            break
+        await asyncio.sleep(0.0005)
+    assert pending is not None, "never saw the container PENDING"
+    deleted = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=pending.id), metadata=A)
+    assert deleted.container.state == pb.CONTAINER_STATE_TERMINATING
+    made = await creating
+    assert made.id == pending.id
+    final = await wait_state(services, made.id, pb.CONTAINER_STATE_TERMINATED)
+    assert final.state == pb.CONTAINER_STATE_TERMINATED
+    for _ in range(100):
+        if leftovers(made.id) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert leftovers(made.id) == []

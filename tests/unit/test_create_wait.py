@@ -57,3 +57,23 @@ async def test_many_waiters_each_get_their_own_container_running() -> None:
     assert all(c.state is State.RUNNING for c in made)
     assert len({c.id for c in made}) == 500
     assert service._settling == {}  # nothing left waiting
+
+
+async def test_concurrent_creates_cannot_pass_the_tenant_quota_together() -> None:
+    from dataclasses import replace
+
+    from sandhub.config import Limits
+    from sandhub.errors import QuotaExceeded
+
+    config = OrchestratorConfig(backend="slow", limits=replace(Limits(), max_containers_per_tenant=3))
+    service = ContainerService(config)
+    backend = SlowBackend()
+    backend.service = service
+    service.attach(backend)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(service.create(raw(), tenant="t", wait_until_running=True) for _ in range(10)),
+                                   return_exceptions=True)
+    made = [r for r in results if isinstance(r, Container)]
+    refused = [r for r in results if isinstance(r, QuotaExceeded)]
+    assert len(made) == 3 and len(refused) == 7
+    other = await service.create(raw(), tenant="u", wait_until_running=True)  # another tenant's own quota
+    assert other.state is State.RUNNING

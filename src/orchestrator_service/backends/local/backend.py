@@ -25,7 +25,7 @@ import structlog
 
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.local import cgroups, linux, sandbox
-from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, NetworkError
+from orchestrator_service.backends.local.network import AddressesExhausted, HostNetwork, NetworkConfig, NetworkError
 from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
@@ -228,12 +228,16 @@ class LocalBackend:
     async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
         image = self._images.resolve(spec.image)
         container = Container.from_spec(spec, id=container_id, backend=NAME, now=utcnow())
-        self._set(container_id, container)
         res = spec.resources
+        # Allocated before anything is recorded (a failure leaves nothing
+        # PENDING), and recorded before the next await, so concurrent creates
+        # see both taken.
         host_uid = self._allocate_uid() if self._root else 0
-        ip = self._net.allocate(self._taken_ips()) if self._net is not None else ""
-        # Recorded before the next await, so concurrent creates see both taken.
-        self._records[container_id] = Record(container, Runtime(host_uid=host_uid, ip_address=ip))
+        try:
+            ip = self._net.allocate(self._taken_ips()) if self._net is not None else ""
+        except AddressesExhausted as e:
+            raise QuotaExceeded(str(e), limit="subnet") from None
+        self._set(container_id, container, Runtime(host_uid=host_uid, ip_address=ip))
         box = sandbox.SandboxSpec(
             container_id=container_id,
             image=image,
@@ -260,6 +264,9 @@ class LocalBackend:
             detail = getattr(e, "detail", "")
             log.error("local.spawn_failed", container_id=container_id, error=str(e), detail=detail)
             message = f"{e}: {detail.splitlines()[-1]}" if detail else str(e)
+            current = self._records[container_id].container
+            if current.state is State.TERMINATING:  # deleted while starting: that is what it is now
+                return self._set(container_id, current.with_state(State.TERMINATED, reason=current.state_reason))
             return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=message))
         self._children[container_id] = proc
         runtime = Runtime(
@@ -271,10 +278,15 @@ class LocalBackend:
             ip_address=ip,
         )
         current = self._records[container_id].container
-        if current.state is not State.PENDING:  # deleted while starting
-            sandbox.kill_tree(started.init_pid, started.init_start_ticks)
+        if current.state is not State.PENDING:
+            # Deleted while starting: delete only marked it, the teardown is ours.
             self._records[container_id] = Record(current, runtime)
-            return current
+            sandbox.kill_tree(started.init_pid, started.init_start_ticks)
+            await self._wait_gone(runtime, 5.0)
+            await self._reap_child(container_id)
+            await self._release(container_id)
+            log.info("local.torn_down", container_id=container_id, reason=current.state_reason)
+            return self._set(container_id, current.with_state(State.TERMINATED, reason=current.state_reason))
         self._watch(container_id, started.init_pid)
         endpoints = tuple(
             Endpoint(name=p.name, port=p.port, protocol=p.protocol, address=f"{ip}:{p.port}") for p in current.ports
@@ -296,6 +308,9 @@ class LocalBackend:
         if c.state is State.FAILED:
             # Already cleaned when it failed: nothing left to tear down.
             return self._set(container_id, c.with_state(State.TERMINATED, reason=c.state_reason, message=c.state_message))
+        if c.state is State.PENDING:
+            # Still starting: create() sees the mark and tears down what it made.
+            return self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
         self._deleting.add(container_id)
         c = self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
         self._spawn_task(self._teardown(container_id, grace_period_s=grace_period_s, reason=reason))
@@ -322,6 +337,10 @@ class LocalBackend:
                 sandbox.signal_namespace(rt.namespaces.get("pid", 0), signal.SIGTERM)
                 await self._wait_gone(rt, grace_period_s)
             sandbox.kill_tree(rt.init_pid, rt.init_start_ticks)
+            if not rt.init_pid:  # recorded before its sandbox started (a crash mid-create)
+                for pid in sandbox.find_bwrap_for(container_id):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             await self._wait_gone(rt, 5.0)
             await self._reap_child(container_id)
             await self._release(container_id)
