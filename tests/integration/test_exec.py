@@ -123,6 +123,27 @@ async def test_tar_upload_and_many_files(services: Services, ex: xpb_grpc.ExecSe
 
     got = await ex.PutFiles(requests(), metadata=A)
     assert sorted(f.path for f in got.files) == ["/work/app/main.py", "/work/app/static/x.css"]
+
+    async def upload(data: bytes) -> xpb.PutFilesResponse:
+        async def reqs() -> AsyncIterator[xpb.PutFilesRequest]:
+            yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id,
+                                                                      format=xpb.ARCHIVE_FORMAT_TAR))
+            yield xpb.PutFilesRequest(data=data)
+        return await ex.PutFiles(reqs(), metadata=A)
+
+    # A bad member anywhere refuses the whole archive before anything is written.
+    bad = io.BytesIO()
+    with tarfile.open(fileobj=bad, mode="w") as t:
+        for name in ("first.txt", "../escape.txt"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 1
+            t.addfile(ti, io.BytesIO(b"x"))
+    await expect_error(upload(bad.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
+    assert (await run(ex, c.id, "ls", "/work")).stdout.split() == [b"app"]
+    gz = io.BytesIO()
+    with tarfile.open(fileobj=gz, mode="w:gz") as t:
+        t.addfile(tarfile.TarInfo("empty"), io.BytesIO(b""))
+    await expect_error(upload(gz.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
     r = await run(ex, c.id, "python3", "/work/app/main.py")
     assert r.stdout == b"hi\n"
 
@@ -135,8 +156,14 @@ async def test_path_escapes_are_refused(services: Services, ex: xpb_grpc.ExecSer
     await run(ex, c.id, "ln", "-s", "/etc", "/work/evil")
     await expect_error(put(ex, c.id, {"evil/passwd": b"owned"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
     # Read-only places stay read-only.
-    err = await expect_error(put(ex, c.id, {"/etc/sandhub-x": b"x"}), grpc.StatusCode.INTERNAL)
-    assert "read-only" in err.details() or "cannot" in err.details()
+    err = await expect_error(put(ex, c.id, {"/etc/sandhub-x": b"x"}), grpc.StatusCode.INVALID_ARGUMENT,
+                             "PATH_NOT_ALLOWED")
+    assert "read-only" in err.details()
+    # A symlink at the target itself is replaced, not followed into the directory it names.
+    await run(ex, c.id, shell="mkdir /work/dir && ln -s /work/dir /work/link")
+    await put(ex, c.id, {"link": b"plain file now"})
+    listing = await run(ex, c.id, shell="ls -A /work/dir; cat /work/link; test -L /work/link || echo not-a-link")
+    assert listing.stdout == b"plain file nownot-a-link\n"
     assert not os.path.exists("/etc/sandhub-x")
     await expect_error(get(ex, c.id, "/work/nope"), grpc.StatusCode.NOT_FOUND, "PATH_NOT_FOUND")
 

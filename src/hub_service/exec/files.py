@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 from orchestrator_service.backends.exec_base import CommandSpec, ExecDriver, RunningProcess
 from sandhub.config import ExecLimits
-from sandhub.errors import InvalidField, InvalidStream, PathNotAllowed, PathNotFound, PayloadTooLarge, SandhubError
+from sandhub.errors import (
+    BackendError, ContainerNotRunning, InvalidField, InvalidStream, PathNotAllowed, PathNotFound, PayloadTooLarge, SandhubError,
+)
 from sandhub.exec.v1 import exec_pb2 as pb
 
 WORK_DIR = "/work"
@@ -43,6 +45,9 @@ if [ -d "$t" ] && [ ! -L "$t" ]; then exit 12; fi
 tmp="$d/.sandhub-put-$4"
 if ! why=$($BB dd of="$tmp" bs=1M 2>&1); then echo "$why" >&2; $BB rm -f "$tmp"; exit 13; fi
 if [ "$3" -gt 0 ] && [ "$($BB stat -c %s "$tmp")" != "$3" ]; then $BB rm -f "$tmp"; exit 14; fi
+# A symlink at the target is replaced, never followed (mv onto a link to a
+# directory would put the file inside that directory).
+if [ -L "$t" ]; then $BB rm -f "$t"; fi
 $BB chmod "$2" "$tmp" && $BB mv -f "$tmp" "$t" || { $BB rm -f "$tmp"; exit 15; }
 """
 
@@ -52,8 +57,9 @@ p=$1
 if [ -d "$p" ]; then
   echo "D 0 $($BB stat -c %a "$p")"; exec $BB tar -cf - -C "$p" .
 elif [ -f "$p" ]; then
+  [ -r "$p" ] || exit 21
   echo "F $($BB stat -c '%s %a' "$p")"
-  if [ "$2" = tar ]; then exec $BB tar -cf - -C "${p%/*}/" "${p##*/}"; fi
+  if [ "$2" = tar ]; then exec $BB tar -cf - -C "${p%/*}/" "./${p##*/}"; fi
   exec $BB dd if="$p" bs=1M 2>/dev/null
 else
   exit 20
@@ -173,11 +179,13 @@ class Uploader:
             raise InvalidStream(f"{up.path}: {up.size} bytes arrived, {up.announced} were announced")
         if info.exit_code == 13 and b"No space left" in err:
             raise PayloadTooLarge(f"{up.path}: no space left in the container", limit=0)
-        if info.exit_code == 11:
-            raise PathNotAllowed("file.path", f"{up.path}: {PUT_ERRORS[11]}")
+        if info.exit_code in PUT_ERRORS:
+            # The caller's path can't be written (a link, a directory in the
+            # way, a read-only place): theirs to change, not an internal fault.
+            raise PathNotAllowed("file.path", f"{up.path}: {PUT_ERRORS[info.exit_code]}")
         if info.exit_code or info.signal:
-            why = PUT_ERRORS.get(info.exit_code, err.decode(errors="replace").strip() or f"exit {info.exit_code}")
-            raise SandhubError(f"{up.path}: {why}")
+            raise ContainerNotRunning(self._cid, "stopping") if info.signal == 9 else SandhubError(
+                f"{up.path}: writing failed inside the container (exit {info.exit_code})")
         self.files.append(pb.FileInfo(path=up.path, size=up.size, mode=up.mode, sha256=up.sha.hexdigest()))
 
     async def abort(self) -> None:
@@ -192,7 +200,7 @@ class Uploader:
         tmp = posixpath.join(posixpath.dirname(up.path), f".sandhub-put-{up.suffix}")
         box = self._driver.toolbox
         rm = (box, "rm") if box else ("rm",)
-        with contextlib.suppress(SandhubError, OSError):
+        with contextlib.suppress(SandhubError, BackendError, OSError):
             proc = await self._driver.spawn(container_id=self._cid, command=CommandSpec(argv=(*rm, "-f", tmp)))
             await _drain(proc)
             await proc.wait()
@@ -247,6 +255,8 @@ async def get_files(
             info = await proc.wait()
             if info.exit_code == 20:
                 raise PathNotFound(path)
+            if info.exit_code == 21:
+                raise PathNotAllowed("path", f"{path} is not readable by the container's user")
             raise SandhubError(f"cannot read {path} in the container (exit {info.exit_code})")
         kind, size, mode = line.decode().split()
         is_dir = kind == "D"

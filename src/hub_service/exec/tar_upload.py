@@ -2,7 +2,8 @@
 by file through the same path as RAW uploads (atomic per file, sha256 each).
 
 Spooling (memory up to 8 MiB, then a temporary file, never beyond the upload
-limit) lets every member name be checked before anything is written, and
+limit) lets every member name be checked before anything is written (headers
+read one at a time, uncompressed archives only, at most max_upload_files), and
 keeps one code path writing into containers. Regular files and directories
 are taken; links, devices and fifos are refused: an archive must not plant a
 symlink that a later upload would follow.
@@ -43,15 +44,27 @@ async def _spool(requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits
     return spool
 
 
-def _members(spool: IO[bytes]) -> list[tarfile.TarInfo]:
+def _members(spool: IO[bytes], limits: ExecLimits, destination: str) -> list[tarfile.TarInfo]:
+    """Every member, checked before anything is written: an uncompressed tar
+    (a compressed one could expand without bound), at most max_upload_files
+    files, each path allowed. Headers are read one by one, so a flood of tiny
+    members stops at the limit instead of filling the Hub's memory."""
+    from hub_service.exec.files import WORK_DIR, check_path
+
+    base = check_path(destination or WORK_DIR, field="start.destination")
+    members: list[tarfile.TarInfo] = []
     try:
-        with tarfile.open(fileobj=spool, mode="r:*") as archive:
-            members = archive.getmembers()
+        with tarfile.open(fileobj=spool, mode="r:") as archive:
+            while (m := archive.next()) is not None:
+                if not (m.isfile() or m.isdir()):
+                    raise PathNotAllowed("data", f"{m.name}: only regular files and directories are taken from archives")
+                check_path(m.name.lstrip("/") or ".", field="data", base=base)
+                members.append(m)
+                if len(members) > limits.max_upload_files:
+                    raise PayloadTooLarge(f"more than {limits.max_upload_files} entries in the archive",
+                                          limit=limits.max_upload_files)
     except tarfile.TarError as e:
-        raise InvalidField("data", f"not a readable tar archive: {e}") from None
-    for m in members:
-        if not (m.isfile() or m.isdir()):
-            raise PathNotAllowed("data", f"{m.name}: only regular files and directories are taken from archives")
+        raise InvalidField("data", f"not a readable (uncompressed) tar archive: {e}") from None
     return members
 
 
@@ -63,9 +76,10 @@ async def put_tar(
 
     spool = await _spool(requests, limits)
     try:
-        members = await asyncio.to_thread(_members, spool)
+        members = await asyncio.to_thread(_members, spool, limits, start.destination)
         up = Uploader(driver, container_id, limits, start.destination)
-        archive = tarfile.open(fileobj=spool, mode="r:*")
+        spool.seek(0)
+        archive = tarfile.open(fileobj=spool, mode="r:")
         try:
             for m in members:
                 if not m.isfile():
