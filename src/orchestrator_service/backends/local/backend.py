@@ -157,7 +157,10 @@ class LocalBackend:
             self._watch(c.id, rt.init_pid)
             if self._net is not None and rt.ip_address and self._egress(c):
                 # setup() replaced the firewall tables, and with them the egress set.
-                await self._net.allow_egress(rt.ip_address)
+                try:
+                    await self._net.allow_egress(rt.ip_address)
+                except (NetworkError, ValueError) as e:  # e.g. the subnet was changed since
+                    log.error("local.egress_not_restored", container_id=c.id, error=str(e))
             log.info("local.adopted", container_id=c.id)
             return
         if c.state is State.TERMINATING:
@@ -418,7 +421,7 @@ class LocalBackend:
             ip = record.runtime.ip_address if record and self._egress(record.container) else ""
             try:
                 await self._net.detach(container_id=container_id, ip=ip)
-            except NetworkError as e:
+            except (NetworkError, ValueError) as e:
                 log.error("local.detach_failed", container_id=container_id, error=str(e))
         if not await asyncio.to_thread(self._cgroups.remove, container_id):
             log.error("local.cgroup_busy", container_id=container_id)
