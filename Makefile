@@ -130,7 +130,7 @@ $(ETCD):
 $(KWOK):
 	mkdir -p $(dir $@)
 	rm -rf $@.src
-	cd tools/k8s/kwok && cp -r "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)" $@.src
+	cd tools/k8s/kwok && go mod download sigs.k8s.io/kwok && cp -r "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)" $@.src
 	chmod -R u+w $@.src && cp tools/k8s/kwok/overlay/exec.go $@.src/pkg/utils/exec/exec.go
 	cd $@.src && go build -trimpath -ldflags='-s -w' -o $@.tmp ./cmd/kwok
 	rm -rf $@.src && mv $@.tmp $@
@@ -140,7 +140,7 @@ $(KWOK):
 # version as the binary, so the two always match.
 $(KWOK_STAGES):
 	rm -rf $@.tmp && mkdir -p $@.tmp
-	cd tools/k8s/kwok && src=$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage && \
+	cd tools/k8s/kwok && go mod download sigs.k8s.io/kwok && src=$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage && \
 	  cp $$src/node/fast/node-initialize.yaml $$src/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
 	     $$src/pod/fast/pod-ready.yaml $$src/pod/fast/pod-complete.yaml $$src/pod/fast/pod-delete.yaml $(abspath $@.tmp)/
 	mv $@.tmp $@

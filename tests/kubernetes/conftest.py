@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from tests.conftest import traversable
 from tests.kubernetes.control_plane import (
     FAKE_NODE_ANNOTATION, NODEGROUP, NODEGROUP_LABEL, NODEGROUP_TAINT, RUNTIME_CLASS, Binaries, ControlPlane,
 )
@@ -55,8 +54,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     if missing:
         pytest.fail("the Kubernetes test control plane is not built; run `make k8s-tools` "
                     f"(missing: {', '.join(missing)})")
-    # KWOK runs exec'd commands on this host as nobody, in a directory under this one.
-    cp = ControlPlane(root=traversable(tmp_path_factory.mktemp("k8s")), binaries=binaries)
+    cp = ControlPlane(root=tmp_path_factory.mktemp("k8s"), binaries=binaries)
     try:
         cp.start()
         api = client.CoreV1Api(api_client(cp.kubeconfig))

@@ -11,10 +11,12 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -86,6 +88,7 @@ class ControlPlane:
     api_port: int = 0
     kubeconfig: Path = Path()
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    exec_dir: Path | None = None
 
     @property
     def server(self) -> str:
@@ -188,11 +191,13 @@ class ControlPlane:
     def _cluster_exec(self) -> str:
         """KWOK serves pods/exec by running the command on this host: as nobody,
         in a scratch directory of the session's own (TMPDIR too, where the exec
-        driver keeps background-process state), never in the real /tmp."""
-        self.exec_dir = self.root / "exec"
-        (self.exec_dir / "tmp").mkdir(parents=True)
-        for d in (self.root, self.exec_dir, self.exec_dir / "tmp"):
-            d.chmod(0o1777 if d != self.root else 0o755)
+        driver keeps background-process state). Not under pytest's basetemp:
+        every pytest session that starts makes /tmp/pytest-of-<user> 0700
+        again, which would lock nobody out mid-run."""
+        self.exec_dir = Path(tempfile.mkdtemp(prefix="sandhub-kwok-exec-"))
+        (self.exec_dir / "tmp").mkdir()
+        for d in (self.exec_dir, self.exec_dir / "tmp"):
+            d.chmod(0o1777)
         return (
             "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterExec\nmetadata:\n  name: local\nspec:\n  execs:\n"
             f"  - local:\n      workDir: {self.exec_dir}\n"
@@ -236,6 +241,8 @@ class ControlPlane:
                     proc.kill()
                     proc.wait(5)
         self.procs.clear()
+        if self.exec_dir is not None:
+            shutil.rmtree(self.exec_dir, ignore_errors=True)
 
 
 def _http_ok(url: str, *, token: str = "", ca: Path | None = None) -> bool:

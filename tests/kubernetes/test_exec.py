@@ -66,7 +66,8 @@ async def test_env_cwd_and_refusals(driver: KubernetesExecDriver) -> None:
                                                               cwd="tmp"))
     out, _, info = await collect(proc)
     lines = out.decode().splitlines()
-    assert lines[0] == "hi /bin/sh" and lines[1].endswith("/exec/tmp") and info.exit_code == 0
+    assert lines[0] == "hi /bin/sh" and lines[1].endswith("/tmp") and "sandhub-kwok-exec-" in lines[1]
+    assert info.exit_code == 0
     with pytest.raises(InvalidField) as e:
         await driver.spawn(container_id=CID, command=CommandSpec(argv=("no-such-program-x",)))
     assert e.value.field == "command.argv"
@@ -81,19 +82,35 @@ async def test_signal_and_kill(driver: KubernetesExecDriver) -> None:
     proc = await driver.spawn(container_id=CID, command=CommandSpec(argv=("sleep", "30")))
     await proc.signal(signal.SIGTERM)
     assert (await asyncio.wait_for(collect(proc), 10))[2] == ExitInfo(signal=signal.SIGTERM)
-    proc = await driver.spawn(container_id=CID, command=CommandSpec(argv=("sleep", "30")))
+    proc = await driver.spawn(container_id=CID, command=sh("sleep 300 & echo $!; wait"))
+    first = await proc.read()
+    assert first is not None and first.stream == "stdout"
+    child = int(first.data.split()[0])
     await proc.kill()
     await proc.kill()  # idempotent
     assert (await asyncio.wait_for(proc.wait(), 10)).signal == signal.SIGKILL
+    # What the command started went with it (its process group was killed).
+    await asyncio.sleep(0.2)
+    check = await driver.spawn(container_id=CID, command=sh(  # a zombie waiting to be reaped counts as gone
+        f"s=$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/{child}/status 2>/dev/null); "
+        '[ -n "$s" ] && [ "$s" != Z ] && echo "alive $s" || echo gone'))
+    assert (await collect(check))[0] == b"gone\n"
 
 
 async def test_pty_and_resize(driver: KubernetesExecDriver) -> None:
-    proc = await driver.spawn(container_id=CID, command=sh("read x; stty size"), pty=PtySize(rows=24, cols=80))
+    """Waits for the answer while the command still runs: KWOK's PTY copy can
+    lose output written just before the command exits (a kubelet drains it)."""
+    proc = await driver.spawn(container_id=CID, command=sh("read x; stty size; read y"), pty=PtySize(rows=24, cols=80))
     await proc.resize(PtySize(rows=40, cols=100))
     await asyncio.sleep(0.2)
     await proc.write_stdin(b"\n")
-    out, err, info = await asyncio.wait_for(collect(proc), 10)
-    assert b"40 100" in out and err == b"" and info.exit_code == 0
+    out = bytearray()
+    while b"40 100" not in out:
+        chunk = await asyncio.wait_for(proc.read(), 10)
+        assert chunk is not None and chunk.stream == "stdout", out  # a PTY has one stream
+        out += chunk.data
+    await proc.write_stdin(b"\n")
+    assert (await asyncio.wait_for(collect(proc), 10))[2].exit_code == 0
 
 
 async def test_background_process(driver: KubernetesExecDriver) -> None:

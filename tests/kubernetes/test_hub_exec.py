@@ -48,6 +48,7 @@ async def test_run_put_and_get_files_through_the_hub(hub: grpc.aio.Channel, cont
     ex = xpb_grpc.ExecServiceStub(hub)
     r = await run(ex, cid, shell="echo hi; echo err >&2; exit 3")
     assert (r.status.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"err\n")
+    assert control_plane.exec_dir is not None
     dest = str(control_plane.exec_dir / "tmp" / cid)
     blob = os.urandom(3 << 20)
     got = await put(ex, cid, {"app/main.py": b"print('hello')\n", "blob.bin": blob}, destination=dest, mode=0o640)

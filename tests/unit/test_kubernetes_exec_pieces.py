@@ -38,6 +38,7 @@ def test_exec_url_names_every_argument() -> None:
 
 def test_wrapped_command_quotes_env_and_refuses_bad_names() -> None:
     argv = s.wrapped(CommandSpec(argv=("python", "-V"), env={"A": "it's"}, cwd="app"))
+    assert 'setsid "$@"' in argv[2] and 'exec "$@"' in s.wrapped(CommandSpec(argv=("x",)), tty=True)[2]
     assert argv[:2] == ["/bin/sh", "-c"] and argv[2].startswith("export A='it'\"'\"'s'; ")
     assert argv[3:] == ["sandhub", "app", "python", "-V"]
     with pytest.raises(ValueError):

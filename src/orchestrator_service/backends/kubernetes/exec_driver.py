@@ -99,7 +99,8 @@ class KubernetesExecDriver:
         if pty is not None and not (0 < pty.rows < 65536 and 0 < pty.cols < 65536):
             raise InvalidField("pty", "rows and cols must be between 1 and 65535")
         await self._check_running(container_id)
-        sock = await self._open(container_id, scripts.wrapped(command), stdin=True, tty=pty is not None)
+        sock = await self._open(container_id, scripts.wrapped(command, tty=pty is not None), stdin=True,
+                                tty=pty is not None)
 
         async def signaller(pid: int, signum: int) -> None:
             await self._run(container_id, scripts.signal_argv(pid, signum))
@@ -114,7 +115,9 @@ class KubernetesExecDriver:
             if e.reason == "NOEXEC":
                 raise InvalidField("command.argv", f"{command.argv[0]!r}: not found in the container") from None
             await self._check_running(container_id)
-            raise BackendError(f"exec in {container_id} ended before the command started") from None
+            log.warning("kubernetes.exec_ended_early", container_id=container_id, status=proc.status_message)
+            raise BackendError(f"exec in {container_id} ended before the command started: "
+                               f"{proc.status_message or 'no status'}") from None
         except TimeoutError:
             await proc.kill()
             raise Timeout(f"the command did not start in {START_TIMEOUT_S:g}s") from None

@@ -55,6 +55,8 @@ class KubeProcess:
         self._thread = threading.Thread(target=self._read_frames, name="k8s-exec-read", daemon=True)
         self._thread.start()
         self.pid = 0
+        self.status_message = ""
+        """What the status channel said, for errors (empty while running)."""
 
     async def started(self, timeout_s: float) -> None:
         """Waits for the wrapper's first line; raises StartError or TimeoutError."""
@@ -94,6 +96,7 @@ class KubeProcess:
                 if not self._put(OutputChunk(stream, data)):
                     break
         self._sock.close()
+        self.status_message = exec_ws.status_message(status)
         if not self._started.done():
             self._set(self._started, StartError("NOSTART"))
         self._set(self._exit, self._exit_info(status))

@@ -28,14 +28,23 @@ are kept per stream of a background process."""
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-WRAP = (
+_CHECK = (
     'if [ -n "$1" ]; then cd -- "$1" 2>/dev/null || { echo SANDHUB-NOCWD; exit 126; }; fi; shift; '
     'command -v -- "$1" >/dev/null 2>&1 || { echo SANDHUB-NOEXEC; exit 127; }; '
-    'echo "SANDHUB-PID $$"; exec "$@"'
+)
+WRAP = _CHECK + (
+    'exec 3<&0; if command -v setsid >/dev/null 2>&1; then setsid "$@" 0<&3 3<&- & else "$@" 0<&3 3<&- & fi; '
+    'exec 3<&-; pid=$!; echo "SANDHUB-PID $pid"; wait "$pid"'
 )
 """Runs argv in cwd with the pid announced first (stdout's first line), or
 says why it can't: so the driver knows the pid (for signals) and can refuse
-an unknown program before the caller streams anything into it."""
+an unknown program before the caller streams anything into it. The command
+leads a process group of its own (setsid, where the image has it), so a
+signal or kill reaches everything it started; the shell passes its exit
+status on (128+n after signal n). stdin goes through fd 3: sh gives a
+background command /dev/null as stdin before any redirection of its own."""
+WRAP_TTY = _CHECK + 'echo "SANDHUB-PID $$"; exec "$@"'
+"""With a PTY the runtime already makes the command a session leader."""
 
 
 def exports(env: Mapping[str, str]) -> str:
@@ -46,8 +55,9 @@ def exports(env: Mapping[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
 
 
-def wrapped(command: CommandSpec) -> list[str]:
-    return ["/bin/sh", "-c", exports(command.env) + WRAP, "sandhub", command.cwd, *command.argv]
+def wrapped(command: CommandSpec, *, tty: bool = False) -> list[str]:
+    script = WRAP_TTY if tty else WRAP
+    return ["/bin/sh", "-c", exports(command.env) + script, "sandhub", command.cwd, *command.argv]
 
 
 def signal_argv(pid: int, signum: int) -> list[str]:
