@@ -7,7 +7,9 @@ In one run, on one container, interleaved so load hits all alike:
   no seccomp, no fork server);
 and the transfer rate of a PutFiles upload (and a GetFiles download) beside a
 plain gRPC client stream of the same bytes, in the same message size, to a
-trivial in-process server (what gRPC in Python can carry at all).
+trivial server in this process (what gRPC in Python can carry at all). The
+transfer clients run as processes of their own, like real callers: in this
+process they would share the GIL with the servers being measured.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -83,15 +86,19 @@ class _Sink:
         await asyncio.to_thread(self._thread.join, 10)
 
 
-async def _stream(payload: bytes) -> AsyncIterator[bytes]:
-    for i in range(0, len(payload), CHUNK):
-        yield payload[i:i + CHUNK]
-
-
 async def _timed(coro: Any) -> float:
     start = time.perf_counter()
     await coro
     return time.perf_counter() - start
+
+
+async def _client(kind: str, address: str, mib: int, *extra: str) -> dict[str, list[float]]:
+    argv = [sys.executable, "-m", "sandhub.bench.upload_client", kind, address, str(mib), "3", *extra]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"transfer client failed: {done.stderr.strip()[-500:]}")
+    rates: dict[str, list[float]] = json.loads(done.stdout)
+    return rates
 
 
 def _init_pid(services: LocalServices, container_id: str) -> int:
@@ -145,30 +152,11 @@ async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
             results.ls_ms["driver"].append(1000 * await _timed(via_driver()))
             results.ls_ms["nsenter"].append(1000 * await asyncio.to_thread(_nsenter_ls, init_pid))
 
-        payload = bytes(range(256)) * (upload_mib * CHUNK // 256)
-        sink_channel = grpc.aio.insecure_channel(f"127.0.0.1:{sink.port}")
-        put_raw: Any = sink_channel.stream_unary(SINK)
-
-        async def put_files() -> None:
-            async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-                yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
-                yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path="blob.bin", size=len(payload)))
-                async for chunk in _stream(payload):
-                    yield xpb.PutFilesRequest(data=chunk)
-            await ex.PutFiles(requests(), metadata=md)
-
-        async def get_files() -> None:
-            async for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=c.id, path="/work/blob.bin"), metadata=md):
-                pass
-
-        mb = len(payload) / 1e6
-        for name in ("plain_grpc", "put_files", "get_files"):
-            results.upload_mb_s[name] = []
-        for _ in range(3):
-            results.upload_mb_s["plain_grpc"].append(mb / await _timed(put_raw(_stream(payload))))
-            results.upload_mb_s["put_files"].append(mb / await _timed(put_files()))
-            results.upload_mb_s["get_files"].append(mb / await _timed(get_files()))
-        await sink_channel.close()
+        # Transfers are driven from a process of their own, as a caller's are.
+        for name, rates in (await _client("sink", f"127.0.0.1:{sink.port}", upload_mib)).items():
+            results.upload_mb_s[name] = rates
+        hub_rates = await _client("hub", services.hub_address, upload_mib, c.id, API_KEY)
+        results.upload_mb_s.update(hub_rates)
     except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
         results.failures.append(str(e))
     finally:
