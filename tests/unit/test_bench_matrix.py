@@ -219,3 +219,43 @@ async def test_matrix_runs_every_cell_on_every_target_and_records_an_unavailable
     ratio_line = next(line for line in text.splitlines() if line.startswith("| burst | 3 | 2"))
     assert ratio_line.startswith("| burst | 3 | 2.00× | 2.00× | ")  # CCT from the fakes; `ls /` is timed
     assert ratio_line.endswith("| – | – | – |")  # no Docker numbers to divide by
+
+
+def test_failure_reasons_are_grouped_with_request_ids_blanked() -> None:
+    from sandhub.bench.matrix import grouped_reasons
+
+    metrics = {"ls": {"failure_reasons": {
+        "INTERNAL INTERNAL: internal error; quote request id 32640809c1454ba1 to the operator": 1,
+        "INTERNAL INTERNAL: internal error; quote request id b927cdd5b2804da8 to the operator": 2,
+    }}, "cct": {"failure_reasons": {"skipped: the container was not created": 4}}}
+    assert grouped_reasons(metrics) == {
+        "ls: INTERNAL INTERNAL: internal error; quote request id ... to the operator": 3,
+        "cct: skipped: the container was not created": 4,
+    }
+
+
+def test_from_json_rewrites_markdown_and_keeps_the_hand_written_tail(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    saved = tmp_path / "m.json"
+    saved.write_text(json.dumps(sample_matrix()))
+    out = tmp_path / "B.md"
+    out.write_text("# old\n\n" + matrix_report.KEEP_MARKER + "\nfindings by hand\n")
+    sandhub = str(Path(sys.executable).parent / "sandhub")
+    proc = subprocess.run([sandhub, "bench", "matrix", "--from-json", str(saved), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n") and "# old" not in text
+    assert text.endswith(matrix_report.KEEP_MARKER + "\nfindings by hand\n")
+    assert "| burst | 20 | 2.00× | 2.00× | 2.50× | 0.05× | 0.05× | 0.10× |" in text
+    assert "| burst | 20 | sandhub | 40.0 | 50.0 | 40.0 | 10.0 | 0 |" in text
+
+
+def test_small_ratios_keep_two_significant_digits() -> None:
+    from sandhub.bench.matrix_report import _ratio
+
+    assert (_ratio(30, 10), _ratio(1, 10), _ratio(30, 11000), _ratio(None, 1), _ratio(1, 0)) == (
+        "3.00×", "0.10×", "0.0027×", "–", "–")

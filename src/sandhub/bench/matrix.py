@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -86,8 +87,7 @@ def summarize_cell(cell: Cell, out: dict[str, Any]) -> dict[str, Any]:
         "create_p50_ms": summary("create", "p50"), "create_p99_ms": summary("create", "p99"),
         "ls_mean_ms": summary("ls", "mean"), "ls_p50_ms": summary("ls", "p50"), "ls_p99_ms": summary("ls", "p99"),
         "failures": sum(int(m["failures"]) for m in metrics.values()),
-        "failure_reasons": {f"{name}: {reason}": count for name, m in metrics.items()
-                            for reason, count in m["failure_reasons"].items()},
+        "failure_reasons": grouped_reasons(metrics),
         "leftovers": len(out["leftovers"]), "interrupted": out["interrupted"],
         "wall_s": out["wall_s"], "max_issue_lag_ms": out["max_issue_lag_ms"],
         "memory": out["memory"],
@@ -95,6 +95,20 @@ def summarize_cell(cell: Cell, out: dict[str, Any]) -> dict[str, Any]:
         "container_ids": out["container_ids"],
         "error": "",
     }
+
+
+_REQUEST_ID = re.compile(r"(request id )[0-9a-f]{8,}")
+
+
+def grouped_reasons(metrics: dict[str, Any]) -> dict[str, int]:
+    """"metric: reason" -> count, request ids blanked so that one cause over
+    many calls is one line (the Hub's INTERNAL errors quote theirs)."""
+    out: dict[str, int] = {}
+    for name, m in metrics.items():
+        for reason, count in m["failure_reasons"].items():
+            key = name + ": " + _REQUEST_ID.sub(r"\1...", reason)
+            out[key] = out.get(key, 0) + count
+    return out
 
 
 def failed_cell(cell: Cell, target: str, reason: str) -> dict[str, Any]:
@@ -192,6 +206,8 @@ async def run_matrix(matrix: Matrix, *, factory: TargetFactory | None = None, sa
                 matrix.runs.append(row)
                 say(f"  CCT p50 {_ms(row['cct_p50_ms'])} p99 {_ms(row['cct_p99_ms'])}, "
                     f"ls mean {_ms(row['ls_mean_ms'])}, failures {row['failures']}, left {row['leftovers']}")
+                for reason, count in sorted(row["failure_reasons"].items(), key=lambda kv: -kv[1])[:3]:
+                    say(f"    {count} x {reason}")
                 if results.interrupted:
                     matrix.interrupted = True
                     return matrix

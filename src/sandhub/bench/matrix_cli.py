@@ -67,6 +67,8 @@ def add_parser(sub: Any) -> None:
     m.add_argument("--chart", type=Path, default=None,
                    help="PNG of the CCT distributions (default: BENCHMARKS-cct.png beside --output)")
     m.add_argument("--json-out", type=Path, default=None, help="also write every number (and CCT values) as JSON")
+    m.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                   help="measure nothing: write the markdown and chart of a run saved with --json-out")
     m.add_argument("--log-level", default="warning", help="of in-process services (default warning)")
     m.set_defaults(func=cmd_matrix)
 
@@ -74,9 +76,12 @@ def add_parser(sub: Any) -> None:
 def cmd_matrix(args: argparse.Namespace) -> int:
     from sandhub import logs
     from sandhub.bench import matrix_report
-    from sandhub.bench.chart import ChartUnavailable, write_chart
 
     logs.configure(level=args.log_level)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        _write(args, data, started=str(data.get("started", "")))
+        return 0
     options = MatrixOptions(
         burst_sizes=args.burst_sizes, gradual_sizes=FULL_GRADUAL if args.full else args.gradual_sizes,
         targets=args.targets, runs=args.runs, rpc_calls=args.rpc_calls, docker_network=args.docker_network,
@@ -94,11 +99,20 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print("interrupted: everything created was deleted; BENCHMARKS.md not written", file=sys.stderr)
         print(matrix_report.markdown(data))
         return 130
+    _write(args, data, started=matrix.started)
+    return 1 if matrix.failed else 0
+
+
+def _write(args: argparse.Namespace, data: dict[str, Any], *, started: str) -> None:
+    """BENCHMARKS.md (keeping its hand-written tail) and the chart beside it."""
+    from sandhub.bench import matrix_report
+    from sandhub.bench.chart import ChartUnavailable, write_chart
+
     chart_path = args.chart or args.output.with_name(matrix_report.CHART_NAME)
     chart, note = "", ""
     try:
-        write_chart(matrix_report.by_cell(matrix.runs), chart_path,
-                    title=f"sandhub bench matrix, {matrix.started}: CCT per cell")
+        write_chart(matrix_report.by_cell(data["runs"]), chart_path,
+                    title=f"sandhub bench matrix, {started}: CCT per cell")
         chart = _relative(chart_path, args.output.parent)
     except ChartUnavailable as e:
         note = f"No chart: {e}."
@@ -107,7 +121,6 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     args.output.write_text(matrix_report.merge_kept(text, old))
     print(text)
     print(f"wrote {args.output}" + (f" and {chart_path}" if chart else ""), file=sys.stderr)
-    return 1 if matrix.failed else 0
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -21,7 +21,11 @@ def _ms(v: float | None) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return "–" if a is None or b is None or b <= 0 else f"{a / b:.2f}×"
+    """Two decimals, or two significant digits below 0.1 (sandhub/Docker)."""
+    if a is None or b is None or b <= 0:
+        return "–"
+    r = a / b
+    return f"{r:.2f}×" if r >= 0.1 or r == 0 else f"{r:.2g}×"
 
 
 def _mib(v: float | None) -> str:
