@@ -18,6 +18,7 @@ the end), GET /exec/{id}/json for the exit code.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import secrets
@@ -71,6 +72,15 @@ def free_subnet(taken: Sequence[ipaddress.IPv4Network], prefix: int = 20, tries:
         if not any(net.overlaps(t) for t in taken if t.prefixlen > 0):
             return str(net)
     raise TargetError("no free /20 left in 10.224.0.0/12 for Docker's bench network")
+
+
+async def remove_link(name: str) -> None:
+    """Deletes the network interface ``name`` if it is still there."""
+    if not (Path("/sys/class/net") / name).exists():
+        return
+    proc = await asyncio.create_subprocess_exec("ip", "link", "del", "dev", name, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    await proc.wait()
 
 
 class DockerTarget:
@@ -138,11 +148,16 @@ class DockerTarget:
                 swept = [str(c["Id"]) for c in resp.json() or []]
                 for cid in swept:
                     await self.delete(cid)
-                if self._network:
-                    await self._client.call(Request("DELETE", f"/networks/{self._network}"))
             except (DockerApiError, TargetError):
                 pass  # stopping the daemon below removes its data anyway
+            if self._network:
+                try:
+                    await self._client.call(Request("DELETE", f"/networks/{self._network}"))
+                except DockerApiError:
+                    pass  # removed below
         await self._daemon.stop()
+        if self._network:
+            await remove_link(self._network)  # dockerd leaves its bridges when it stops
         self._client = None
         return swept
 
