@@ -45,6 +45,9 @@ async def test_default_placement_runs_hardened_with_its_policy(
     c = await backend.create(spec=make_spec(), container_id="cnt-default00001")
     assert c.state is State.PENDING and c.backend == "kubernetes"
     running = await wait_for(backend, c.id, state_is(State.RUNNING))
+    # Ready when this orchestrator saw it so, sub-second: never before the create
+    # (the pod's own Ready stamp is whole seconds and could be).
+    assert running.ready_time is not None and running.ready_time > running.create_time
     pod = stored_pod(kube, namespace, c.id)
     assert pod.spec.node_name == "kwok-general"  # the node group's taint keeps it off kwok-sandbox-1
     assert running.ip_address == pod.status.pod_ip and running.ip_address.startswith("10.244.")
@@ -199,6 +202,10 @@ async def test_two_orchestrators_delete_once(control_plane: ControlPlane, namesp
         c = await one.create(spec=make_spec(), container_id="cnt-twice0000001")
         await wait_for(one, c.id, state_is(State.RUNNING))
         await wait_for(two, c.id, state_is(State.RUNNING))
+        for _ in range(100):  # the creator records the ready time (one patch) before we count
+            if "sandhub.dev/ready-time" in (stored_pod(kube, namespace, c.id).metadata.annotations or {}):
+                break
+            await asyncio.sleep(0.05)
         marks_before = one.api.stats.calls + two.api.stats.calls
         results = await asyncio.gather(
             one.delete(container_id=c.id, grace_period_s=1, reason="Expired"),

@@ -30,7 +30,7 @@ from orchestrator_service.backends.kubernetes.status import read_container
 from orchestrator_service.backends.kubernetes.watcher import PodWatcher
 from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
 from sandhub.config import KubernetesBackendConfig
-from sandhub.errors import BackendError, ContainerNotFound, InvalidField, QuotaExceeded, UnknownImage
+from sandhub.errors import BackendError, BackendUnavailable, ContainerNotFound, InvalidField, QuotaExceeded, UnknownImage
 
 log = structlog.get_logger("sandhub.kubernetes")
 NAME = "kubernetes"
@@ -59,6 +59,13 @@ class KubernetesBackend:
         self._pods: dict[str, client.V1Pod] = {}
         self._containers: dict[str, Container] = {}
         self._tombstones: dict[str, Container] = {}
+        self._ready_seen: dict[str, datetime] = {}
+        """When this orchestrator saw each pod turn RUNNING (sub-second, unlike the pod's own stamp)."""
+        self._ready_patching: set[str] = set()
+        self._created_here: set[str] = set()
+        """Pods this process created: it alone records their ready time (another
+        orchestrator watching the same pods would see them turn Running later)."""
+        self._background: set[asyncio.Task[None]] = set()
         self._deleting: set[str] = set()
         self._forgetting: set[str] = set()
         self._api: Api | None = None
@@ -99,6 +106,8 @@ class KubernetesBackend:
                 raise BackendError(f"cannot create the baseline NetworkPolicy: {e.status} {e.reason}") from e
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,6 +156,7 @@ class KubernetesBackend:
     def _refresh(self, cid: str) -> Container:
         container = self._read(self._pods[cid])
         previous = self._containers.get(cid)
+        container = self._with_ready_time(cid, container, previous)
         self._containers[cid] = container
         if previous != container:
             self._notify(Event(EventType.ADDED if previous is None else EventType.MODIFIED, container))
@@ -155,7 +165,37 @@ class KubernetesBackend:
                             message=container.state_message)
         return container
 
+    def _with_ready_time(self, cid: str, container: Container, previous: Container | None) -> Container:
+        """The pod's Ready condition is stamped to the whole second, coarser
+        than the create time: when this orchestrator sees a pod turn RUNNING
+        itself, that moment is its ready time, recorded on the pod (one patch)
+        so a restart reads the same. Adopted pods keep what is recorded."""
+        if (container.state is not State.RUNNING or previous is None or previous.state is not State.PENDING
+                or cid not in self._created_here):
+            return container
+        if o.ANN_READY_TIME in (self._pods[cid].metadata.annotations or {}):
+            return container
+        seen = self._ready_seen.setdefault(cid, utcnow())
+        if cid not in self._ready_patching:
+            self._ready_patching.add(cid)
+            task = asyncio.ensure_future(self._record_ready(cid, seen))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return replace(container, ready_time=seen)
+
+    async def _record_ready(self, cid: str, seen: datetime) -> None:
+        try:
+            pod = await self.api.call("record ready time", self.api.core.patch_namespaced_pod, cid, self._ns,
+                                      o.ready_patch(seen))
+            self._store(pod)
+        except (ApiException, BackendError, BackendUnavailable) as e:
+            log.warning("kubernetes.ready_time_not_recorded", container_id=cid, error=str(e))
+        finally:
+            self._ready_patching.discard(cid)
+
     def _gone(self, cid: str) -> None:
+        self._ready_seen.pop(cid, None)
+        self._created_here.discard(cid)
         self._pods.pop(cid, None)
         last = self._containers.pop(cid, None)
         if cid in self._forgetting:
@@ -219,6 +259,7 @@ class KubernetesBackend:
         pod = o.make_pod(spec, container_id=container_id, config=self._config, create_time=now,
                          expire_time=now + timedelta(seconds=spec.ttl_s))
         try:
+            self._created_here.add(container_id)
             created = await self.api.call("create pod", self.api.core.create_namespaced_pod, self._ns, pod)
         except ApiException as e:
             if e.status != 409:

@@ -36,6 +36,9 @@ ANN_RESOURCES = PREFIX + "resources"
 ANN_PLACEMENT = PREFIX + "placement"
 ANN_CREATE_TIME = PREFIX + "create-time"
 ANN_EXPIRE_TIME = PREFIX + "expire-time"
+ANN_READY_TIME = PREFIX + "ready-time"
+"""When the orchestrator saw the pod turn Running (sub-second; the pod's own
+Ready stamp is whole seconds, coarser than a creation time)."""
 ANN_REQUEST_ID = PREFIX + "request-id"
 ANN_DEFAULTED_ENV = PREFIX + "defaulted-env"
 ANN_DELETE_REASON = PREFIX + "delete-reason"
@@ -277,6 +280,11 @@ def expiry_patch(expire_time: datetime) -> dict[str, object]:
     """A merge patch moving the expiry (label and annotation together)."""
     return {"metadata": {"labels": {LABEL_EXPIRES: str(int(expire_time.timestamp()))},
                          "annotations": {ANN_EXPIRE_TIME: iso(expire_time)}}}
+
+
+def ready_patch(ready_time: datetime) -> dict[str, object]:
+    """A merge patch recording when the pod was seen Running."""
+    return {"metadata": {"annotations": {ANN_READY_TIME: iso(ready_time)}}}
 
 
 def delete_mark_patch(reason: str, resource_version: str, now: datetime) -> dict[str, object]:

@@ -121,7 +121,12 @@ def read_container(pod: client.V1Pod, *, backend: str, now: datetime,
     created = _time(annotations.get(o.ANN_CREATE_TIME)) or _time(meta.creation_timestamp) or now
     expires = _time(annotations.get(o.ANN_EXPIRE_TIME)) or created
     ip = (pod.status.pod_ip if pod.status else None) or ""
-    ready_time = status.since if status.state is State.RUNNING else None
+    ready_time = None
+    if status.state is State.RUNNING:
+        # What the orchestrator recorded when it saw it Running; else the pod's
+        # whole-second Ready stamp, never before the (sub-second) create time.
+        ready_time = _time(annotations.get(o.ANN_READY_TIME)) or (
+            max(status.since, created) if status.since else None)
     conditions = (pod.status.conditions if pod.status else None) or []
     updated = _latest(created, _time(meta.deletion_timestamp), status.since,
                       *(_time(c.last_transition_time) for c in conditions)) or created
