@@ -67,6 +67,8 @@ def used_grants(files: set[str] | None, exclude: frozenset[str] = frozenset()) -
         for method, kind in re.findall(r"\.(delete_collection|create|read|list|patch|delete|replace)_namespaced_"
                                        r"(pod|network_policy)\b", text):
             used.setdefault(METHOD_RESOURCE[kind], set()).add(METHOD_VERB[method])
+        if ".read_container_pod(" in text:  # Api.read_container_pod: a pod get
+            used.setdefault(("", "pods", ""), set()).add("get")
         if re.search(r"list_namespaced_pod\([^)]*watch=True", text, re.S):
             used.setdefault(("", "pods", ""), set()).add("watch")
         if "/exec" in text and "pods/" in text:

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from sandhub.config import KubernetesBackendConfig
-from sandhub.errors import BackendError, BackendUnavailable
+from sandhub.errors import BackendError, BackendUnavailable, ContainerNotFound
 
 log = structlog.get_logger("sandhub.kubernetes")
 T = TypeVar("T")
@@ -73,6 +73,19 @@ class Api:
     @property
     def timeout(self) -> float:
         return self._config.request_timeout_s
+
+    async def read_container_pod(self, namespace: str, container_id: str, *, id_label: str) -> client.V1Pod:
+        """The pod of a container; ContainerNotFound when there is none, or when
+        the pod of that name is not one of ours (its id label differs)."""
+        try:
+            pod = await self.call("read pod", self.core.read_namespaced_pod, container_id, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise ContainerNotFound(container_id) from None
+            raise BackendError(f"read pod: {e.status} {e.reason}") from e
+        if (pod.metadata.labels or {}).get(id_label) != container_id:
+            raise ContainerNotFound(container_id)
+        return pod
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in a thread, retried; ApiException other than

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.kubernetes import objects as o
-from orchestrator_service.backends.kubernetes.api import Api, is_status, new_api_client
+from orchestrator_service.backends.kubernetes.api import Api, new_api_client
 from orchestrator_service.backends.kubernetes.status import read_container
 from orchestrator_service.backends.kubernetes.watcher import PodWatcher
 from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
@@ -290,14 +290,7 @@ class KubernetesBackend:
         if known is not None:
             return known
         # Not seen yet (made by another orchestrator a moment ago?): ask the server.
-        try:
-            pod = await self.api.call("read pod", self.api.core.read_namespaced_pod, container_id, self._ns)
-        except ApiException as e:
-            if e.status == 404:
-                raise ContainerNotFound(container_id) from None
-            raise BackendError(f"read pod: {e.status} {e.reason}") from e
-        if (pod.metadata.labels or {}).get(o.LABEL_CONTAINER_ID) != container_id:
-            raise ContainerNotFound(container_id)
+        pod = await self.api.read_container_pod(self._ns, container_id, id_label=o.LABEL_CONTAINER_ID)
         return self._store(pod)
 
     async def list(self) -> list[Container]:

@@ -13,7 +13,6 @@ import asyncio
 import re
 
 import structlog
-from kubernetes.client.exceptions import ApiException
 
 from orchestrator_service.backends.exec_base import CommandSpec, OutputRead, ProcessInfo, PtySize, Stream
 from orchestrator_service.backends.kubernetes import exec_scripts as scripts
@@ -23,7 +22,7 @@ from orchestrator_service.backends.kubernetes.exec_process import KubeProcess, S
 from orchestrator_service.backends.kubernetes.exec_ws import ChannelSocket, exec_url
 from sandhub.config import KubernetesBackendConfig
 from sandhub.errors import (
-    BackendError, ContainerNotFound, ContainerNotRunning, InvalidField, ProcessNotFound, Timeout,
+    BackendError, ContainerNotRunning, InvalidField, ProcessNotFound, Timeout,
 )
 
 log = structlog.get_logger("sandhub.kubernetes.exec")
@@ -57,15 +56,7 @@ class KubernetesExecDriver:
     # -- one exec session ---------------------------------------------------------------
 
     async def _check_running(self, container_id: str) -> None:
-        try:
-            pod = await self.api.call("read pod", self.api.core.read_namespaced_pod, container_id,
-                                      self._config.namespace)
-        except ApiException as e:
-            if e.status == 404:
-                raise ContainerNotFound(container_id) from None
-            raise BackendError(f"read pod: {e.status} {e.reason}") from e
-        if (pod.metadata.labels or {}).get(o.LABEL_CONTAINER_ID) != container_id:
-            raise ContainerNotFound(container_id)
+        pod = await self.api.read_container_pod(self._config.namespace, container_id, id_label=o.LABEL_CONTAINER_ID)
         if pod.metadata.deletion_timestamp is not None or (pod.status and pod.status.phase) != "Running":
             raise ContainerNotRunning(container_id, "TERMINATING" if pod.metadata.deletion_timestamp else
                                       ("PENDING" if pod.status and pod.status.phase == "Pending" else "FAILED"))
