@@ -76,9 +76,12 @@ _STATS = (
 )
 
 _SHOW = (
+    # Each value read once, an empty one (a file being written) taken as unknown:
+    # a short line would make the process look absent.
     'show() { d=$1; [ -f "$d/cmd" ] || return 0; '
-    'echo "P ${d##*/} $(cat "$d/pid" 2>/dev/null || echo 0) $(cat "$d/start" 2>/dev/null || echo 0) '
-    '$(cat "$d/end" 2>/dev/null || echo 0) $(cat "$d/exit" 2>/dev/null || echo -) '
+    'p=$(cat "$d/pid" 2>/dev/null); s=$(cat "$d/start" 2>/dev/null); '
+    'x=$(cat "$d/exit" 2>/dev/null); e=$(cat "$d/end" 2>/dev/null); '
+    'echo "P ${d##*/} ${p:-0} ${s:-0} ${e:-0} ${x:--} '
     '$(stats "$d/out" "$2") $(stats "$d/err" "$2")"; cat "$d/cmd"; echo; }; '
 )
 
@@ -93,7 +96,8 @@ START = _DIR + (
     '( ring "$d/o" "$d/out" & ring "$d/e" "$d/err" & '
     'date +%s > "$d/start"; "$@" < /dev/null > "$d/o" 2> "$d/e" & pid=$!; echo "$pid" > "$d/pid"; '
     'printf "%s" "$cmd" > "$d/cmd"; wait "$pid"; rc=$?; wait; '
-    'date +%s > "$d/end"; echo "$rc" > "$d/exit" ) < /dev/null > /dev/null 2>&1 & '
+    'date +%s > "$d/end.t"; mv "$d/end.t" "$d/end"; echo "$rc" > "$d/exit.t"; mv "$d/exit.t" "$d/exit" '
+    ') < /dev/null > /dev/null 2>&1 & '
     'while [ ! -f "$d/cmd" ]; do sleep 0.01 2>/dev/null || sleep 1; done; echo STARTED'
 )
 """argv: id cwd segment keep command-json program args..."""
