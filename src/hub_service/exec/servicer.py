@@ -38,20 +38,21 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         self._limits = limits
         self._slots = TenantSlots(limits.max_calls_per_tenant)
 
-    async def _driver(self, container_id: str, context: rpc.Ctx) -> ExecDriver:
-        tenant = self._auth.tenant(context)
+    async def _driver(self, container_id: str, tenant: str) -> ExecDriver:
         backend = await self._lookup.backend_of(container_id, tenant=tenant)
         return await self._drivers.get(backend)
 
     async def PutFiles(self, request_iterator: AsyncIterator[pb.PutFilesRequest], context: rpc.Ctx) -> pb.PutFilesResponse:
-        with self._slots.take(self._auth.tenant(context)):
+        tenant = self._auth.tenant(context)
+        with self._slots.take(tenant):
             start = await _first(request_iterator, "start")
-            driver = await self._driver(start.container_id, context)
+            driver = await self._driver(start.container_id, tenant)
             return await files.put_files(driver, start.container_id, start, request_iterator, self._limits)
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
-        with self._slots.take(self._auth.tenant(context)):
-            driver = await self._driver(request.container_id, context)
+        tenant = self._auth.tenant(context)
+        with self._slots.take(tenant):
+            driver = await self._driver(request.container_id, tenant)
             async for response in files.get_files(driver, request.container_id, request, self._limits):
                 yield response
 
@@ -62,24 +63,26 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
                             maximum=limits.max_run_timeout_s, field="timeout")
         if request.max_output_bytes < 0 or request.max_output_bytes > limits.max_output_bytes:
             raise InvalidField("max_output_bytes", f"0..{limits.max_output_bytes}")
-        with self._slots.take(self._auth.tenant(context)):
-            driver = await self._driver(request.container_id, context)
+        tenant = self._auth.tenant(context)
+        with self._slots.take(tenant):
+            driver = await self._driver(request.container_id, tenant)
             proc = await driver.spawn(container_id=request.container_id, command=command)
             return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
                                   max_output=request.max_output_bytes or limits.default_output_bytes)
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
-        with self._slots.take(self._auth.tenant(context)):
-            async for response in self._exec(request_iterator, context):
+        tenant = self._auth.tenant(context)
+        with self._slots.take(tenant):
+            async for response in self._exec(request_iterator, tenant):
                 yield response
 
-    async def _exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
+    async def _exec(self, request_iterator: AsyncIterator[pb.ExecRequest], tenant: str) -> AsyncIterator[pb.ExecResponse]:
         start = await _first(request_iterator, "start")
         command = command_spec(start.command, self._limits, field="start.command")
         pty = pty_size(start.pty, field="start.pty") if start.HasField("pty") else None
         timeout = timeout_s(start.timeout, default=self._limits.max_exec_timeout_s,
                             maximum=self._limits.max_exec_timeout_s, field="start.timeout")
-        driver = await self._driver(start.container_id, context)
+        driver = await self._driver(start.container_id, tenant)
         proc = await driver.spawn(container_id=start.container_id, command=command, pty=pty)
         session = ExecSession(proc, self._limits, timeout_s=timeout)
         async for response in session.run(request_iterator):
@@ -88,20 +91,20 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
     async def StartProcess(self, request: pb.StartProcessRequest, context: rpc.Ctx) -> pb.StartProcessResponse:
         pid = processes.check_process_id(request.process_id)
         command = command_spec(request.command, self._limits)
-        driver = await self._driver(request.container_id, context)
+        driver = await self._driver(request.container_id, self._auth.tenant(context))
         info, created = await driver.start_background(container_id=request.container_id, process_id=pid,
                                                       command=command)
         return pb.StartProcessResponse(process=processes.process_proto(request.container_id, info), created=created)
 
     async def GetProcess(self, request: pb.GetProcessRequest, context: rpc.Ctx) -> pb.GetProcessResponse:
         pid = processes.check_process_id(request.process_id)
-        driver = await self._driver(request.container_id, context)
+        driver = await self._driver(request.container_id, self._auth.tenant(context))
         info = await driver.get_background(container_id=request.container_id, process_id=pid)
         return pb.GetProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: rpc.Ctx) -> pb.ListProcessesResponse:
         size = pagination.page_size(request.page_size)
-        driver = await self._driver(request.container_id, context)
+        driver = await self._driver(request.container_id, self._auth.tenant(context))
         found = [processes.process_proto(request.container_id, p)
                  for p in await driver.list_background(container_id=request.container_id)]
         if request.state:
@@ -115,12 +118,13 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
     async def SignalProcess(self, request: pb.SignalProcessRequest, context: rpc.Ctx) -> pb.SignalProcessResponse:
         pid = processes.check_process_id(request.process_id)
         signum = signal_number(request.signal)
-        driver = await self._driver(request.container_id, context)
+        driver = await self._driver(request.container_id, self._auth.tenant(context))
         info = await driver.signal_background(container_id=request.container_id, process_id=pid, signum=signum)
         return pb.SignalProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def AttachProcess(self, request: pb.AttachProcessRequest, context: rpc.Ctx) -> AsyncIterator[pb.AttachProcessResponse]:
-        with self._slots.take(self._auth.tenant(context)):
-            driver = await self._driver(request.container_id, context)
+        tenant = self._auth.tenant(context)
+        with self._slots.take(tenant):
+            driver = await self._driver(request.container_id, tenant)
             async for response in processes.attach(driver, request.container_id, request, self._limits):
                 yield response
