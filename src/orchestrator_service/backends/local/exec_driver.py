@@ -184,19 +184,26 @@ class LocalExecDriver:
 
     async def _call(self, request: dict[str, Any], *, container_id: str, command: CommandSpec) -> tuple[Channel, dict[str, Any], list[int]]:
         """Sends one request to a new supervisor; returns its first reply."""
-        channel = Channel(await self._connect())
-        try:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                await channel.send(request)
-                message = await channel.recv()
-        except BaseException as e:
-            channel.close()  # the supervisor, seeing EOF, kills what it started
-            if isinstance(e, TimeoutError):
-                raise BackendError(f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s") from None
-            raise
-        if message is None:
+        for attempt in range(2):
+            channel = Channel(await self._connect())
+            try:
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    await channel.send(request)
+                    message = await channel.recv()
+            except BaseException as e:
+                channel.close()  # the supervisor, seeing EOF, kills what it started
+                if isinstance(e, TimeoutError):
+                    raise BackendError(f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s") from None
+                raise
+            if message is not None:
+                break
             channel.close()
-            raise BackendError("the exec supervisor ended without a reply")
+            # An idle pre-forked supervisor of a fork server that just died can
+            # still take the connection, then end with its parent: once more,
+            # through a fork server started again.
+            if attempt or self.spawner_pid != 0:
+                raise BackendError("the exec supervisor ended without a reply")
+        assert message is not None  # the loop ends by break or raise
         reply, fds = message
         if "error" in reply:
             for fd in fds:
