@@ -162,6 +162,12 @@ class LocalExecDriver:
         log.info("exec.spawner_started", pid=proc.pid, socket=str(path))
 
     async def _connect(self) -> socket.socket:
+        if self._dir is not None and self.spawner_pid == 0:
+            # Gone: start it again before connecting. Its idle pre-forked
+            # supervisors may still listen on the old socket and would take
+            # the connection, then end with their parent; the new one listens
+            # on a fresh socket at the same path.
+            await self._relaunch()
         for attempt in range(2):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -174,13 +180,16 @@ class LocalExecDriver:
                 sock.close()
                 if attempt or self._dir is None:
                     raise BackendUnavailable("the local exec fork server is not running") from e
-                async with self._launch_lock:
-                    if self.spawner_pid == 0:
-                        log.warning("exec.spawner_restarting")
-                        if self._proc is not None and self._proc.stdin:
-                            self._proc.stdin.close()
-                        await self._launch()
+                await self._relaunch()
         raise AssertionError("unreachable")
+
+    async def _relaunch(self) -> None:
+        async with self._launch_lock:
+            if self.spawner_pid == 0:
+                log.warning("exec.spawner_restarting")
+                if self._proc is not None and self._proc.stdin:
+                    self._proc.stdin.close()
+                await self._launch()
 
     async def _call(self, request: dict[str, Any], *, container_id: str, command: CommandSpec) -> tuple[Channel, dict[str, Any], list[int]]:
         """Sends one request to a new supervisor; returns its first reply."""
