@@ -76,9 +76,9 @@ system-deps:
 # The original benchmark table for sandhub, the floor and Docker Engine, into
 # BENCHMARKS.md + BENCHMARKS-cct.png. Docker comes from Debian's docker.io
 # (installed here when missing, as root); the bench starts its own dockerd on
-# a private socket and data root and removes it after. Default cells: burst x
-# 1,20,100,1000 and gradual x 1,20,100 (about 30 min on 2 cores);
-# BENCH_ARGS=--full adds gradual x 1,000 (about 50 min more).
+# a private socket and data root and removes it after. Default: the whole
+# table, burst and gradual x 1,20,100,1000 (about 75 min on 2 cores);
+# BENCH_ARGS=--quick leaves gradual x 1,000 out (about 25 min).
 BENCH_ARGS ?=
 .PHONY: bench bench-deps
 bench: install bench-deps $(VENV)/.bench-installed

@@ -16,6 +16,7 @@ from sandhub.bench import matrix_report
 from sandhub.bench.chart import ChartUnavailable, write_chart
 from sandhub.bench.matrix import Cell, Matrix, MatrixOptions, cells, estimated_s, rotated, run_matrix, summarize_cell
 from sandhub.bench.matrix_cli import _sizes
+from sandhub.bench.scenarios import NOT_CREATED
 from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError
 
 
@@ -37,7 +38,8 @@ def test_sizes_argument() -> None:
 
 def run_json(target: str, *, cct: Sequence[float], ls: Sequence[float], failures: Mapping[str, int] | None = None,
              memory: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What report.to_json gives for a basic run, reduced to what the matrix reads."""
+    """What report.to_json gives for a basic run, reduced to what the matrix
+    reads; ``failures`` are failed creates (their later steps skipped)."""
     def metric(values: Sequence[float], fails: Mapping[str, int]) -> dict[str, Any]:
         summary = None
         if values:
@@ -46,11 +48,12 @@ def run_json(target: str, *, cct: Sequence[float], ls: Sequence[float], failures
         return {"count": len(values), "failures": sum(fails.values()), "failure_reasons": dict(fails),
                 "summary": summary, "values": list(values)}
 
+    skipped = {NOT_CREATED: sum((failures or {}).values())} if failures else {}
     return {
         "target": target, "target_detail": f"{target} detail", "leftovers": [], "interrupted": False,
         "wall_s": 1.0, "max_issue_lag_ms": 0.5, "memory": memory, "container_ids": [],
-        "metrics": {"create": metric(cct, {}), "cct": metric(cct, failures or {}), "ls": metric(ls, {}),
-                    "ls_mean": metric(ls, {})},
+        "metrics": {"create": metric(cct, failures or {}), "cct": metric(cct, skipped), "ls": metric(ls, skipped),
+                    "ls_mean": metric(ls, skipped)},
     }
 
 
@@ -59,7 +62,8 @@ def test_summarize_cell_takes_what_the_table_needs() -> None:
                                                     failures={"UNAVAILABLE: x": 1}))
     assert row["mode"] == "burst" and row["n"] == 3 and row["target"] == "hub"
     assert (row["cct_p50_ms"], row["cct_p99_ms"], row["ls_mean_ms"]) == (20, 30, 6)
-    assert row["failures"] == 1 and row["failure_reasons"] == {"cct: UNAVAILABLE: x": 1}
+    # one failed container, listed once, by its cause (not by the steps it skipped)
+    assert row["failures"] == 1 and row["failure_reasons"] == {"create: UNAVAILABLE: x": 1}
     assert row["cct_values"] == [10, 20, 30] and row["error"] == ""
 
 
@@ -106,7 +110,7 @@ def test_markdown_table_ratios_memory_cpu_and_failures() -> None:
     assert "| sandhub | 20 | 0.40 | 0.50 | 1.25 |" in lines
     assert "| Run(`ls /`) × 1,000 | Hub | 2,500 | 9.5 |" in lines
     assert "| GetContainer × 1,000 | Orchestrator | 800 | |" in lines
-    assert "- burst × 20, Docker:" in lines and "  - 2 × cct: Docker: boom" in lines
+    assert "- burst × 20, Docker:" in lines and "  - 2 × create: Docker: boom" in lines
     assert "- a note" in lines
     assert "interrupted" not in lines[2]
 
@@ -228,10 +232,34 @@ def test_failure_reasons_are_grouped_with_request_ids_blanked() -> None:
         "INTERNAL INTERNAL: internal error; quote request id 32640809c1454ba1 to the operator": 1,
         "INTERNAL INTERNAL: internal error; quote request id b927cdd5b2804da8 to the operator": 2,
     }}, "cct": {"failure_reasons": {"skipped: the container was not created": 4}}}
-    assert grouped_reasons(metrics) == {
+    assert grouped_reasons(metrics) == {  # skipped steps are consequences, not causes
         "ls: INTERNAL INTERNAL: internal error; quote request id ... to the operator": 3,
-        "cct: skipped: the container was not created": 4,
     }
+
+
+def test_failed_containers_count_each_container_once() -> None:
+    from sandhub.bench.matrix import failed_containers
+
+    metrics = {
+        "create": {"failures": 2, "failure_reasons": {"no answer": 2}},
+        "cct": {"failures": 2, "failure_reasons": {NOT_CREATED: 2}},
+        "ls": {"failures": 23, "failure_reasons": {NOT_CREATED: 20, "exited 1": 3}},
+        "ls_mean": {"failures": 3, "failure_reasons": {NOT_CREATED: 2, "3 of 10 runs failed": 1}},
+    }
+    assert failed_containers(metrics) == 3
+
+
+def test_docker_failures_are_results_but_measured_failures_fail_the_matrix() -> None:
+    def matrix_with(target: str, failures: int, error: str = "", leftovers: int = 0) -> Matrix:
+        m = Matrix(options=MatrixOptions(), command="test")
+        m.runs = [{"target": target, "failures": failures, "error": error, "leftovers": leftovers}]
+        return m
+
+    assert not matrix_with("docker", 827).failed
+    assert matrix_with("hub", 1).failed and matrix_with("floor", 1).failed
+    assert matrix_with("docker", 0, error="Docker: dockerd not found").failed
+    assert matrix_with("docker", 0, leftovers=1).failed
+    assert not matrix_with("hub", 0).failed
 
 
 def test_from_json_rewrites_markdown_and_keeps_the_hand_written_tail(tmp_path: Path) -> None:

@@ -57,6 +57,16 @@ async def test_create_records_latency_and_cct_then_deletes_everything() -> None:
     assert run_ids == {r.params["run_id"]}
 
 
+async def test_no_create_is_asked_for_below_the_memory_reserve() -> None:
+    orch = FakeOrchestrator()
+    reserve = 2**40  # MiB: more than any host has
+    opts = ScenarioOptions(create=CreateParams(image="", cpu_millicores=0, memory_mib=0), memory_reserve_mib=reserve)
+    r = await bench("basic", orch, FakeExec(), n=3, options=opts)
+    assert dict(r.metrics["create"].failures) == {
+        f"not asked for: the host's MemAvailable was below {reserve:,} MiB": 3}
+    assert orch.containers == {} and r.failed
+
+
 async def test_basic_runs_ls_ten_times_per_container() -> None:
     orch, ex = FakeOrchestrator(), FakeExec()
     r = await bench("basic", orch, ex, n=3)

@@ -124,3 +124,21 @@ def test_not_running_reason_is_the_same_for_the_same_cause() -> None:
     assert a == "container is FAILED (StartFailed: the sandbox did not start (bwrap exit 1))"
     assert not_running("FAILED", "", "") == "container is FAILED (no reason)"
     assert not_running("FAILED", "X", "cnt-aaaaaaaaaaaa died") == not_running("FAILED", "X", "cnt-bbbbbbbbbbbb died")
+
+
+def test_a_process_given_the_container_id_as_an_argument_counts_as_the_containers() -> None:
+    """Docker's containerd-shim-runc-v2 -id <id> lives outside the container's
+    cgroup; its memory is the container's all the same (and a shim still alive
+    after cleanup is a leftover)."""
+    import subprocess
+    import sys
+
+    cid = "f" * 64
+    other = "e" * 64
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-id", cid])
+    try:
+        found = host.container_processes([cid, other], "no-such-cgroup-parent")
+        assert found == {cid: {helper.pid}, other: set()}
+    finally:
+        helper.kill()
+        helper.wait()

@@ -65,6 +65,9 @@ def add_parser(subparsers: Any) -> None:
     common.add_argument("--ready-timeout", type=parse_duration, default=30.0, help="wait for HTTP 200 (default 30s)")
     common.add_argument("--concurrency-cap", type=_positive_int, default=1024,
                         help="containers in progress at once (default 1024: effectively open loop)")
+    common.add_argument("--memory-reserve", type=int, default=2048, metavar="MIB",
+                        help="ask for no container while the host's MemAvailable is below this (default 2048; "
+                             "0 turns the check off); each is then a failed create")
     common.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     common.add_argument("--compare", type=Path, metavar="FILE",
                         help="a previous run's --json output: print this run's p50/p99 ratios against it")
@@ -116,7 +119,7 @@ def _read_files(paths: list[str]) -> tuple[FileToPut, ...]:
 def _options(args: argparse.Namespace, files: tuple[FileToPut, ...]) -> tuple[ScenarioOptions, RunOptions]:
     create = CreateParams(image=args.image, cpu_millicores=args.cpu, memory_mib=args.mem)
     scenario = ScenarioOptions(create=create, files=files, runs=args.runs, web_server=args.web_server,
-                               ready_timeout_s=args.ready_timeout)
+                               ready_timeout_s=args.ready_timeout, memory_reserve_mib=args.memory_reserve)
     run_options = RunOptions(n=args.n, interval_s=args.interval, concurrency_cap=args.concurrency_cap,
                              keep=getattr(args, "keep", False))
     return scenario, run_options

@@ -103,7 +103,8 @@ def _read_int(path: Path) -> int | None:
 
 def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, set[int]]:
     """Host pids per container: those in its memory cgroup, plus any process
-    whose command line names it (bwrap's parent, outside the cgroup)."""
+    whose command line names it (bwrap's parent, outside the cgroup; Docker's
+    containerd-shim for that container)."""
     wanted = set(container_ids)
     found: dict[str, set[int]] = {cid: set() for cid in wanted}
     index = cgroup_index(parent)
@@ -114,13 +115,17 @@ def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, 
                 found[cid].update(int(p) for p in (mem[0] / "cgroup.procs").read_text().split())
             except (OSError, ValueError):
                 pass
+    wanted_args = {cid.encode() for cid in wanted if len(cid) >= 12}
     for pid, cmdline in _cmdlines():
         at = cmdline.find(CONTAINER_ENV_MARKER)
-        if at < 0:
-            continue
-        cid = cmdline[at + len(CONTAINER_ENV_MARKER):].split(b"\x00", 1)[0].decode(errors="replace")
-        if cid in wanted:
-            found[cid].add(pid)
+        if at >= 0:
+            cid = cmdline[at + len(CONTAINER_ENV_MARKER):].split(b"\x00", 1)[0].decode(errors="replace")
+            if cid in wanted:
+                found[cid].add(pid)
+        # A helper given the id as an argument of its own: Docker's
+        # containerd-shim-runc-v2 -id <id>, one per container, outside its cgroup.
+        for arg in wanted_args.intersection(cmdline.split(b"\x00")):
+            found[arg.decode()].add(pid)
     return found
 
 

@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sandhub.bench import webapp
+from sandhub.bench import host, webapp
 from sandhub.bench.results import Results
 from sandhub.bench.target import Created, CreateParams, FileToPut, Target, TargetError
 
 NOT_CREATED = "skipped: the container was not created"
+MEMORY_RESERVE_PREFIX = "not asked for: the host's MemAvailable"
 LS_ARGV = ("ls", "/")
 
 
@@ -32,6 +33,12 @@ class ScenarioOptions:
     """How long the webserver scenario waits for the first HTTP 200."""
     web_port: int = webapp.PORT
     """Where the web app listens (tests point it elsewhere)."""
+    memory_reserve_mib: int = 2048
+    """A create is not even asked for while the host's MemAvailable is below
+    this (0: no check), so a target that needs more memory per container than
+    the machine has (Docker at 1,000: a containerd-shim each) shows up as
+    failed creates instead of pushing the host into its OOM killer, which
+    could pick the bench or the services under test."""
 
 
 def _ms_since(start: float) -> float:
@@ -57,6 +64,7 @@ class Context:
         cct = self.results.metrics["cct"]
         start = time.perf_counter()
         try:
+            self._check_memory_reserve()
             c = await self.target.create(self.options.create)
         except TargetError as e:
             if e.container_id:
@@ -76,6 +84,14 @@ class Context:
         if self.options.files:
             await self.timed("put_files", self.target.put_files(c.container_id, self.options.files))
         return c
+
+    def _check_memory_reserve(self) -> None:
+        reserve = self.options.memory_reserve_mib
+        if not reserve:
+            return
+        available = host.meminfo("MemAvailable") // 2**20
+        if 0 < available < reserve:  # 0: /proc/meminfo unreadable, nothing to go by
+            raise TargetError(f"{MEMORY_RESERVE_PREFIX} was below {reserve:,} MiB")
 
     async def timed(self, metric: str, step: Awaitable[object]) -> bool:
         """Awaits ``step``, recording its duration or its failure; True if it succeeded."""
