@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,11 @@ def test_a_process_given_the_container_id_as_an_argument_counts_as_the_container
     other = "e" * 64
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-id", cid])
     try:
+        cmdline = Path(f"/proc/{helper.pid}/cmdline")
+        for _ in range(500):  # until it has exec'd (before, it shows this process's command line)
+            if cid.encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.01)
         found = host.container_processes([cid, other], "no-such-cgroup-parent")
         assert found == {cid: {helper.pid}, other: set()}
     finally:

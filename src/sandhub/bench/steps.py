@@ -95,10 +95,9 @@ def instrument(timings: Timings) -> Undo:
     _wrap_sync(cgroups.Cgroups, "create", "create: cgroup mkdir + limits (hold)", timings, undo)
     _wrap_sync(cgroups.Cgroups, "add", "create: cgroup add pid (hold)", timings, undo)
     _wrap_async(network.HostNetwork, "attach", "create: network attach, all of it (hold)", timings, undo)
-    _wrap_async(network, "_run",
-                lambda argv, script="", **kw: "create: network: nsenter + ip -batch (inside: addr, up)"
-                if "nsenter" in argv[0] else "create: network: ip (host side: veth, bridge, isolated, up; also bridge setup, deletes)",
-                timings, undo)
+    _wrap_sync(network, "_attach", "create: network: rtnetlink requests (worker thread: veth, bridge port, inside: addr, up)",
+               timings, undo)
+    _wrap_async(network, "_run", "create: network: ip or nft run (bridge setup, egress)", timings, undo)
     _wrap_sync(store.Store, "save", "create: record write (store.save, every state change)", timings, undo)
     _wrap_async(exec_driver.LocalExecDriver, "_connect", "ls: connect to the fork server", timings, undo)
     _wrap_async(exec_driver.LocalExecDriver, "_call",

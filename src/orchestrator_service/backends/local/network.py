@@ -34,9 +34,11 @@ sandhub_<bridge>``), replaced atomically by ``setup`` and deleted by
 ``teardown``; nothing else of the host's firewall is touched. nftables tables
 coexist with iptables (legacy or nft backend): a drop in any table is final.
 
-All changes go through ``ip -batch -`` and ``nft -f -`` subprocesses, as few as
-possible: attach is two processes (host side, then inside the namespace),
-detach one.
+Per container, attach and detach speak rtnetlink themselves (rtnetlink.py:
+four requests on the host, two or three inside the container's namespace, no
+process started); an egress permission is one ``nft`` run. Setting up and
+tearing down the bridge and its tables, once per Orchestrator, go through
+``ip -batch -`` and ``nft -f -``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+
+from orchestrator_service.backends.local import rtnetlink
 
 VETH_PREFIX = "sh-"
 """Host-side veth names are this plus 12 characters derived from the container id."""
@@ -107,7 +111,6 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class _Tools:
     ip: str
-    nsenter: str
     nft: str
 
 
@@ -186,6 +189,54 @@ async def _run(argv: list[str], script: str = "", *, timeout_s: float = TOOL_TIM
         raise NetworkError(f"{os.path.basename(argv[0])} failed ({proc.returncode}): {detail}")
 
 
+@dataclass(frozen=True)
+class _AttachPlan:
+    veth: str
+    bridge: str
+    alias: str
+    pid: int
+    ip: str
+    prefixlen: int
+    mac: str
+    gateway: str
+    """"": no default route."""
+
+
+def _ifindex(ifname: str, attribute: str = "ifindex") -> int:
+    """The index of a host interface (``iflink``: of a veth's peer, in the peer's namespace)."""
+    try:
+        with open(os.path.join(_SYS_NET, ifname, attribute)) as f:
+            return int(f.read())
+    except (OSError, ValueError) as e:
+        raise NetworkError(f"{ifname}: no {attribute} ({e})") from None
+
+
+def _attach(plan: _AttachPlan) -> None:
+    """The veth of one container, over rtnetlink (see rtnetlink.py); in a worker thread."""
+    with rtnetlink.Rtnl.open() as host:
+        if _exists(plan.veth):  # left from an earlier attach of the same container
+            host.delete_link(plan.veth)
+        # Created down, on the bridge; the peer, eth0, straight into the
+        # container's namespace with its MAC.
+        host.add_veth(plan.veth, peer_name=CONTAINER_IFACE, peer_mac=plan.mac, peer_netns_pid=plan.pid,
+                      master_index=_ifindex(plan.bridge))
+        index, peer = _ifindex(plan.veth), _ifindex(plan.veth, "iflink")
+        # Isolated before it is up: there is no moment it could forward.
+        host.set_bridge_port(index, alias=plan.alias, isolated=True)
+    # Not lo: bwrap brings loopback up itself, maybe at this very moment, and
+    # its exclusive address add fails if we won.
+    with rtnetlink.Rtnl.open_in(f"/proc/{plan.pid}/ns/net") as inside:
+        inside.add_address(peer, plan.ip, plan.prefixlen)
+        inside.set_up(peer)
+        if plan.gateway:
+            inside.add_default_route(plan.gateway, peer)
+
+
+def _delete_link(ifname: str) -> None:
+    with rtnetlink.Rtnl.open() as host:
+        host.delete_link(ifname)
+
+
 class HostNetwork:
     """The host side of container networking: the bridge, its firewall, the veths."""
 
@@ -213,7 +264,6 @@ class HostNetwork:
         if self._tools is None:
             self._tools = _Tools(
                 ip=_find("ip", "iproute2"),
-                nsenter=_find("nsenter", "util-linux"),
                 nft=_find("nft", "nftables"),
             )
         return self._tools
@@ -367,7 +417,6 @@ class HostNetwork:
         if not _CONTAINER_ID.match(container_id):
             raise ValueError(f"container_id: {container_id!r} has unexpected characters")
         addr = self._check_ip(ip)
-        tools = self.tools()
         ns = f"/proc/{pid}/ns/net"
         try:
             if os.stat(ns).st_ino == os.stat("/proc/self/ns/net").st_ino:
@@ -375,40 +424,31 @@ class HostNetwork:
         except FileNotFoundError:
             raise NetworkError(f"pid {pid} does not exist") from None
         veth = veth_name(container_id)
-        br = self.config.bridge
-        host: list[str] = []
-        if _exists(veth):
-            host.append(f"link del dev {veth}")
-        host += [
-            f"link add name {veth} type veth peer name {CONTAINER_IFACE} address {_mac(addr)} netns {pid}",
-            f"link set dev {veth} alias {self._alias_prefix}{container_id} master {br}",
-            # Isolated before it is up: there is no moment it could forward.
-            f"link set dev {veth} type bridge_slave isolated on",
-            f"link set dev {veth} up",
-        ]
-        # Not "link set dev lo up": bwrap brings loopback up itself, maybe at
-        # this very moment, and its exclusive address add fails if we won.
-        inside = [
-            f"addr add {addr}/{self.prefixlen} dev {CONTAINER_IFACE}",
-            f"link set dev {CONTAINER_IFACE} up",
-        ]
-        if egress or self.config.allow_egress:
+        plan = _AttachPlan(
+            veth=veth, bridge=self.config.bridge, alias=f"{self._alias_prefix}{container_id}", pid=pid,
+            ip=str(addr), prefixlen=self.prefixlen, mac=_mac(addr),
             # Without egress there is no default route at all: a connection
             # beyond the subnet fails at once (ENETUNREACH) instead of being
             # dropped on the way; the firewall stays as the second line.
-            inside.append(f"route add default via {self._gateway} dev {CONTAINER_IFACE}")
+            gateway=str(self._gateway) if egress or self.config.allow_egress else "",
+        )
+        # The requests block in the kernel (RTNL), so they run in a worker
+        # thread; shielded, so a cancelled caller still waits for it to end
+        # before cleaning up (else the veth could appear after the cleanup).
+        work = asyncio.ensure_future(asyncio.to_thread(_attach, plan))
         try:
-            await _run([tools.ip, "-batch", "-"], "\n".join(host) + "\n")
-            await _run([tools.nsenter, f"--net={ns}", tools.ip, "-batch", "-"], "\n".join(inside) + "\n")
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    await work
+                raise
             if egress:
                 await self.allow_egress(ip)
         except BaseException as e:
-            if _exists(veth):
-                try:
-                    await asyncio.shield(_run([tools.ip, "link", "del", "dev", veth]))
-                except NetworkError:
-                    pass
-            if isinstance(e, NetworkError):
+            with contextlib.suppress(OSError):
+                await asyncio.shield(asyncio.to_thread(_delete_link, veth))
+            if isinstance(e, (NetworkError, OSError)):
                 raise NetworkError(f"attach {container_id} ({ip}): {e}") from e
             raise
 
@@ -437,10 +477,9 @@ class HostNetwork:
         if not _exists(veth):
             return
         try:
-            await _run([self.tools().ip, "link", "del", "dev", veth])
-        except NetworkError:
-            if _exists(veth):
-                raise
+            await asyncio.to_thread(_delete_link, veth)
+        except OSError as e:
+            raise NetworkError(f"delete {veth}: {e}") from e
 
     def leftovers(self) -> list[str]:
         """Host veths of this bridge's containers that exist now, sorted.

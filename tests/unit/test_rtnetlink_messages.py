@@ -1,0 +1,77 @@
+"""The rtnetlink messages the local backend sends, checked byte for byte
+against the layouts of <linux/rtnetlink.h> and <linux/if_link.h>, and the
+parsing of the kernel's answers (acks, errors with an extended-ack text).
+The requests themselves are tried on a real kernel in
+tests/integration/test_rtnetlink.py and test_network.py."""
+
+from __future__ import annotations
+
+import struct
+
+from orchestrator_service.backends.local import rtnetlink as rt
+
+
+def attrs(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of a run of rtattrs; checks each is 4-byte aligned."""
+    out, offset = [], 0
+    while offset < len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        assert length >= 4
+        out.append((kind, data[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    assert offset == len(data)
+    return out
+
+
+def test_veth_request_nests_the_peer_in_linkinfo() -> None:
+    body = rt.veth_request("sh-abc", peer_name="eth0", peer_mac="02:5a:0a:58:00:02", peer_netns_pid=4242,
+                           master_index=7)
+    family, kind, index, flags, change = struct.unpack_from("=BxHiII", body)
+    assert (family, kind, index, flags, change) == (0, 0, 0, 0, 0)  # created down
+    top = dict(attrs(body[16:]))
+    assert top[rt.IFLA_IFNAME] == b"sh-abc\0"
+    assert top[rt.IFLA_MASTER] == struct.pack("=I", 7)
+    info = dict(attrs(top[rt.IFLA_LINKINFO]))
+    assert info[rt.IFLA_INFO_KIND] == b"veth"
+    peer = dict(attrs(info[rt.IFLA_INFO_DATA]))[rt.VETH_INFO_PEER]
+    assert peer[:16] == bytes(16)  # the peer's ifinfomsg
+    peer_attrs = dict(attrs(peer[16:]))
+    assert peer_attrs == {rt.IFLA_IFNAME: b"eth0\0", rt.IFLA_ADDRESS: bytes([2, 0x5a, 10, 0x58, 0, 2]),
+                          rt.IFLA_NET_NS_PID: struct.pack("=I", 4242)}
+
+
+def test_bridge_port_request_sets_isolated_and_up_in_one_message() -> None:
+    body = rt.bridge_port_request(9, alias="sandhub:br:cnt-1", isolated=True)
+    _, _, index, flags, change = struct.unpack_from("=BxHiII", body)
+    assert (index, flags, change) == (9, rt.IFF_UP, rt.IFF_UP)
+    top = dict(attrs(body[16:]))
+    assert top[rt.IFLA_IFALIAS] == b"sandhub:br:cnt-1"  # no NUL: the kernel keeps the bytes as given
+    info = dict(attrs(top[rt.IFLA_LINKINFO]))
+    assert info[rt.IFLA_INFO_SLAVE_KIND] == b"bridge"
+    assert dict(attrs(info[rt.IFLA_INFO_SLAVE_DATA])) == {rt.IFLA_BRPORT_ISOLATED: b"\x01"}
+
+
+def test_address_and_route_requests() -> None:
+    body = rt.address_request(3, "10.88.0.2", 16)
+    assert struct.unpack_from("=BBBBI", body) == (2, 16, 0, 0, 3)  # AF_INET, /16, index 3
+    assert dict(attrs(body[8:])) == {rt.IFA_LOCAL: bytes([10, 88, 0, 2]), rt.IFA_ADDRESS: bytes([10, 88, 0, 2])}
+    body = rt.default_route_request("10.88.0.1", 3)
+    family, dst_len, _, _, table, protocol, scope, kind, _ = struct.unpack_from("=BBBBBBBBI", body)
+    assert (family, dst_len, table, protocol, scope, kind) == (2, 0, 254, 3, 0, 1)
+    assert dict(attrs(body[12:])) == {rt.RTA_GATEWAY: bytes([10, 88, 0, 1]), rt.RTA_OIF: struct.pack("=I", 3)}
+
+
+def error_message(seq: int, error: int, text: str = "") -> bytes:
+    request_header = struct.pack("=IHHII", 16, rt.RTM_NEWLINK, 5, seq, 0)
+    tlvs = rt.attr(rt.NLMSGERR_ATTR_MSG, text.encode() + b"\0") if text else b""
+    body = struct.pack("=i", error) + request_header + tlvs
+    flags = rt.NLM_F_ACK_TLVS if text else 0
+    return struct.pack("=IHHII", 16 + len(body), rt.NLMSG_ERROR, flags, seq, 0) + body
+
+
+def test_parse_ack_finds_the_answer_to_its_request() -> None:
+    assert rt.parse_ack(error_message(7, 0), 7) == (0, "")
+    assert rt.parse_ack(error_message(7, -17, "Device already exists"), 7) == (17, "Device already exists")
+    assert rt.parse_ack(error_message(6, -1), 7) is None  # a late answer to another request
+    assert rt.parse_ack(error_message(6, 0) + error_message(7, -19), 7) == (19, "")
+    assert rt.parse_ack(b"\x00" * 8, 7) is None  # truncated: nothing to read
