@@ -5,6 +5,7 @@ orchestrator` as a real subprocess on loopback (root needed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from orchestrator_service.backends.local import cgroups
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import PrivateNetwork
@@ -59,11 +61,19 @@ class Orchestrator:
 def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
     o = Orchestrator(tmp_path)
     yield o
-    o.kill()
-    # Clean anything a failed test left, by the pids its records name.
+    # Stopped gracefully: it then removes its own (empty) cgroup parent.
+    o.kill(signal.SIGTERM)
+    # Clean anything a failed test left, by the pids its records name...
     for record in (tmp_path / "local" / "containers").glob("*.json"):
         for pid in sandbox_pids(record.stem):
             os.kill(pid, signal.SIGKILL)
+    # ...and the cgroups of this orchestrator, deepest first (rmdir only
+    # removes an empty cgroup without processes).
+    parent = cgroups.parent_for(tmp_path / "local")
+    for top in [Path("/sys/fs/cgroup", parent), *Path("/sys/fs/cgroup").glob(f"*/{parent}")]:
+        for d in sorted((p for p in top.glob("**/") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                d.rmdir()
     asyncio.run(o.net.teardown())
 
 
@@ -120,4 +130,4 @@ def test_graceful_stop_leaves_containers_running(orchestrator: Orchestrator) -> 
     stub = orchestrator.start()
     assert stub.GetContainer(pb.GetContainerRequest(id=c.id)).container.state == pb.CONTAINER_STATE_RUNNING
     stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id))
-    assert wait_for(lambda: sandbox_pids(c.id) == [])
+    assert wait_for(lambda: leftovers(c.id) == []), leftovers(c.id)
