@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from orchestrator_service.backends.exec_base import ENV_NAME
 from orchestrator_service.model import ContainerSpec, Port, Resources
 from sandhub.config import Limits
 from sandhub.errors import InvalidField, UnknownPlacement
@@ -13,7 +14,6 @@ from sandhub.errors import InvalidField, UnknownPlacement
 RESERVED_LABEL_PREFIX = "sandhub.dev/"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _CONTAINER_ID = re.compile(r"^cnt-[a-z0-9]{12}$")
 MAX_ENV_VALUE = 32 * 1024
@@ -95,7 +95,7 @@ def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Seque
     if len(raw.env) > limits.max_env:
         raise InvalidField("env", f"at most {limits.max_env} variables")
     for key, value in raw.env.items():
-        if not _ENV_KEY.match(key) or len(key) > 256:
+        if not ENV_NAME.match(key) or len(key) > 256:
             raise InvalidField("env", f"variable name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
         if len(value) > MAX_ENV_VALUE or "\x00" in value:
             raise InvalidField("env", f"variable {key!r}: value too long or contains NUL")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from google.protobuf import duration_pb2
 
 from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, PtySize
@@ -11,7 +9,6 @@ from sandhub.config import ExecLimits
 from sandhub.errors import InvalidField
 from sandhub.exec.v1 import exec_pb2 as pb
 
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHELL = "/bin/sh"
 MAX_PTY = 1000
 
@@ -26,21 +23,13 @@ def command_spec(command: pb.Command, limits: ExecLimits, *, field: str = "comma
         argv = tuple(command.argv)
     else:
         raise InvalidField(f"{field}.argv", "is empty: give argv or shell")
-    if not argv[0]:
-        raise InvalidField(f"{field}.argv", "argv[0] is empty")
-    for key in command.env:
-        if not ENV_KEY.match(key):
-            raise InvalidField(f"{field}.env", f"{key!r} is not a valid variable name")
+    spec = CommandSpec(argv=argv, env=dict(command.env), cwd=command.cwd)
+    spec.check(field)
     size = sum(len(a.encode()) + 1 for a in argv) + len(command.cwd.encode())
     size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in command.env.items())
     if size > limits.max_command_bytes:
         raise InvalidField(field, f"is {size} bytes; at most {limits.max_command_bytes}")
-    texts = [*argv, command.cwd, *command.env.keys(), *command.env.values()]
-    if any("\0" in t for t in texts):
-        raise InvalidField(field, "contains a NUL character")
-    if command.cwd and not command.cwd.startswith("/"):
-        raise InvalidField(f"{field}.cwd", "must be an absolute path")
-    return CommandSpec(argv=argv, env=dict(command.env), cwd=command.cwd)
+    return spec
 
 
 def command_proto(spec: CommandSpec) -> pb.Command:

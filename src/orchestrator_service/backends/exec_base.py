@@ -9,10 +9,16 @@ the Hub. Inputs and outputs are plain dataclasses; no generated ``_pb2`` here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from sandhub.errors import InvalidField
+
 Stream = Literal["stdout", "stderr"]
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""Variable names every backend can pass on (a shell `export` included)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,21 @@ class CommandSpec:
     """Added to (and overriding) the container's own environment."""
     cwd: str = ""
     """Working directory inside the container; "" means the container's work dir."""
+
+    def check(self, field: str = "command") -> None:
+        """InvalidField (naming ``field``'s part) unless every backend can run
+        this as given: a program named, no NUL anywhere, variable names of
+        ENV_NAME, an absolute or empty cwd. The Hub checks at its door and the
+        drivers again, for callers that reach them directly."""
+        if not self.argv or not self.argv[0]:
+            raise InvalidField(f"{field}.argv", "must name a program (argv[0] is empty)")
+        if any("\0" in t for t in (*self.argv, self.cwd, *self.env, *self.env.values())):
+            raise InvalidField(field, "contains a NUL character")
+        for key in self.env:
+            if not ENV_NAME.match(key):
+                raise InvalidField(f"{field}.env", f"{key!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if self.cwd and not self.cwd.startswith("/"):
+            raise InvalidField(f"{field}.cwd", "must be an absolute path")
 
 
 @dataclass(frozen=True)

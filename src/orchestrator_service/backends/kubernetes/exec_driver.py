@@ -86,7 +86,7 @@ class KubernetesExecDriver:
     # -- attached -----------------------------------------------------------------------
 
     async def spawn(self, *, container_id: str, command: CommandSpec, pty: PtySize | None = None) -> KubeProcess:
-        _check_command(command)
+        command.check()
         if pty is not None and not (0 < pty.rows < 65536 and 0 < pty.cols < 65536):
             raise InvalidField("pty", "rows and cols must be between 1 and 65535")
         await self._check_running(container_id)
@@ -122,7 +122,7 @@ class KubernetesExecDriver:
                                command: CommandSpec) -> tuple[ProcessInfo, bool]:
         if not PROCESS_ID.match(process_id):
             raise InvalidField("process_id", "1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit")
-        _check_command(command)
+        command.check()
         await self._check_running(container_id)
         code, out = await self._run(container_id, scripts.start_argv(process_id, command))
         answer = out.strip().decode(errors="replace")
@@ -174,18 +174,6 @@ class KubernetesExecDriver:
             raise ProcessNotFound(container_id, process_id)
         answer = scripts.parse_read(out)
         return OutputRead(offset=answer.offset, data=answer.data, dropped_before=answer.offset > offset)
-
-
-def _check_command(command: CommandSpec) -> None:
-    if not command.argv or not command.argv[0]:
-        raise InvalidField("command.argv", "must name a program")
-    if any("\0" in a for a in (*command.argv, command.cwd, *command.env, *command.env.values())):
-        raise InvalidField("command.argv", "must not contain NUL")
-    try:
-        scripts.exports(command.env)
-    except ValueError as e:
-        raise InvalidField("command.env", f"variable name {e.args[0]!r} must match [A-Za-z_][A-Za-z0-9_]*") from None
-
 
 
 async def _no_signal(pid: int, signum: int) -> None:

@@ -14,19 +14,17 @@ and byte offsets stay absolute (segment N starts at N*SEGMENT).
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, ProcessInfo
+from orchestrator_service.backends.exec_base import ENV_NAME, CommandSpec, ExitInfo, ProcessInfo
 
 SEGMENT = 1 << 20
 KEEP = 4
 """The last KEEP * SEGMENT bytes (4 MiB) at least, (KEEP + 1) * SEGMENT at most,
 are kept per stream of a background process."""
 
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _CHECK = (
     'if [ -n "$1" ]; then cd -- "$1" 2>/dev/null || { echo SANDHUB-NOCWD; exit 126; }; fi; shift; '
@@ -50,7 +48,7 @@ WRAP_TTY = _CHECK + 'echo "SANDHUB-PID $$"; exec "$@"'
 def exports(env: Mapping[str, str]) -> str:
     """``export K='v'; ...`` for the caller's environment, names checked."""
     for key in env:
-        if not _ENV_KEY.match(key):
+        if not ENV_NAME.match(key):
             raise ValueError(key)
     return "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
 

@@ -254,7 +254,7 @@ class LocalExecDriver:
         return record
 
     def _request(self, container_id: str, command: CommandSpec) -> dict[str, Any]:
-        _check_command(command)
+        command.check()
         record = self._running(container_id)
         c, rt = record.container, record.runtime
         if not rt.host_uid:
@@ -403,16 +403,6 @@ class LocalExecDriver:
         except (FileNotFoundError, RingError):
             raise ProcessNotFound(container_id, process_id) from None
         return OutputRead(offset=got.offset, data=got.data, dropped_before=got.dropped_before)
-
-
-def _check_command(command: CommandSpec) -> None:
-    if not command.argv or not command.argv[0]:
-        raise InvalidField("command.argv", "must name a program")
-    if any("\0" in a for a in command.argv):
-        raise InvalidField("command.argv", "must not contain NUL")
-    for key, value in command.env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise InvalidField("command.env", f"{key!r}: names must be non-empty without '=' or NUL, values without NUL")
 
 
 async def _read_line(fd: int) -> bytes:
