@@ -88,8 +88,10 @@ class ContainerService:
         for sub in self._subs:
             sub.offer(event)
         settled = self._settling.get(event.container.id)
-        if settled is not None and event.container.state is not State.PENDING and not settled.done():
-            settled.set_result(event.container)
+        if settled is not None and event.container.state is not State.PENDING:
+            if not settled.done():
+                settled.set_result(event.container)
+            del self._settling[event.container.id]
 
     @property
     def _backend(self) -> Backend:
@@ -126,6 +128,10 @@ class ContainerService:
             try:
                 existing = await self._by_request_id(tenant, spec.request_id)
                 if existing is not None:
+                    # A retry: the first call may have given up (or not waited)
+                    # while it was PENDING; this one waits if it asked to.
+                    if wait_until_running and existing.state is State.PENDING:
+                        return await self._wait_settled(existing.id)
                     return existing
                 alive = [c for c in await self._backend.list() if c.tenant == tenant and c.state.alive]
                 # Creates still on their way count too (checked and counted with no
@@ -139,7 +145,7 @@ class ContainerService:
                 self._starting[tenant] = starting + 1
                 container_id = new_container_id()
                 if wait_until_running:
-                    self._settling[container_id] = asyncio.get_running_loop().create_future()
+                    self._settle_future(container_id)  # before create: the backend may settle it meanwhile
                 try:
                     # Shielded: a caller that gives up mid-create must not leave
                     # a half-made container; it finishes, and a retry with the
@@ -150,7 +156,7 @@ class ContainerService:
                     log.info("container.created", container_id=container.id, tenant=tenant,
                              backend=container.backend, image=spec.image, state=container.state.value)
                     if wait_until_running and container.state is State.PENDING:
-                        container = await self._wait_settled(container)
+                        container = await self._wait_settled(container.id)
                 finally:
                     self._settling.pop(container_id, None)
                     self._starting[tenant] -= 1
@@ -172,14 +178,24 @@ class ContainerService:
                 return c
         return None
 
-    async def _wait_settled(self, container: Container) -> Container:
+    def _settle_future(self, container_id: str) -> asyncio.Future[Container]:
+        """The future notify resolves when the container leaves PENDING (and
+        then forgets); one per container, shared by everyone waiting on it."""
+        settled = self._settling.get(container_id)
+        if settled is None or settled.done():
+            settled = self._settling[container_id] = asyncio.get_running_loop().create_future()
+        return settled
+
+    async def _wait_settled(self, container_id: str) -> Container:
         """Waits until the container leaves PENDING (one future per container,
         resolved by notify: no queue to overflow however many wait)."""
+        settled = self._settle_future(container_id)
         # The backend may have finished before we looked: check once, then wait.
-        current = await self._backend.get(container_id=container.id)
+        current = await self._backend.get(container_id=container_id)
         if current.state is not State.PENDING:
             return current
-        return await self._settling[container.id]
+        # Shielded: one waiter giving up must not cancel the others' future.
+        return await asyncio.shield(settled)
 
     async def get(self, container_id: str, *, tenant: str | None) -> Container:
         check_container_id(container_id)

@@ -77,3 +77,40 @@ async def test_concurrent_creates_cannot_pass_the_tenant_quota_together() -> Non
     assert len(made) == 3 and len(refused) == 7
     other = await service.create(raw(), tenant="u", wait_until_running=True)  # another tenant's own quota
     assert other.state is State.RUNNING
+
+
+class HeldBackend(SlowBackend):
+    """Containers stay PENDING until release() is called."""
+
+    async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
+        c = Container.from_spec(spec, id=container_id, backend=self.name, now=utcnow())
+        self.containers[container_id] = c
+        return c
+
+    def release(self) -> None:
+        for cid, c in list(self.containers.items()):
+            if c.state is State.PENDING:
+                self._run(cid)
+
+
+async def test_a_retry_that_asks_to_wait_waits_even_if_the_first_call_did_not() -> None:
+    service = ContainerService(OrchestratorConfig(backend="slow"))
+    backend = HeldBackend()
+    backend.service = service
+    service.attach(backend)  # type: ignore[arg-type]
+    first = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=False)
+    assert first.state is State.PENDING
+    # A first call that waited and gave up (its caller's deadline) leaves it PENDING too.
+    gave_up = asyncio.create_task(service.create(raw(request_id="r2"), tenant="t", wait_until_running=True))
+    await asyncio.sleep(0.01)
+    gave_up.cancel()
+    retries = [asyncio.create_task(service.create(raw(request_id=r), tenant="t", wait_until_running=True))
+               for r in ("r1", "r1", "r2")]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in retries)  # waiting, not answering PENDING
+    backend.release()
+    done = await asyncio.gather(*retries)
+    assert [c.state for c in done] == [State.RUNNING] * 3
+    assert done[0].id == done[1].id == first.id and done[2].id != first.id
+    assert len(backend.containers) == 2  # retries made nothing new
+    assert service._settling == {}
