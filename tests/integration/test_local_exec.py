@@ -22,14 +22,21 @@ from typing import TypeVar
 import pytest
 
 from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, PtySize
-from orchestrator_service.backends.local import cgroups
+from orchestrator_service.backends.local import cgroups, exec_driver
 from orchestrator_service.backends.local.attached import LocalProcess
 from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.model import State
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate
 from sandhub.config import LocalBackendConfig
-from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField, ProcessNotFound, QuotaExceeded
+from sandhub.errors import (
+    BackendUnavailable,
+    ContainerNotFound,
+    ContainerNotRunning,
+    InvalidField,
+    ProcessNotFound,
+    QuotaExceeded,
+)
 from tests.conftest import orchestrator_config
 
 pytestmark = pytest.mark.root
@@ -330,6 +337,25 @@ async def test_fork_server_that_died_is_started_again(env: Env) -> None:
     await eventually(lambda: asyncio.sleep(0, env.driver.spawner_pid), lambda pid: pid == 0)
     assert (await run(env.driver, cid, "true"))[0] == ExitInfo(0, 0)
     assert env.driver.spawner_pid not in (0, old)
+
+
+async def test_a_start_that_takes_too_long_is_unavailable_not_internal(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overloaded host is a reason to retry (UNAVAILABLE), not a fault."""
+    cid = await env.container()
+    monkeypatch.setattr(exec_driver, "START_TIMEOUT_S", 0.5)
+    server = env.driver.spawner_pid
+    frozen = [server, *(int(p) for p in Path(f"/proc/{server}/task/{server}/children").read_text().split())]
+    for pid in frozen:  # the fork server and its idle supervisors: nobody answers
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"took over 0\.5s; retry"):
+            await env.driver.spawn(container_id=cid, command=CommandSpec(("true",)))
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert (await run(env.driver, cid, "true"))[0] == ExitInfo(0, 0)
 
 
 # -- background ---------------------------------------------------------------------

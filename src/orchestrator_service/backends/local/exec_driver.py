@@ -201,8 +201,9 @@ class LocalExecDriver:
                     message = await channel.recv()
             except BaseException as e:
                 channel.close()  # the supervisor, seeing EOF, kills what it started
-                if isinstance(e, TimeoutError):
-                    raise BackendError(f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s") from None
+                if isinstance(e, TimeoutError):  # the host is overloaded: worth a retry later
+                    raise BackendUnavailable(
+                        f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s; retry") from None
                 raise
             if message is not None:
                 break
@@ -338,7 +339,7 @@ class LocalExecDriver:
                 shutil.rmtree(pdir, ignore_errors=True)
                 return None
             await asyncio.sleep(0.01)
-        raise BackendError(f"background process {process_id!r} is still starting; retry")
+        raise BackendUnavailable(f"background process {process_id!r} is still starting; retry")
 
     def _make_room(self, cdir: Path, *, keep: str) -> None:
         """Evicts the oldest finished processes when the container is at its cap."""
