@@ -45,6 +45,7 @@ from orchestrator_service.backends.local.exec_state import exec_dir, read_proces
 from orchestrator_service.backends.local.ring import DEFAULT_CAPACITY, RingError, read_ring
 from orchestrator_service.backends.local.sandbox import AGENT_DIR, SANDBOX_UID, WORK_DIR, container_env
 from orchestrator_service.backends.local.linux import is_same_process
+from orchestrator_service.backends.local.pipes import read_pipe
 from orchestrator_service.backends.local.spawner import META, STREAMS
 from orchestrator_service.backends.local.store import Record, Store, from_json
 from orchestrator_service.model import State
@@ -150,7 +151,7 @@ class LocalExecDriver:
         assert proc.stdout is not None
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                ready = await _read_line(proc.stdout.fileno())
+                ready = await read_pipe(proc.stdout.fileno(), chunk=256, enough=lambda data: b"\n" in data)
         except TimeoutError:
             ready = b""
         proc.stdout.close()
@@ -404,30 +405,6 @@ class LocalExecDriver:
         except (FileNotFoundError, RingError):
             raise ProcessNotFound(container_id, process_id) from None
         return OutputRead(offset=got.offset, data=got.data, dropped_before=got.dropped_before)
-
-
-async def _read_line(fd: int) -> bytes:
-    """The first line of a pipe, without blocking the loop."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    buf = bytearray()
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 256)
-        except BlockingIOError:
-            return
-        buf.extend(data)
-        if (not data or b"\n" in buf) and not done.done():
-            done.set_result(None)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, on_readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-    return bytes(buf)
 
 
 if TYPE_CHECKING:  # mypy checks that the classes fulfil the contract

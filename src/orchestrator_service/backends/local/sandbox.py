@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator_service.backends.local.images import Image
 from orchestrator_service.backends.local.linux import is_same_process, start_ticks
+from orchestrator_service.backends.local.pipes import read_pipe
 
 WORK_DIR = "/work"
 AGENT_DIR = "/.sandhub"
@@ -145,29 +146,10 @@ def launcher(spec: SandboxSpec) -> list[str]:
 
 
 async def _read_pipe(fd: int, *, first_byte_only: bool) -> bytes:
-    """Reads a pipe without blocking the loop: to EOF, or just its first byte."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[bytes] = loop.create_future()
-    chunks: list[bytes] = []
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 1 if first_byte_only else 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        chunks.append(data)
-        if not data or first_byte_only or sum(map(len, chunks)) > 1 << 20:
-            if not done.done():
-                done.set_result(b"".join(chunks))
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, on_readable)
-    try:
-        return await done
-    finally:
-        loop.remove_reader(fd)
+    """bwrap's info (to EOF) or its ready byte (the first byte only)."""
+    if first_byte_only:
+        return await read_pipe(fd, chunk=1, enough=bool)
+    return await read_pipe(fd)
 
 
 Hold = Callable[[int], Awaitable[None]]
