@@ -82,6 +82,12 @@ class LocalBackendConfig:
     egress_placements: tuple[str, ...] = ()
     """Placements whose containers may reach beyond the host (never the host
     itself nor other containers), e.g. ("internet",)."""
+    favor_dynmods: bool = True
+    """Turn on the host's cgroup ``favordynmods`` at start (as root, Linux
+    6.0+): moving a process into a cgroup then stops waiting for an RCU grace
+    period, 8-13 ms off every container start and every command entering one.
+    Host-wide, and on recent kernels one-way until reboot (see
+    cgroups.favor_dynmods)."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,7 @@ def load_local(env: Mapping[str, str]) -> LocalBackendConfig:
         subnet=env.get("SANDHUB_SUBNET") or "10.88.0.0/16",
         allow_egress=_bool(env, "SANDHUB_ALLOW_EGRESS", False),
         egress_placements=_names(env, "SANDHUB_EGRESS_PLACEMENTS"),
+        favor_dynmods=_bool(env, "SANDHUB_FAVOR_DYNMODS", True),
     )
 
 

@@ -82,3 +82,27 @@ def test_images(tmp_path: Path) -> None:
         images.resolve("nope")
     with pytest.raises(UnknownImage):
         images.resolve("../alpine")
+
+
+def test_cgroup2_options_come_from_its_mount_whatever_the_rest() -> None:
+    from orchestrator_service.backends.local.cgroups import cgroup2_options
+
+    mountinfo = (
+        "25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw\n"
+        "31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+        "40 25 0:35 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 "
+        "rw,nsdelegate,memory_recursiveprot\n"
+    )
+    assert cgroup2_options(mountinfo) == ["nsdelegate", "memory_recursiveprot"]
+    assert cgroup2_options(mountinfo.replace("cgroup2 cgroup2", "tmpfs tmpfs")) is None
+
+
+def test_favordynmods_on_a_kernel_without_it_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator_service.backends.local import cgroups
+
+    features = tmp_path / "features"
+    features.write_text("nsdelegate\nmemory_localevents\n")
+    monkeypatch.setattr(cgroups, "FEATURES", features)
+    assert cgroups.favordynmods_state() == (None, None)
+    assert cgroups.favor_dynmods(enable=True, scratch=tmp_path / "mnt").startswith("not supported by this kernel")
+    assert not (tmp_path / "mnt").exists()  # nothing tried

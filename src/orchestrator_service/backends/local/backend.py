@@ -94,6 +94,7 @@ class LocalBackend:
         self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._net: HostNetwork | None = None
         self._net_status = "off (configured)" if not config.network else "not started"
+        self._dynmods = "not applicable (no cgroups)"
 
     # -- start and adopt --------------------------------------------------------
 
@@ -110,6 +111,9 @@ class LocalBackend:
                 log.warning("local.seccomp_unavailable", error=str(e))
                 self._seccomp = False
         self._cgroups.prepare()
+        if self._root and self._cgroups.version:
+            self._dynmods = await asyncio.to_thread(
+                cgroups.favor_dynmods, enable=self._config.favor_dynmods, scratch=self._config.state_dir / "mnt")
         await self._start_network()
         for record in self._store.load_all():
             self._records[record.container.id] = record
@@ -194,6 +198,7 @@ class LocalBackend:
             "capabilities": "none",
             "users": f"one unprivileged host uid per container from {self._config.uid_base}" if self._root else "the caller's uid (not root: containers share it)",
             "cgroups": self._cgroups.version or "none (not root or no cgroup controllers): cpu, memory and pids limits are NOT enforced",
+            "cgroup_favordynmods": self._dynmods,
             "seccomp": "deny-list" if self._seccomp else "off",
             "open_files": f"limited (at most {self._nofile_max})",
             "root": "read-only",

@@ -59,6 +59,20 @@ def _tool(name: str, package: str, what: str) -> Check:
     return Check(name, False, f"missing: {what} (install {package})")
 
 
+def _favordynmods(config: LocalBackendConfig) -> Check:
+    """A speed-up, not isolation: ok when it is on or the Orchestrator will turn it on."""
+    wait = "every container start and every command entering one waits for an RCU grace period (8-13 ms)"
+    on, _ = cgroups.favordynmods_state()
+    if on is None:
+        return Check("favordynmods", False, f"not in this kernel (needs Linux 6.0+): {wait}")
+    if on:
+        return Check("favordynmods", True, "on: moving a process into a container's cgroups does not wait")
+    if config.favor_dynmods:
+        return Check("favordynmods", True, "off now; the Orchestrator turns it on at start (host-wide, until reboot; "
+                     "SANDHUB_FAVOR_DYNMODS=false leaves it off)")
+    return Check("favordynmods", False, f"off (SANDHUB_FAVOR_DYNMODS=false): {wait}")
+
+
 def run_checks(config: LocalBackendConfig) -> list[Check]:
     root = os.geteuid() == 0
     checks = [
@@ -71,6 +85,8 @@ def run_checks(config: LocalBackendConfig) -> list[Check]:
     version = cgroups.detect() if root else ""
     checks.append(Check("cgroups", bool(version), f"{version}: cpu, memory and pids limits enforced" if version
                         else "none usable: cpu, memory and pids limits are NOT enforced"))
+    if root and version:
+        checks.append(_favordynmods(config))
     if root:
         checks.append(_tool("setpriv", "util-linux", "containers would share one uid"))
     if config.network and root:
