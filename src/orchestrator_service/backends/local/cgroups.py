@@ -105,26 +105,34 @@ def favor_dynmods(*, enable: bool, scratch: Path) -> str:
         return "on"
     if not enable:
         return "off (configured): each cgroup move waits for an RCU grace period"
+    failed = mount_cgroup2_privately([*(options or []), "favordynmods"], scratch)
+    if failed:
+        return f"off: turning it on failed ({failed})"
+    return "on (turned on: cgroup2 mounted with favordynmods)"
+
+
+def mount_cgroup2_privately(options: list[str], scratch: Path) -> str:
+    """Mounts cgroup2 with ``options`` on an empty directory under ``scratch``
+    in the private mount namespace of a short-lived `unshare`, which applies
+    them to the host's cgroup2 hierarchy and leaves no mount behind; "" when
+    done, else why not."""
     unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
     if unshare is None:
-        return "off: `unshare` (util-linux) not found"
-    wanted = ",".join([*(options or []), "favordynmods"])
+        return "`unshare` (util-linux) not found"
     scratch.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="cgroup2-", dir=scratch))
     try:
         done = subprocess.run(
-            [unshare, "--mount", "--propagation", "private", "--", "mount", "-t", "cgroup2", "-o", wanted,
-             "cgroup2", str(target)],
+            [unshare, "--mount", "--propagation", "private", "--", "mount", "-t", "cgroup2", "-o",
+             ",".join(options), "cgroup2", str(target)],
             capture_output=True, text=True, timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"off: turning it on failed ({e})"
+        return str(e)
     finally:
         with contextlib.suppress(OSError):
             target.rmdir()
-    if done.returncode != 0:
-        return f"off: turning it on failed ({done.stderr.strip() or done.returncode})"
-    return "on (turned on: cgroup2 mounted with favordynmods)"
+    return "" if done.returncode == 0 else (done.stderr.strip() or f"mount exited {done.returncode}")
 
 
 def _write(path: Path, value: str) -> None:
