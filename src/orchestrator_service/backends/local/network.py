@@ -35,10 +35,10 @@ sandhub_<bridge>``), replaced atomically by ``setup`` and deleted by
 coexist with iptables (legacy or nft backend): a drop in any table is final.
 
 Per container, attach and detach speak rtnetlink themselves (rtnetlink.py:
-four requests on the host, two or three inside the container's namespace, no
-process started); an egress permission is one ``nft`` run. Setting up and
-tearing down the bridge and its tables, once per Orchestrator, go through
-``ip -batch -`` and ``nft -f -``.
+two requests on the host, three to replace a stale veth, and two or three
+inside the container's namespace; no process started); an egress permission
+is one ``nft`` run. Setting up and tearing down the bridge and its tables,
+once per Orchestrator, go through ``ip -batch -`` and ``nft -f -``.
 """
 
 from __future__ import annotations
