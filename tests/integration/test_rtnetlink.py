@@ -41,7 +41,12 @@ def inside(pid: int, *args: str) -> str:
 
 def test_requests_inside_a_namespace_and_the_callers_thread_stays_out(netns_pid: int) -> None:
     before = os.readlink("/proc/thread-self/ns/net")
-    with Rtnl.open_in(f"/proc/{netns_pid}/ns/net") as rt:
+    netns = os.open(f"/proc/{netns_pid}/ns/net", os.O_RDONLY)
+    try:
+        rt = Rtnl.open_in(netns)
+    finally:
+        os.close(netns)  # the socket stays in that namespace on its own
+    with rt:
         assert os.readlink("/proc/thread-self/ns/net") == before
         rt.set_up(1)  # lo
         rt.add_address(1, "10.250.0.7", 8)
@@ -59,6 +64,10 @@ def test_requests_inside_a_namespace_and_the_callers_thread_stays_out(netns_pid:
     assert "10.250.0.7" not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
 
 
-def test_entering_a_namespace_that_is_not_there_is_a_clear_error() -> None:
-    with pytest.raises(FileNotFoundError):
-        Rtnl.open_in("/proc/999999999/ns/net")
+def test_entering_something_that_is_not_a_namespace_is_a_clear_error() -> None:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="setns"):
+            Rtnl.open_in(fd)
+    finally:
+        os.close(fd)

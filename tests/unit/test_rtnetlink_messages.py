@@ -24,7 +24,7 @@ def attrs(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def test_veth_request_nests_the_peer_in_linkinfo() -> None:
-    body = rt.veth_request("sh-abc", peer_name="eth0", peer_mac="02:5a:0a:58:00:02", peer_netns_pid=4242,
+    body = rt.veth_request("sh-abc", peer_name="eth0", peer_mac="02:5a:0a:58:00:02", peer_netns_fd=42,
                            master_index=7)
     family, kind, index, flags, change = struct.unpack_from("=BxHiII", body)
     assert (family, kind, index, flags, change) == (0, 0, 0, 0, 0)  # created down
@@ -37,7 +37,7 @@ def test_veth_request_nests_the_peer_in_linkinfo() -> None:
     assert peer[:16] == bytes(16)  # the peer's ifinfomsg
     peer_attrs = dict(attrs(peer[16:]))
     assert peer_attrs == {rt.IFLA_IFNAME: b"eth0\0", rt.IFLA_ADDRESS: bytes([2, 0x5a, 10, 0x58, 0, 2]),
-                          rt.IFLA_NET_NS_PID: struct.pack("=I", 4242)}
+                          rt.IFLA_NET_NS_FD: struct.pack("=I", 42)}
 
 
 def test_bridge_port_request_sets_isolated_and_up_in_one_message() -> None:
@@ -65,8 +65,16 @@ def error_message(seq: int, error: int, text: str = "") -> bytes:
     request_header = struct.pack("=IHHII", 16, rt.RTM_NEWLINK, 5, seq, 0)
     tlvs = rt.attr(rt.NLMSGERR_ATTR_MSG, text.encode() + b"\0") if text else b""
     body = struct.pack("=i", error) + request_header + tlvs
-    flags = rt.NLM_F_ACK_TLVS if text else 0
+    flags = rt.NLM_F_CAPPED | (rt.NLM_F_ACK_TLVS if text else 0)
     return struct.pack("=IHHII", 16 + len(body), rt.NLMSG_ERROR, flags, seq, 0) + body
+
+
+def test_the_kernels_reason_is_found_whether_or_not_the_request_was_echoed() -> None:
+    request = struct.pack("=IHHII", 24, rt.RTM_NEWLINK, 5, 9, 0) + b"\x01" * 8  # header + an 8-byte body
+    tlvs = rt.attr(rt.NLMSGERR_ATTR_MSG, b"Invalid argument here\0")
+    body = struct.pack("=i", -22) + request + tlvs
+    uncapped = struct.pack("=IHHII", 16 + len(body), rt.NLMSG_ERROR, rt.NLM_F_ACK_TLVS, 9, 0) + body
+    assert rt.parse_ack(uncapped, 9) == (22, "Invalid argument here")
 
 
 def test_parse_ack_finds_the_answer_to_its_request() -> None:

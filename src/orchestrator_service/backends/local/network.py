@@ -194,7 +194,8 @@ class _AttachPlan:
     veth: str
     bridge: str
     alias: str
-    pid: int
+    netns_fd: int
+    """The container's network namespace, opened once: a pid could be reused."""
     ip: str
     prefixlen: int
     mac: str
@@ -218,18 +219,27 @@ def _attach(plan: _AttachPlan) -> None:
             host.delete_link(plan.veth)
         # Created down, on the bridge; the peer, eth0, straight into the
         # container's namespace with its MAC.
-        host.add_veth(plan.veth, peer_name=CONTAINER_IFACE, peer_mac=plan.mac, peer_netns_pid=plan.pid,
+        host.add_veth(plan.veth, peer_name=CONTAINER_IFACE, peer_mac=plan.mac, peer_netns_fd=plan.netns_fd,
                       master_index=_ifindex(plan.bridge))
         index, peer = _ifindex(plan.veth), _ifindex(plan.veth, "iflink")
         # Isolated before it is up: there is no moment it could forward.
         host.set_bridge_port(index, alias=plan.alias, isolated=True)
     # Not lo: bwrap brings loopback up itself, maybe at this very moment, and
     # its exclusive address add fails if we won.
-    with rtnetlink.Rtnl.open_in(f"/proc/{plan.pid}/ns/net") as inside:
+    with rtnetlink.Rtnl.open_in(plan.netns_fd) as inside:
         inside.add_address(peer, plan.ip, plan.prefixlen)
         inside.set_up(peer)
         if plan.gateway:
             inside.add_default_route(plan.gateway, peer)
+
+
+async def _until_done(work: asyncio.Future[None]) -> None:
+    """Waits until ``work`` is done, however often the caller is cancelled meanwhile."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({work})
+    if not work.cancelled():
+        work.exception()  # seen: the caller reports the cancel, and cleans up
 
 
 def _delete_link(ifname: str) -> None:
@@ -417,40 +427,42 @@ class HostNetwork:
         if not _CONTAINER_ID.match(container_id):
             raise ValueError(f"container_id: {container_id!r} has unexpected characters")
         addr = self._check_ip(ip)
-        ns = f"/proc/{pid}/ns/net"
         try:
-            if os.stat(ns).st_ino == os.stat("/proc/self/ns/net").st_ino:
-                raise NetworkError(f"pid {pid} is in the host's network namespace, not a container's")
+            netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NetworkError(f"pid {pid} does not exist") from None
         veth = veth_name(container_id)
-        plan = _AttachPlan(
-            veth=veth, bridge=self.config.bridge, alias=f"{self._alias_prefix}{container_id}", pid=pid,
-            ip=str(addr), prefixlen=self.prefixlen, mac=_mac(addr),
-            # Without egress there is no default route at all: a connection
-            # beyond the subnet fails at once (ENETUNREACH) instead of being
-            # dropped on the way; the firewall stays as the second line.
-            gateway=str(self._gateway) if egress or self.config.allow_egress else "",
-        )
-        # The requests block in the kernel (RTNL), so they run in a worker
-        # thread; shielded, so a cancelled caller still waits for it to end
-        # before cleaning up (else the veth could appear after the cleanup).
-        work = asyncio.ensure_future(asyncio.to_thread(_attach, plan))
         try:
+            if os.fstat(netns_fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                raise NetworkError(f"pid {pid} is in the host's network namespace, not a container's")
+            plan = _AttachPlan(
+                veth=veth, bridge=self.config.bridge, alias=f"{self._alias_prefix}{container_id}",
+                netns_fd=netns_fd, ip=str(addr), prefixlen=self.prefixlen, mac=_mac(addr),
+                # Without egress there is no default route at all: a connection
+                # beyond the subnet fails at once (ENETUNREACH) instead of being
+                # dropped on the way; the firewall stays as the second line.
+                gateway=str(self._gateway) if egress or self.config.allow_egress else "",
+            )
+            # The requests block in the kernel (RTNL), so they run in a worker
+            # thread, which a cancel can't stop: a cancelled caller waits for
+            # it before cleaning up (else the veth could appear after the cleanup).
+            work = asyncio.ensure_future(asyncio.to_thread(_attach, plan))
             try:
-                await asyncio.shield(work)
-            except asyncio.CancelledError:
-                with contextlib.suppress(BaseException):
-                    await work
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await _until_done(work)
+                    raise
+                if egress:
+                    await self.allow_egress(ip)
+            except BaseException as e:
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(asyncio.to_thread(_delete_link, veth))
+                if isinstance(e, (NetworkError, OSError)):
+                    raise NetworkError(f"attach {container_id} ({ip}): {e}") from e
                 raise
-            if egress:
-                await self.allow_egress(ip)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                await asyncio.shield(asyncio.to_thread(_delete_link, veth))
-            if isinstance(e, (NetworkError, OSError)):
-                raise NetworkError(f"attach {container_id} ({ip}): {e}") from e
-            raise
+        finally:
+            os.close(netns_fd)  # the thread is done with it by now
 
     async def allow_egress(self, ip: str) -> None:
         """Lets the container at ``ip`` open connections beyond the host."""

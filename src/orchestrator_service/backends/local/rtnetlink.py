@@ -46,6 +46,8 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
+NLM_F_CAPPED = 0x100
+"""In an NLMSG_ERROR's flags: the request's body is not echoed back."""
 NLM_F_ACK_TLVS = 0x200
 """In an NLMSG_ERROR's flags: extended-ack attributes follow."""
 NLMSGERR_ATTR_MSG = 1
@@ -59,7 +61,7 @@ IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
-IFLA_NET_NS_PID = 19
+IFLA_NET_NS_FD = 28
 IFLA_IFALIAS = 20
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
@@ -117,12 +119,12 @@ def _u32(v: int) -> bytes:
     return struct.pack("=I", v)
 
 
-def veth_request(name: str, *, peer_name: str, peer_mac: str, peer_netns_pid: int, master_index: int) -> bytes:
+def veth_request(name: str, *, peer_name: str, peer_mac: str, peer_netns_fd: int, master_index: int) -> bytes:
     """RTM_NEWLINK body: a veth ``name`` (down) on the bridge ``master_index``,
     its peer ``peer_name`` with ``peer_mac`` created in the network namespace
-    of ``peer_netns_pid``."""
+    open at ``peer_netns_fd`` (an fd, not a pid: a pid can be reused)."""
     peer = ifinfo() + attr(IFLA_IFNAME, _name(peer_name)) + attr(IFLA_ADDRESS, _mac(peer_mac)) \
-        + attr(IFLA_NET_NS_PID, _u32(peer_netns_pid))
+        + attr(IFLA_NET_NS_FD, _u32(peer_netns_fd))
     return (ifinfo() + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_MASTER, _u32(master_index))
             + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"veth"),
                      nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))))
@@ -160,8 +162,12 @@ def parse_ack(data: bytes, seq: int) -> tuple[int, str] | None:
             (error,) = struct.unpack_from("=i", data, offset + _HEADER.size)
             message = ""
             if flags & NLM_F_ACK_TLVS:
-                # With NETLINK_CAP_ACK the request's header follows, not its body.
-                message = _ext_ack_message(data[offset + _HEADER.size + 4 + _HEADER.size:offset + length])
+                # The request's header follows, and its body too unless capped.
+                echoed = _HEADER.size
+                if not flags & NLM_F_CAPPED:
+                    (echoed,) = struct.unpack_from("=I", data, offset + _HEADER.size + 4)
+                    echoed = (echoed + 3) & ~3
+                message = _ext_ack_message(data[offset + _HEADER.size + 4 + echoed:offset + length])
             return -error, message
         offset += (length + 3) & ~3
     return None
@@ -184,13 +190,17 @@ class Rtnl:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        sock.settimeout(_TIMEOUT_S)
-        for option in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
-            try:
-                sock.setsockopt(SOL_NETLINK, option, 1)
-            except OSError:
-                pass  # older kernels: plain acks
-        sock.bind((0, 0))
+        try:
+            sock.settimeout(_TIMEOUT_S)
+            for option in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+                try:
+                    sock.setsockopt(SOL_NETLINK, option, 1)
+                except OSError:
+                    pass  # older kernels: plain acks
+            sock.bind((0, 0))
+        except BaseException:
+            sock.close()
+            raise
 
     @classmethod
     def open(cls) -> Rtnl:
@@ -198,20 +208,16 @@ class Rtnl:
         return cls(_netlink_socket())
 
     @classmethod
-    def open_in(cls, netns_path: str) -> Rtnl:
-        """A socket in the network namespace at ``netns_path`` (e.g.
+    def open_in(cls, netns_fd: int) -> Rtnl:
+        """A socket in the network namespace open at ``netns_fd`` (from
         /proc/PID/ns/net), made by a thread that enters it and then ends."""
         result: list[socket.socket | BaseException] = []
 
         def enter_and_create() -> None:
             try:
-                fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc().setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({netns_path}): {os.strerror(err)}")
-                finally:
-                    os.close(fd)
+                if _libc().setns(netns_fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns(net): {os.strerror(err)}")
                 result.append(_netlink_socket())
             except BaseException as e:  # handed to the caller's thread
                 result.append(e)
@@ -248,9 +254,9 @@ class Rtnl:
 
     # -- the requests attaching a container needs --------------------------
 
-    def add_veth(self, name: str, *, peer_name: str, peer_mac: str, peer_netns_pid: int, master_index: int) -> None:
+    def add_veth(self, name: str, *, peer_name: str, peer_mac: str, peer_netns_fd: int, master_index: int) -> None:
         self.request(f"add veth {name}", RTM_NEWLINK,
-                     veth_request(name, peer_name=peer_name, peer_mac=peer_mac, peer_netns_pid=peer_netns_pid,
+                     veth_request(name, peer_name=peer_name, peer_mac=peer_mac, peer_netns_fd=peer_netns_fd,
                                   master_index=master_index),
                      flags=NLM_F_CREATE | NLM_F_EXCL)
 
