@@ -106,3 +106,19 @@ def test_favordynmods_on_a_kernel_without_it_is_left_alone(tmp_path: Path, monke
     assert cgroups.favordynmods_state() == (None, None)
     assert cgroups.favor_dynmods(enable=True, scratch=tmp_path / "mnt").startswith("not supported by this kernel")
     assert not (tmp_path / "mnt").exists()  # nothing tried
+
+
+def test_favordynmods_is_left_alone_without_the_hierarchys_options(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cgroup2 mount resets every flag it does not name: with no mount to
+    read them from, nothing is mounted (nsdelegate & co. could be lost)."""
+    from orchestrator_service.backends.local import cgroups
+
+    features, mountinfo = tmp_path / "features", tmp_path / "mountinfo"
+    features.write_text("nsdelegate\nfavordynmods\n")
+    mountinfo.write_text("31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n")
+    monkeypatch.setattr(cgroups, "FEATURES", features)
+    monkeypatch.setattr(cgroups, "MOUNTINFO", mountinfo)
+    assert cgroups.favordynmods_state() == (False, None)
+    assert cgroups.favor_dynmods(enable=True, scratch=tmp_path / "mnt").startswith("off: no cgroup2 mount")
+    assert not (tmp_path / "mnt").exists()

@@ -105,9 +105,16 @@ def favor_dynmods(*, enable: bool, scratch: Path) -> str:
         return "on"
     if not enable:
         return "off (configured): each cgroup move waits for an RCU grace period"
-    failed = mount_cgroup2_privately([*(options or []), "favordynmods"], scratch)
+    if options is None:
+        # A mount resets every hierarchy flag it does not name: without the
+        # current ones (nsdelegate, memory_recursiveprot, ...) to repeat, it
+        # could turn the host's off.
+        return "off: no cgroup2 mount to read the hierarchy's options from, so it is left alone"
+    failed = mount_cgroup2_privately([*options, "favordynmods"], scratch)
     if failed:
         return f"off: turning it on failed ({failed})"
+    if not favordynmods_state()[0]:  # e.g. mounted from a cgroup namespace of our own: no effect
+        return "off: cgroup2 mounted with favordynmods, but the hierarchy did not take it"
     return "on (turned on: cgroup2 mounted with favordynmods)"
 
 
