@@ -191,11 +191,30 @@ class ContainerService:
         resolved by notify: no queue to overflow however many wait)."""
         settled = self._settle_future(container_id)
         # The backend may have finished before we looked: check once, then wait.
-        current = await self._backend.get(container_id=container_id)
+        try:
+            current = await self._backend.get(container_id=container_id)
+        except Exception as e:  # gone: so it is for anyone waiting with us
+            self._settle(container_id, settled, error=e)
+            raise
         if current.state is not State.PENDING:
+            # Settled before we looked (or before its event came): so it is
+            # for anyone waiting with us, and notify may never resolve it.
+            self._settle(container_id, settled, result=current)
             return current
         # Shielded: one waiter giving up must not cancel the others' future.
         return await asyncio.shield(settled)
+
+    def _settle(self, container_id: str, settled: asyncio.Future[Container], *,
+                result: Container | None = None, error: Exception | None = None) -> None:
+        if not settled.done():
+            if error is not None:
+                settled.set_exception(error)
+                settled.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            else:
+                assert result is not None
+                settled.set_result(result)
+        if self._settling.get(container_id) is settled:
+            del self._settling[container_id]
 
     async def get(self, container_id: str, *, tenant: str | None) -> Container:
         check_container_id(container_id)

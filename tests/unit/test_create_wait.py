@@ -114,3 +114,16 @@ async def test_a_retry_that_asks_to_wait_waits_even_if_the_first_call_did_not() 
     assert done[0].id == done[1].id == first.id and done[2].id != first.id
     assert len(backend.containers) == 2  # retries made nothing new
     assert service._settling == {}
+
+
+async def test_nothing_is_left_waiting_when_the_container_settled_before_anyone_looked() -> None:
+    service = ContainerService(OrchestratorConfig(backend="slow"))
+    backend = HeldBackend()
+    backend.service = service
+    service.attach(backend)  # type: ignore[arg-type]
+    first = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=False)
+    # It turns RUNNING without an event reaching the service (as a cluster's
+    # get can run ahead of its watch): a retry that waits finds it at once.
+    backend.containers[first.id] = backend.containers[first.id].with_state(State.RUNNING)
+    again = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=True)
+    assert again.state is State.RUNNING and service._settling == {}
