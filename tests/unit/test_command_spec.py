@@ -22,6 +22,7 @@ from sandhub.exec.v1 import exec_pb2 as pb
     (CommandSpec(argv=("ls",), env={"A=B": "x"}), "command.env", "not a valid variable name"),
     (CommandSpec(argv=("ls",), env={"1A": "x"}), "command.env", "not a valid variable name"),
     (CommandSpec(argv=("ls",), env={"": "x"}), "command.env", "not a valid variable name"),
+    (CommandSpec(argv=("ls",), env={"A\n": "x"}), "command.env", "not a valid variable name"),
     (CommandSpec(argv=("ls",), cwd="work"), "command.cwd", "absolute"),
 ])
 def test_a_command_no_backend_can_run_is_refused_naming_the_field(spec: CommandSpec, field: str, words: str) -> None:

@@ -17,7 +17,7 @@ from sandhub.errors import InvalidField
 
 Stream = Literal["stdout", "stderr"]
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 """Variable names every backend can pass on (a shell `export` included)."""
 
 

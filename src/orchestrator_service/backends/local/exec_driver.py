@@ -204,7 +204,8 @@ class LocalExecDriver:
                 channel.close()  # the supervisor, seeing EOF, kills what it started
                 if isinstance(e, TimeoutError):  # the host is overloaded: worth a retry later
                     raise BackendUnavailable(
-                        f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s; retry") from None
+                        f"starting a command in {container_id} took over {START_TIMEOUT_S:g}s (the host is "
+                        "overloaded); it was stopped if it had started") from None
                 raise
             if message is not None:
                 break
