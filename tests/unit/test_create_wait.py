@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 from orchestrator_service.containers import ContainerService
 from orchestrator_service.model import Container, ContainerSpec, Event, EventType, State, utcnow
@@ -41,6 +42,16 @@ class SlowBackend:
         self.service.notify(Event(EventType.MODIFIED, c))
 
 
+B = TypeVar("B", bound="SlowBackend")
+
+
+def wired(backend: B, config: OrchestratorConfig | None = None) -> tuple[ContainerService, B]:
+    service = ContainerService(config or OrchestratorConfig(backend="slow"))
+    backend.service = service
+    service.attach(backend)  # type: ignore[arg-type]
+    return service, backend
+
+
 def raw(**kw: object) -> RawCreate:
     base: dict[str, object] = dict(image="", cpu_millicores=0, memory_mib=0, pids=0, disk_mib=0, open_files=0,
                                    env={}, labels={}, ttl_s=0, ports=(), placement="", request_id="")
@@ -49,10 +60,7 @@ def raw(**kw: object) -> RawCreate:
 
 
 async def test_many_waiters_each_get_their_own_container_running() -> None:
-    service = ContainerService(OrchestratorConfig(backend="slow"))
-    backend = SlowBackend()
-    backend.service = service
-    service.attach(backend)  # type: ignore[arg-type]
+    service, backend = wired(SlowBackend())
     made = await asyncio.gather(*(service.create(raw(), tenant="t", wait_until_running=True) for _ in range(500)))
     assert all(c.state is State.RUNNING for c in made)
     assert len({c.id for c in made}) == 500
@@ -66,10 +74,7 @@ async def test_concurrent_creates_cannot_pass_the_tenant_quota_together() -> Non
     from sandhub.errors import QuotaExceeded
 
     config = OrchestratorConfig(backend="slow", limits=replace(Limits(), max_containers_per_tenant=3))
-    service = ContainerService(config)
-    backend = SlowBackend()
-    backend.service = service
-    service.attach(backend)  # type: ignore[arg-type]
+    service, backend = wired(SlowBackend(), config)
     results = await asyncio.gather(*(service.create(raw(), tenant="t", wait_until_running=True) for _ in range(10)),
                                    return_exceptions=True)
     made = [r for r in results if isinstance(r, Container)]
@@ -94,10 +99,7 @@ class HeldBackend(SlowBackend):
 
 
 async def test_a_retry_that_asks_to_wait_waits_even_if_the_first_call_did_not() -> None:
-    service = ContainerService(OrchestratorConfig(backend="slow"))
-    backend = HeldBackend()
-    backend.service = service
-    service.attach(backend)  # type: ignore[arg-type]
+    service, backend = wired(HeldBackend())
     first = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=False)
     assert first.state is State.PENDING
     # A first call that waited and gave up (its caller's deadline) leaves it PENDING too.
@@ -117,10 +119,7 @@ async def test_a_retry_that_asks_to_wait_waits_even_if_the_first_call_did_not() 
 
 
 async def test_nothing_is_left_waiting_when_the_container_settled_before_anyone_looked() -> None:
-    service = ContainerService(OrchestratorConfig(backend="slow"))
-    backend = HeldBackend()
-    backend.service = service
-    service.attach(backend)  # type: ignore[arg-type]
+    service, backend = wired(HeldBackend())
     first = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=False)
     # It turns RUNNING without an event reaching the service (as a cluster's
     # get can run ahead of its watch): a retry that waits finds it at once.
