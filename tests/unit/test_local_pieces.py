@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator_service.backends.local.images import Entry, Image, Images
-from orchestrator_service.backends.local.sandbox import SandboxSpec, bwrap_argv
+from orchestrator_service.backends.local.sandbox import SandboxSpec, args_memfd, bwrap_argv, launcher_env
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.model import Container, Endpoint, Port, Resources, State
 from sandhub.errors import UnknownImage
@@ -25,7 +25,7 @@ def pairs(argv: list[str], flag: str) -> list[str]:
 
 
 def test_argv_isolates_and_binds_read_only() -> None:
-    argv = bwrap_argv("/usr/bin/bwrap", spec(), info_fd=7, ready_fd=8)
+    argv = bwrap_argv(spec(), info_fd=7, ready_fd=8)
     for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session"):
         assert flag in argv
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
@@ -41,8 +41,28 @@ def test_argv_isolates_and_binds_read_only() -> None:
     assert "--clearenv" in argv and "SANDHUB_CONTAINER_ID" in pairs(argv, "--setenv") and "A" in env
 
 
+def test_args_memfd_holds_the_arguments_sealed() -> None:
+    import fcntl
+    import os
+
+    args = ["--setenv", "SECRET", "x" * 100_000, "--", "sh", "-c", "a b"]
+    fd = args_memfd(args)
+    try:
+        data = os.read(fd, 1 << 20)
+        assert data.split(b"\0")[:-1] == [a.encode() for a in args]
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+        with pytest.raises(OSError):
+            os.write(fd, b"more")
+    finally:
+        os.close(fd)
+
+
+def test_launcher_env_is_the_container_id_alone() -> None:
+    assert launcher_env("cnt-aaaaaaaaaaaa") == {"SANDHUB_CONTAINER_ID": "cnt-aaaaaaaaaaaa"}
+
+
 def test_argv_without_busybox_uses_image_shell() -> None:
-    argv = bwrap_argv("bwrap", spec(busybox=""), info_fd=3, ready_fd=4)
+    argv = bwrap_argv(spec(busybox=""), info_fd=3, ready_fd=4)
     assert argv[argv.index("--") + 1] == "/bin/sh"
     assert "/.sandhub/busybox" not in argv
 

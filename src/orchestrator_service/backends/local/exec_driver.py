@@ -64,6 +64,8 @@ finished one makes room for a new one). Each keeps two rings on disk."""
 START_TIMEOUT_S = 10.0
 """How long starting a command (or the fork server) may take; it takes
 milliseconds, so this only catches a stuck host."""
+SPAWNER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+"""The fork server's whole environment: nothing of the Hub's."""
 ABANDONED_S = 10.0
 """A process directory still without meta.json after this long belongs to a
 start that died half-way; it is removed so the id can be used again."""
@@ -145,6 +147,9 @@ class LocalExecDriver:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator_service.backends.local.spawner", "--socket", str(path)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                # Not the Hub's environment (API keys): every command is forked
+                # from this process and holds its memory until it execs.
+                env=SPAWNER_ENV,
             )
         except OSError as e:
             raise BackendUnavailable(f"cannot start the local exec fork server: {e.strerror}") from e

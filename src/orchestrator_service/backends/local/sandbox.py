@@ -5,12 +5,21 @@ namespace, and a static busybox `sleep` as the long-lived pid 2 that keeps the
 container alive between commands. Its root is a tmpfs holding read-only binds
 of the image, made read-only itself once built; the work directory and /tmp
 are size-capped tmpfs mounts, so the container's writes vanish with it.
+
+Nothing of the host is handed to the container by way of bwrap: bwrap starts
+with an environment of one variable (the container id, which the container
+knows anyway) and reads its arguments from a sealed memfd (``--args``), so
+neither the servers' environment (API keys) nor host paths nor the
+container's own env values appear in ``/proc/1/environ``, ``/proc/1/cmdline``
+or in ``ps`` on the host. bwrap's forked init keeps the environment it was
+started with, so that is the one place where it must be clean.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -73,12 +82,12 @@ class Started:
 
 
 def bwrap_argv(
-    bwrap: str, spec: SandboxSpec, *, info_fd: int, ready_fd: int, block_fd: int = -1, seccomp_fd: int = -1
+    spec: SandboxSpec, *, info_fd: int, ready_fd: int, block_fd: int = -1, seccomp_fd: int = -1
 ) -> list[str]:
-    """The whole bwrap command line for ``spec``. Pure: no I/O."""
+    """bwrap's arguments for ``spec`` (without the program). Pure: no I/O.
+    They reach bwrap through ``--args`` (args_memfd), never its command line."""
     half = max(spec.disk_mib // 2, 1) * 1024 * 1024
     argv = [
-        bwrap,
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
         "--new-session",
         "--cap-drop", "ALL",
@@ -122,6 +131,29 @@ def bwrap_argv(
     else:
         argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && {limit}exec sleep inf {ready_fd}>&-"]
     return argv
+
+
+def args_memfd(args: list[str]) -> int:
+    """A sealed memfd holding ``args`` NUL-separated, for bwrap's ``--args``:
+    a pipe would need a writer thread once they pass 64 KiB (env values)."""
+    data = b"".join(os.fsencode(a) + b"\0" for a in args)
+    fd = os.memfd_create("sandhub-bwrap-args", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def launcher_env(container_id: str) -> dict[str, str]:
+    """bwrap's whole environment, which its forked init (pid 1 inside) keeps:
+    the container id alone, which find_bwrap_for looks for after a crash."""
+    return {ENV_CONTAINER_ID: container_id}
 
 
 def container_env(container_id: str, env: dict[str, str]) -> dict[str, str]:
@@ -171,14 +203,19 @@ async def spawn(
         from orchestrator_service.backends.local.seccomp import write_filter_to_memfd
 
         theirs.append(write_filter_to_memfd())
-    argv = bwrap_argv(
-        bwrap, spec, info_fd=info_w, ready_fd=ready_w, block_fd=block_r,
+    args = bwrap_argv(
+        spec, info_fd=info_w, ready_fd=ready_w, block_fd=block_r,
         seccomp_fd=theirs[4] if spec.seccomp else -1,
     )
-    argv = launcher(spec) + argv
+    # The options through the memfd; the init command (no host path, no
+    # value of the caller's) stays on the command line: bwrap takes it from there only.
+    split = args.index("--")
+    theirs.append(args_memfd(args[:split]))
+    argv = [*launcher(spec), bwrap, "--args", str(theirs[-1]), *args[split:]]
     try:
         proc = subprocess.Popen(
             argv,
+            env=launcher_env(spec.container_id),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err_w,
@@ -292,16 +329,18 @@ def signal_namespace(pid_ns: int, sig: int) -> None:
 
 
 def find_bwrap_for(container_id: str) -> list[int]:
-    """Pids of bwrap processes started for ``container_id`` (after a crash mid-create)."""
-    marker = f"{ENV_CONTAINER_ID}\x00{container_id}\x00".encode()
+    """Pids of bwrap processes started for ``container_id`` (after a crash
+    mid-create): their environment is launcher_env's, exactly. The container's
+    own processes carry the id among other variables and are never matched."""
+    marker = b"".join(f"{k}={v}".encode() + b"\x00" for k, v in launcher_env(container_id).items())
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            environ = Path(f"/proc/{name}/environ").read_bytes()
         except OSError:
             continue
-        if marker in cmdline:
+        if environ == marker:
             found.append(int(name))
     return found
