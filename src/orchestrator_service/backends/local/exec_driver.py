@@ -236,6 +236,9 @@ class LocalExecDriver:
         if kind == "exec":
             what = "not found in the container" if reply["errno"] == errno.ENOENT else os.strerror(reply["errno"])
             raise InvalidField("command.argv", f"{command.argv[0]!r}: {what}")
+        if kind == "enter" and step == "stdio" and reply.get("errno") == errno.ENOSPC:
+            raise QuotaExceeded(f"container {container_id} holds all the pseudo-terminals it may "
+                                "(a per-container limit); close some or run without a PTY", limit="max_ptys")
         self._running(container_id)  # gone meanwhile: ContainerNotRunning
         if kind == "not_running":
             raise ContainerNotRunning(container_id, "FAILED")

@@ -190,9 +190,12 @@ anything inside: the moment to put it in cgroups and give it a network."""
 
 
 async def spawn(
-    bwrap: str, spec: SandboxSpec, *, hold: Hold | None = None, timeout_s: float = 10.0
+    bwrap: str, spec: SandboxSpec, *, hold: Hold | None = None, on_ready: Hold | None = None, timeout_s: float = 10.0
 ) -> tuple[subprocess.Popen[bytes], Started]:
-    """Starts bwrap; returns once init runs inside the finished sandbox."""
+    """Starts bwrap; returns once init runs inside the finished sandbox.
+    ``on_ready`` is called with the sandbox's pid-1 once its mounts are made and
+    its init runs (they may not be made yet during ``hold``); if it fails,
+    the sandbox is killed."""
     info_r, info_w = os.pipe()
     ready_r, ready_w = os.pipe()
     block_r, block_w = os.pipe()
@@ -255,6 +258,9 @@ async def spawn(
             raise SpawnError(f"the sandbox did not start (bwrap exit {proc.returncode})",
                              f"{detail} (ready byte {ready!r}, sandbox pid {child_pid})")
         info: dict[str, Any] = json.loads(info_raw)
+        if on_ready is not None:
+            async with asyncio.timeout(timeout_s):
+                await on_ready(child_pid)
     except BaseException as e:
         # Whatever went wrong (timeout, a hold step failed, we were cancelled),
         # leave no sandbox behind: the held pid-1 would otherwise run on.

@@ -309,7 +309,10 @@ def _child(command: _Command, target: Target, libc: Libc, seccomp: bytes | None,
         enter(libc, target, uid=command.uid, gid=command.gid, nofile=command.nofile, cwd=command.cwd, seccomp=seccomp)
         if command.die_with_supervisor:  # after the uid change, which clears it
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "pdeathsig")
-        stdio()
+        try:
+            stdio()
+        except OSError as e:  # e.g. ENOSPC: the container's ptys are all taken
+            raise EnterError("stdio", e.errno or 0, e.strerror or "") from None
         os.closerange(3, err_w)
         os.closerange(err_w + 1, MAX_FD)
         _exec(command)
