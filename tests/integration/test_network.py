@@ -250,12 +250,14 @@ async def test_host_reaches_containers_and_containers_reach_nothing(
     assert await fetch_from_host(a.ip) == "hello from a"
     assert await fetch_from_host(b.ip) == "hello from b"
 
-    # The host side: a bridge port, isolated, tagged with the container id.
+    # The host side: a routed veth of no bridge, NOARP, tagged with the
+    # container id; a /32 route and a permanent neighbour entry lead to it.
     veth = veth_name(a.container_id)
     assert veth == "sh-" + a.container_id[4:] and len(veth) == 15
-    assert "isolated on" in subprocess.run(
-        ["bridge", "-d", "link", "show", "dev", veth], capture_output=True, text=True, check=True
-    ).stdout
+    assert not os.path.exists(f"/sys/class/net/{veth}/master")
+    assert "NOARP" in ip("link", "show", "dev", veth).stdout
+    assert ip("route", "show", f"{a.ip}/32").stdout.split() == ["10.231.0.2", "dev", veth, "scope", "link", "src", GATEWAY]
+    assert "PERMANENT" in ip("neigh", "show", a.ip, "dev", veth).stdout
     assert net.leftovers() == sorted([veth, veth_name(b.container_id)])
     assert net.container_of(veth) == a.container_id
 

@@ -24,13 +24,14 @@ def attrs(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def test_veth_request_nests_the_peer_in_linkinfo() -> None:
-    body = rt.veth_request("sh-abc", peer_name="eth0", peer_mac="02:5a:0a:58:00:02", peer_netns_fd=42,
-                           master_index=7)
+    body = rt.veth_request("sh-abc", mac="02:5a:0a:58:00:01", group=0x12345, peer_name="eth0",
+                           peer_mac="02:5a:0a:58:00:02", peer_netns_fd=42)
     family, kind, index, flags, change = struct.unpack_from("=BxHiII", body)
     assert (family, kind, index, flags, change) == (0, 0, 0, 0, 0)  # created down
     top = dict(attrs(body[16:]))
     assert top[rt.IFLA_IFNAME] == b"sh-abc\0"
-    assert top[rt.IFLA_MASTER] == struct.pack("=I", 7)
+    assert top[rt.IFLA_ADDRESS] == bytes([2, 0x5a, 10, 0x58, 0, 1])
+    assert top[rt.IFLA_GROUP] == struct.pack("=I", 0x12345)
     info = dict(attrs(top[rt.IFLA_LINKINFO]))
     assert info[rt.IFLA_INFO_KIND] == b"veth"
     peer = dict(attrs(info[rt.IFLA_INFO_DATA]))[rt.VETH_INFO_PEER]
@@ -40,25 +41,33 @@ def test_veth_request_nests_the_peer_in_linkinfo() -> None:
                           rt.IFLA_NET_NS_FD: struct.pack("=I", 42)}
 
 
-def test_bridge_port_request_sets_isolated_and_up_in_one_message() -> None:
-    body = rt.bridge_port_request(9, alias="sandhub:br:cnt-1", isolated=True)
+def test_link_up_request_sets_alias_noarp_and_up_in_one_message() -> None:
+    body = rt.link_up_request(9, alias="sandhub:br:cnt-1", noarp=True)
     _, _, index, flags, change = struct.unpack_from("=BxHiII", body)
-    assert (index, flags, change) == (9, rt.IFF_UP, rt.IFF_UP)
+    assert (index, flags, change) == (9, rt.IFF_UP | rt.IFF_NOARP, rt.IFF_UP | rt.IFF_NOARP)
     top = dict(attrs(body[16:]))
-    assert top[rt.IFLA_IFALIAS] == b"sandhub:br:cnt-1"  # no NUL: the kernel keeps the bytes as given
-    info = dict(attrs(top[rt.IFLA_LINKINFO]))
-    assert info[rt.IFLA_INFO_SLAVE_KIND] == b"bridge"
-    assert dict(attrs(info[rt.IFLA_INFO_SLAVE_DATA])) == {rt.IFLA_BRPORT_ISOLATED: b"\x01"}
+    assert top == {rt.IFLA_IFALIAS: b"sandhub:br:cnt-1"}  # no NUL: the kernel keeps the bytes as given
 
 
-def test_address_and_route_requests() -> None:
+def test_address_route_and_neighbour_requests() -> None:
     body = rt.address_request(3, "10.88.0.2", 16)
     assert struct.unpack_from("=BBBBI", body) == (2, 16, 0, 0, 3)  # AF_INET, /16, index 3
     assert dict(attrs(body[8:])) == {rt.IFA_LOCAL: bytes([10, 88, 0, 2]), rt.IFA_ADDRESS: bytes([10, 88, 0, 2])}
+    body = rt.address_request(3, "10.88.0.2", 32, peer="10.88.0.1")  # point-to-point
+    assert dict(attrs(body[8:])) == {rt.IFA_LOCAL: bytes([10, 88, 0, 2]), rt.IFA_ADDRESS: bytes([10, 88, 0, 1])}
     body = rt.default_route_request("10.88.0.1", 3)
     family, dst_len, _, _, table, protocol, scope, kind, _ = struct.unpack_from("=BBBBBBBBI", body)
     assert (family, dst_len, table, protocol, scope, kind) == (2, 0, 254, 3, 0, 1)
     assert dict(attrs(body[12:])) == {rt.RTA_GATEWAY: bytes([10, 88, 0, 1]), rt.RTA_OIF: struct.pack("=I", 3)}
+    body = rt.host_route_request("10.88.0.2", 7, source="10.88.0.1")
+    family, dst_len, _, _, table, protocol, scope, kind, _ = struct.unpack_from("=BBBBBBBBI", body)
+    assert (family, dst_len, table, protocol, scope, kind) == (2, 32, 254, 3, 253, 1)  # scope link
+    assert dict(attrs(body[12:])) == {rt.RTA_DST: bytes([10, 88, 0, 2]), rt.RTA_OIF: struct.pack("=I", 7),
+                                      rt.RTA_PREFSRC: bytes([10, 88, 0, 1])}
+    body = rt.neighbour_request("10.88.0.2", "02:5a:0a:58:00:02", 7)
+    assert struct.unpack_from("=BxxxiHBB", body) == (2, 7, rt.NUD_PERMANENT, 0, 1)
+    assert dict(attrs(body[12:])) == {rt.NDA_DST: bytes([10, 88, 0, 2]),
+                                      rt.NDA_LLADDR: bytes([2, 0x5a, 10, 0x58, 0, 2])}
 
 
 def error_message(seq: int, error: int, text: str = "") -> bytes:

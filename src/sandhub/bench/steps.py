@@ -80,7 +80,7 @@ def restore(undo: Undo) -> None:
 def instrument(timings: Timings) -> Undo:
     """Wraps the steps with timers; returns what restore() puts back."""
     undo: Undo = []
-    from orchestrator_service.backends.local import backend, cgroups, exec_driver, network, sandbox, store
+    from orchestrator_service.backends.local import backend, cgroups, exec_driver, network, nettools, sandbox, store, veth
 
     _wrap_async(backend.LocalBackend, "create", "create: LocalBackend.create, all of it (= CCT)", timings, undo)
     # sandbox's own reference to the subprocess module, so `ip` and the exec
@@ -95,9 +95,10 @@ def instrument(timings: Timings) -> Undo:
     _wrap_sync(cgroups.Cgroups, "create", "create: cgroup mkdir + limits (hold)", timings, undo)
     _wrap_sync(cgroups.Cgroups, "add", "create: cgroup add pid (hold)", timings, undo)
     _wrap_async(network.HostNetwork, "attach", "create: network attach, all of it (hold)", timings, undo)
-    _wrap_sync(network, "_attach", "create: network: rtnetlink requests (worker thread: veth, bridge port, inside: addr, up)",
+    _wrap_sync(veth, "attach_veth",
+               "create: network: rtnetlink requests (worker thread: veth, up, neighbour, route; inside: addr, neighbour, up)",
                timings, undo)
-    _wrap_async(network, "_run", "create: network: ip or nft run (bridge setup, egress)", timings, undo)
+    _wrap_async(nettools, "run", "create: network: ip or nft run (network setup, egress)", timings, undo)
     _wrap_sync(store.Store, "save", "create: record write (store.save, every state change)", timings, undo)
     _wrap_async(exec_driver.LocalExecDriver, "_connect", "ls: connect to the fork server", timings, undo)
     _wrap_async(exec_driver.LocalExecDriver, "_call",

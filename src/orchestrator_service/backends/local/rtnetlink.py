@@ -56,34 +56,40 @@ RTM_NEWLINK = 16
 RTM_DELLINK = 17
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
+RTM_NEWNEIGH = 28
 
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
-IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
 IFLA_IFALIAS = 20
+IFLA_GROUP = 27
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
-IFLA_INFO_SLAVE_KIND = 4
-IFLA_INFO_SLAVE_DATA = 5
 VETH_INFO_PEER = 1
-IFLA_BRPORT_ISOLATED = 33
 IFF_UP = 0x1
+IFF_NOARP = 0x80
 
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_PREFSRC = 7
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
+NDA_DST = 1
+NDA_LLADDR = 2
+NUD_PERMANENT = 0x80
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_NDMSG = struct.Struct("=BxxxiHBB")  # ndmsg: family, ifindex, state, flags, type
 _ATTR = struct.Struct("=HH")  # rtattr: len, type
 _TIMEOUT_S = 10.0
 _seq = itertools.count(1)
@@ -119,35 +125,51 @@ def _u32(v: int) -> bytes:
     return struct.pack("=I", v)
 
 
-def veth_request(name: str, *, peer_name: str, peer_mac: str, peer_netns_fd: int, master_index: int) -> bytes:
-    """RTM_NEWLINK body: a veth ``name`` (down) on the bridge ``master_index``,
-    its peer ``peer_name`` with ``peer_mac`` created in the network namespace
-    open at ``peer_netns_fd`` (an fd, not a pid: a pid can be reused)."""
+def veth_request(name: str, *, mac: str, group: int, peer_name: str, peer_mac: str, peer_netns_fd: int) -> bytes:
+    """RTM_NEWLINK body: a veth ``name`` (down) with ``mac`` in the interface
+    group ``group``, its peer ``peer_name`` with ``peer_mac`` created in the
+    network namespace open at ``peer_netns_fd`` (an fd, not a pid: a pid can
+    be reused)."""
     peer = ifinfo() + attr(IFLA_IFNAME, _name(peer_name)) + attr(IFLA_ADDRESS, _mac(peer_mac)) \
         + attr(IFLA_NET_NS_FD, _u32(peer_netns_fd))
-    return (ifinfo() + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_MASTER, _u32(master_index))
+    return (ifinfo() + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_ADDRESS, _mac(mac)) + attr(IFLA_GROUP, _u32(group))
             + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"veth"),
                      nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))))
 
 
-def bridge_port_request(index: int, *, alias: str, isolated: bool) -> bytes:
-    """RTM_NEWLINK body for an existing bridge port: its alias, the bridge's
-    ``isolated`` flag, then up. The kernel applies the port flag before the
-    up flag within one request, so the port is never up and not isolated."""
-    return (ifinfo(index, flags=IFF_UP, change=IFF_UP) + attr(IFLA_IFALIAS, alias.encode())
-            + nested(IFLA_LINKINFO, attr(IFLA_INFO_SLAVE_KIND, b"bridge"),
-                     nested(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_ISOLATED, bytes([int(isolated)])))))
+def link_up_request(index: int, *, alias: str, noarp: bool) -> bytes:
+    """RTM_NEWLINK body: sets a link's alias and ``NOARP`` flag, and brings it up."""
+    flags = IFF_UP | (IFF_NOARP if noarp else 0)
+    return ifinfo(index, flags=flags, change=IFF_UP | IFF_NOARP) + attr(IFLA_IFALIAS, alias.encode())
 
 
-def address_request(index: int, ip: str, prefixlen: int) -> bytes:
-    packed = ipaddress.IPv4Address(ip).packed
+def address_request(index: int, ip: str, prefixlen: int, *, peer: str = "") -> bytes:
+    """RTM_NEWADDR body: ``ip``/``prefixlen``; with ``peer``, a point-to-point
+    address whose prefix route leads to ``peer``/``prefixlen`` instead."""
+    local = ipaddress.IPv4Address(ip).packed
+    remote = ipaddress.IPv4Address(peer).packed if peer else local
     return (_IFADDR.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-            + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed))
+            + attr(IFA_LOCAL, local) + attr(IFA_ADDRESS, remote))
 
 
 def default_route_request(gateway: str, index: int) -> bytes:
     return (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
             + attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed) + attr(RTA_OIF, _u32(index)))
+
+
+def host_route_request(ip: str, index: int, *, source: str) -> bytes:
+    """RTM_NEWROUTE body: ``ip``/32 on link ``index``, sent from ``source``."""
+    return (_RTMSG.pack(socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST, 0)
+            + attr(RTA_DST, ipaddress.IPv4Address(ip).packed) + attr(RTA_OIF, _u32(index))
+            + attr(RTA_PREFSRC, ipaddress.IPv4Address(source).packed))
+
+
+def neighbour_request(ip: str, mac: str, index: int) -> bytes:
+    """RTM_NEWNEIGH body: a permanent ``ip`` -> ``mac`` entry on link ``index``
+    (never resolved by ARP, never garbage-collected, and not counted against
+    ``gc_thresh3``)."""
+    return (_NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, RTN_UNICAST)
+            + attr(NDA_DST, ipaddress.IPv4Address(ip).packed) + attr(NDA_LLADDR, _mac(mac)))
 
 
 def parse_ack(data: bytes, seq: int) -> tuple[int, str] | None:
@@ -252,16 +274,16 @@ class Rtnl:
                 raise NetlinkError(error, f"{what}: {os.strerror(error)}" + (f" ({message})" if message else ""))
             return
 
-    # -- the requests attaching a container needs --------------------------
+    # -- the requests attaching a container needs (see veth.py) -------------
 
-    def add_veth(self, name: str, *, peer_name: str, peer_mac: str, peer_netns_fd: int, master_index: int) -> None:
+    def add_veth(self, name: str, *, mac: str, group: int, peer_name: str, peer_mac: str, peer_netns_fd: int) -> None:
         self.request(f"add veth {name}", RTM_NEWLINK,
-                     veth_request(name, peer_name=peer_name, peer_mac=peer_mac, peer_netns_fd=peer_netns_fd,
-                                  master_index=master_index),
+                     veth_request(name, mac=mac, group=group, peer_name=peer_name, peer_mac=peer_mac,
+                                  peer_netns_fd=peer_netns_fd),
                      flags=NLM_F_CREATE | NLM_F_EXCL)
 
-    def set_bridge_port(self, index: int, *, alias: str, isolated: bool) -> None:
-        self.request(f"set bridge port {index}", RTM_NEWLINK, bridge_port_request(index, alias=alias, isolated=isolated))
+    def set_link_up(self, index: int, *, alias: str, noarp: bool) -> None:
+        self.request(f"set link {index} up", RTM_NEWLINK, link_up_request(index, alias=alias, noarp=noarp))
 
     def delete_link(self, name: str) -> bool:
         """Deletes the link ``name``; False if there was none."""
@@ -273,15 +295,23 @@ class Rtnl:
             raise
         return True
 
-    def add_address(self, index: int, ip: str, prefixlen: int) -> None:
-        self.request(f"add address {ip}/{prefixlen}", RTM_NEWADDR, address_request(index, ip, prefixlen),
-                     flags=NLM_F_CREATE | NLM_F_EXCL)
+    def add_address(self, index: int, ip: str, prefixlen: int, *, peer: str = "") -> None:
+        self.request(f"add address {ip}/{prefixlen}" + (f" peer {peer}" if peer else ""), RTM_NEWADDR,
+                     address_request(index, ip, prefixlen, peer=peer), flags=NLM_F_CREATE | NLM_F_EXCL)
 
     def set_up(self, index: int) -> None:
         self.request(f"set link {index} up", RTM_NEWLINK, ifinfo(index, flags=IFF_UP, change=IFF_UP))
 
     def add_default_route(self, gateway: str, index: int) -> None:
         self.request(f"add default route via {gateway}", RTM_NEWROUTE, default_route_request(gateway, index),
+                     flags=NLM_F_CREATE | NLM_F_EXCL)
+
+    def add_host_route(self, ip: str, index: int, *, source: str) -> None:
+        self.request(f"add route {ip}/32 dev {index}", RTM_NEWROUTE, host_route_request(ip, index, source=source),
+                     flags=NLM_F_CREATE | NLM_F_EXCL)
+
+    def add_neighbour(self, ip: str, mac: str, index: int) -> None:
+        self.request(f"add neighbour {ip} lladdr {mac} dev {index}", RTM_NEWNEIGH, neighbour_request(ip, mac, index),
                      flags=NLM_F_CREATE | NLM_F_EXCL)
 
 
