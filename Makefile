@@ -46,7 +46,9 @@ export SANDHUB_KWOK_STAGES := $(KWOK_STAGES)
 run: install
 	$(VENV)/bin/sandhub serve --dev
 
-test: install tools
+# docker-deps too: the bench-matrix tests (tests/integration/test_bench_matrix.py)
+# run the real Docker Engine, and fail, not skip, without it.
+test: install tools docker-deps
 	$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest
 
@@ -80,21 +82,24 @@ system-deps:
 # table, burst and gradual x 1,20,100,1000 (about 75 min on 2 cores);
 # BENCH_ARGS=--quick leaves gradual x 1,000 out (about 25 min).
 BENCH_ARGS ?=
-.PHONY: bench bench-deps
-bench: install bench-deps $(VENV)/.bench-installed
+.PHONY: bench docker-deps
+bench: install docker-deps $(VENV)/.bench-installed
 	$(VENV)/bin/sandhub bench matrix $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,kubernetes,ecs,bench]'
 	touch $@
 
-bench-deps:
+# Docker Engine for `make bench` and the bench-matrix tests of `make test`,
+# which start their own private dockerd (never the host's service).
+docker-deps:
 	@if ! command -v dockerd >/dev/null && ! test -x /usr/sbin/dockerd; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing: docker.io"; \
-	    (apt-get install -y -qq docker.io >/dev/null 2>&1 || \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null 2>&1 || \
 	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null)); \
-	  else echo "note: dockerd missing: the matrix runs without Docker (install docker.io)"; fi; \
+	  else echo "note: dockerd missing (install docker.io): the bench matrix runs without Docker" \
+	    "and its Docker tests fail"; fi; \
 	fi
 
 tools: $(GRPCURL) $(BUF) k8s-tools

@@ -4,8 +4,8 @@ markdown, with everything deleted afterwards — Docker's private daemon, its
 data, network and cgroups included, also on Ctrl-C.
 
 Docker runs against the real Engine of Debian's docker.io, started by the
-bench itself. dockerd missing fails these tests (CI's machines have it;
-`make bench` installs it); SANDHUB_BENCH_NO_DOCKER=1 runs the matrix without
+bench itself. dockerd missing fails these tests (`make test` installs it,
+as `make bench` does: Makefile `docker-deps`); SANDHUB_BENCH_NO_DOCKER=1 runs the matrix without
 Docker on purpose, and the Docker tests then fail saying so instead of
 passing unseen.
 """
@@ -42,7 +42,7 @@ def need_docker() -> None:
     if NO_DOCKER:
         pytest.fail("SANDHUB_BENCH_NO_DOCKER=1: the Docker target was not tested")
     if not find_dockerd():
-        pytest.fail("dockerd not found: install Debian's docker.io (`make bench` does), "
+        pytest.fail("dockerd not found: install Debian's docker.io (`make test` does), "
                     "or set SANDHUB_BENCH_NO_DOCKER=1 to leave Docker out on purpose")
 
 

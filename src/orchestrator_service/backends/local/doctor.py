@@ -1,17 +1,28 @@
-"""What isolation the local backend can give on this host, without changing it.
+"""What isolation the local backend can give on this host, and whether a container starts.
 
 `sandhub doctor` prints this; the backend logs the same facts at start
 (``local.started``). Every check says what is active and, when something is
-missing, what a container loses and how to get it back.
+missing, what a container loses and how to get it back. The "sandbox" check
+starts one real sandbox the way the Orchestrator does (as root: as a
+container's unprivileged uid, from the tools' copies in runtime_dir, which
+the Orchestrator makes at start anyway) and stops it again; nothing else on
+the host is changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 
-from orchestrator_service.backends.local import cgroups
+import structlog
+
+from orchestrator_service.backends.local import cgroups, runtime_tools, sandbox
+from orchestrator_service.backends.local.images import HOST_IMAGE, Images
 from sandhub.config import LocalBackendConfig
 
 
@@ -38,6 +49,44 @@ def _busybox(config: LocalBackendConfig) -> Check:
         return Check("init", True, f"static busybox {config.busybox_path}, bound into every image")
     return Check("init", False, f"{config.busybox_path} is missing or not static: containers use the image's own "
                  "/bin/sh and sleep (install busybox-static)")
+
+
+def _sandbox(config: LocalBackendConfig, *, root: bool, seccomp: bool) -> Check:
+    """Starts and stops one sandbox of the host image, as the Orchestrator
+    would (no cgroups or network: their own checks cover them)."""
+    from orchestrator_service.backends.local.backend import _is_static, find_bwrap
+
+    setpriv = (shutil.which("setpriv") or "") if root else ""
+    uid = runtime_tools.probe_uid(config) if root else 0
+    who = f"container uid {uid}" if root else f"your uid {os.geteuid()}"
+    try:
+        tools = runtime_tools.prepare(
+            config, bwrap=find_bwrap(config.bwrap_path),
+            busybox=config.busybox_path if _is_static(config.busybox_path) else "", root=root, setpriv=setpriv,
+            logger=structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))  # stdout is the report's
+        spec = sandbox.SandboxSpec(
+            container_id=f"doctor-{secrets.token_hex(4)}", image=Images(config.images_dir).resolve(HOST_IMAGE),
+            env={}, disk_mib=16, busybox=tools.busybox, host_uid=uid, seccomp=seccomp, setpriv=setpriv)
+        began = time.monotonic()
+        proc, started = asyncio.run(sandbox.spawn(tools.bwrap, spec))
+    except sandbox.SpawnError as e:
+        last = e.detail.splitlines()[-1] if e.detail else ""
+        return Check("sandbox", False, f"no container can start: {e}{': ' + last if last else ''} (as {who})")
+    except Exception as e:  # BackendUnavailable from the tools' check, with what it saw
+        return Check("sandbox", False, f"no container can start: {e}")
+    took_ms = (time.monotonic() - began) * 1000
+    sandbox.kill_tree(started.init_pid, started.init_start_ticks)
+    proc.wait(timeout=10)
+    return Check("sandbox", True, f"started and stopped one as {who} in {took_ms:.0f} ms ({tools.bwrap})")
+
+
+def _images(config: LocalBackendConfig) -> Check:
+    blocked = runtime_tools.unreachable(config.images_dir)
+    if blocked is None:
+        return Check("images", True, f"{config.images_dir} reachable by container uids")
+    return Check("images", False, f"containers of local images fail to start: container uids cannot pass "
+                 f"through {blocked} on the way to {config.images_dir} (set SANDHUB_IMAGES_DIR elsewhere, "
+                 f"or chmod o+x {blocked})")
 
 
 def _seccomp(config: LocalBackendConfig) -> Check:
@@ -80,8 +129,11 @@ def run_checks(config: LocalBackendConfig) -> list[Check]:
               "not root: containers share your uid, and cgroup limits and networking are off"),
         _bwrap(config),
         _busybox(config),
-        _seccomp(config),
+        seccomp := _seccomp(config),
+        _sandbox(config, root=root, seccomp=seccomp.ok),
     ]
+    if root:
+        checks.append(_images(config))
     version = cgroups.detect() if root else ""
     checks.append(Check("cgroups", bool(version), f"{version}: cpu, memory and pids limits enforced" if version
                         else "none usable: cpu, memory and pids limits are NOT enforced"))
