@@ -1,210 +1,54 @@
 """PutFiles and GetFiles, as small shell scripts run inside the container.
 
-The scripts run with the container's own uid, root and limits, so the
-container's isolation is what keeps a transfer inside it: a write can't reach
-the host however the path is spelled. On top of that, paths are checked here
-(no ``..``, nothing under /proc, /sys or /dev) and inside (no symlink on the
-way to the file), and a file is written to a temporary name next to its
-destination and renamed into place: it appears whole or not at all.
+Writing is uploader.py's (all or nothing, per-file atomic); TAR archives are
+read by tar_upload.py. Reading: one script prints a header line, then the
+file's bytes or a tar of the directory. Every way the script can fail maps to
+a code of its own: a missing or vanished path is NOT_FOUND, an unreadable one
+PATH_NOT_ALLOWED, a container out of processes RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import posixpath
-import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExecDriver, RunningProcess
+import structlog
+
+from hub_service.exec.tar_upload import put_tar
+from hub_service.exec.uploader import Uploader, check_path, fork_failed, pids_exhausted, shell
+from orchestrator_service.backends.exec_base import ExecDriver, RunningProcess
 from sandhub.config import ExecLimits
-from sandhub.errors import (
-    BackendError, ContainerNotRunning, InvalidField, InvalidStream, PathNotAllowed, PathNotFound, PayloadTooLarge, SandhubError,
-)
+from sandhub.errors import ContainerNotRunning, InvalidField, InvalidStream, PathNotAllowed, PathNotFound, SandhubError, clip
 from sandhub.exec.v1 import exec_pb2 as pb
 
-WORK_DIR = "/work"
-FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
-DEFAULT_MODE = 0o644
+log = structlog.get_logger("sandhub.hub.files")
+
 FILE_CHUNK = 1 << 20
 """Largest data message of a download (the contract allows 1 MiB)."""
-MODE_BITS = 0o1777
-"""Permission bits and sticky; setuid/setgid are dropped (they would mean nothing
-under no_new_privs, and are a smell in an upload)."""
+STDERR_KEPT = 4096
 
-# $1 target (absolute, normalised), $2 mode (octal), $3 announced size or 0, $4 temp suffix.
-# dd with 1 MiB blocks, not cat: busybox cat copies 4 KiB at a time and tops out
-# near 300 MB/s here; dd moves what the (1 MiB) pipe holds in one go.
-PUT_SCRIPT = r"""
-t=$1; d=${t%/*}; [ -n "$d" ] || d=/
-$BB mkdir -p "$d" 2>/dev/null || exit 10
-[ "$($BB realpath "$d")" = "$d" ] || exit 11
-if [ -d "$t" ] && [ ! -L "$t" ]; then exit 12; fi
-tmp="$d/.sandhub-put-$4"
-if ! why=$($BB dd of="$tmp" bs=1M 2>&1); then echo "$why" >&2; $BB rm -f "$tmp"; exit 13; fi
-if [ "$3" -gt 0 ] && [ "$($BB stat -c %s "$tmp")" != "$3" ]; then $BB rm -f "$tmp"; exit 14; fi
-# A symlink at the target is replaced, never followed (mv onto a link to a
-# directory would put the file inside that directory).
-if [ -L "$t" ]; then $BB rm -f "$t"; fi
-$BB chmod "$2" "$tmp" && $BB mv -f "$tmp" "$t" || { $BB rm -f "$tmp"; exit 15; }
-"""
-
-# $1 path. Prints one header line "F <size> <mode>" or "D 0 <mode>", then the content.
+# $1 path, $2 "tar" or "raw". Prints one header line "F <size> <mode>" or
+# "D 0 <mode>", then the content. Exit 20: no such path (or gone meanwhile),
+# 21: not readable by the container's user, 22: neither file nor directory.
 GET_SCRIPT = r"""
-p=$1
+p=$1; d=${p%/*}; [ -n "$d" ] || d=/
 if [ -d "$p" ]; then
-  echo "D 0 $($BB stat -c %a "$p")"; exec $BB tar -cf - -C "$p" .
+  { [ -r "$p" ] && [ -x "$p" ]; } || { [ -e "$p" ] && exit 21; exit 20; }
+  m=$($BB stat -c %a "$p") || exit 20
+  echo "D 0 $m"; exec $BB tar -cf - -C "$p" .
 elif [ -f "$p" ]; then
-  [ -r "$p" ] || exit 21
-  echo "F $($BB stat -c '%s %a' "$p")"
-  if [ "$2" = tar ]; then exec $BB tar -cf - -C "${p%/*}/" "./${p##*/}"; fi
+  [ -r "$p" ] || { [ -e "$p" ] && exit 21; exit 20; }
+  m=$($BB stat -c '%s %a' "$p") || exit 20
+  echo "F $m"
+  if [ "$2" = tar ]; then exec $BB tar -cf - -C "$d/" "./${p##*/}"; fi
   exec $BB dd if="$p" bs=1M 2>/dev/null
+elif [ -e "$p" ] && [ ! -d "$p" ] && [ ! -f "$p" ]; then
+  exit 22
+elif [ -d "$d" ] && [ ! -x "$d" ]; then
+  exit 21
 else
   exit 20
 fi
 """
-
-PUT_ERRORS = {
-    10: "cannot create the directory",
-    11: "a symbolic link is on the way to it; not followed",
-    12: "a directory is in the way",
-    13: "writing failed (no space left in the container, or a read-only place)",
-    15: "cannot put it in place (read-only place or permission denied)",
-}
-
-
-def check_path(path: str, *, field: str, base: str = WORK_DIR) -> str:
-    """An absolute, normalised path inside the container, or PathNotAllowed."""
-    if not path:
-        raise InvalidField(field, "is empty")
-    if "\0" in path:
-        raise PathNotAllowed(field, "contains a NUL character")
-    if ".." in path.split("/"):
-        raise PathNotAllowed(field, "must not contain '..'")
-    full = posixpath.normpath(path if path.startswith("/") else posixpath.join(base, path))
-    if full.startswith("//"):
-        full = "/" + full.lstrip("/")
-    if any(full == r or full.startswith(r + "/") for r in FORBIDDEN_ROOTS):
-        raise PathNotAllowed(field, f"{full} is a kernel filesystem, not the container's files")
-    return full
-
-
-def _shell(driver: ExecDriver, script: str, *args: str) -> CommandSpec:
-    box = driver.toolbox
-    sh = (box, "sh") if box else ("/bin/sh",)
-    return CommandSpec(argv=(*sh, "-c", script, "sandhub", *args), env={"BB": box or "env"})
-
-
-async def _drain(proc: RunningProcess, limit: int = 4096) -> bytes:
-    kept = bytearray()
-    while (chunk := await proc.read()) is not None:
-        if len(kept) < limit:
-            kept += chunk.data[: limit - len(kept)]
-    return bytes(kept)
-
-
-@dataclass
-class _Upload:
-    """One file being written: its process, what has been written so far."""
-
-    path: str
-    mode: int
-    announced: int
-    suffix: str
-    proc: RunningProcess
-    drain: asyncio.Task[bytes]
-    sha: hashlib._Hash
-    size: int = 0
-
-
-class Uploader:
-    def __init__(self, driver: ExecDriver, container_id: str, limits: ExecLimits, destination: str) -> None:
-        self._driver = driver
-        self._cid = container_id
-        self._limits = limits
-        self._dest = check_path(destination or WORK_DIR, field="start.destination")
-        self._current: _Upload | None = None
-        self.files: list[pb.FileInfo] = []
-        self.total = 0
-
-    async def begin(self, f: pb.PutFilesRequest.File) -> None:
-        await self.finish()
-        if len(self.files) >= self._limits.max_upload_files:
-            raise PayloadTooLarge(f"at most {self._limits.max_upload_files} files per upload",
-                                  limit=self._limits.max_upload_files)
-        path = check_path(f.path, field="file.path", base=self._dest)
-        if f.size > 0 and self.total + f.size > self._limits.max_upload_bytes:
-            raise PayloadTooLarge(f"{f.path}: {f.size} bytes would exceed the upload limit of "
-                                  f"{self._limits.max_upload_bytes} bytes", limit=self._limits.max_upload_bytes)
-        mode = (f.mode & MODE_BITS) or DEFAULT_MODE
-        suffix = secrets.token_hex(6)
-        cmd = _shell(self._driver, PUT_SCRIPT, path, f"{mode:o}", str(max(f.size, 0)), suffix)
-        proc = await self._driver.spawn(container_id=self._cid, command=cmd)
-        self._current = _Upload(path, mode, max(f.size, 0), suffix, proc,
-                                asyncio.ensure_future(_drain(proc)), hashlib.sha256())
-
-    async def write(self, data: bytes) -> None:
-        up = self._current
-        if up is None:
-            raise InvalidStream("data before a file message: announce each file with `file` first")
-        if up.announced and up.size + len(data) > up.announced:
-            raise InvalidStream(f"{up.path}: more bytes than the {up.announced} announced")
-        if self.total + len(data) > self._limits.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload exceeds its limit of {self._limits.max_upload_bytes} bytes",
-                                  limit=self._limits.max_upload_bytes)
-        up.sha.update(data)
-        up.size += len(data)
-        self.total += len(data)
-        try:
-            await up.proc.write_stdin(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the script failed; finish() reports why
-
-    async def finish(self) -> None:
-        """Closes the current file and waits until it is in place."""
-        up, self._current = self._current, None
-        if up is None:
-            return
-        try:
-            with contextlib.suppress(OSError):
-                await up.proc.close_stdin()
-            err = await up.drain
-            info = await up.proc.wait()
-        except BaseException:
-            await self._discard(up)
-            raise
-        if info.exit_code == 14:
-            raise InvalidStream(f"{up.path}: {up.size} bytes arrived, {up.announced} were announced")
-        if info.exit_code == 13 and b"No space left" in err:
-            raise PayloadTooLarge(f"{up.path}: no space left in the container", limit=0)
-        if info.exit_code in PUT_ERRORS:
-            # The caller's path can't be written (a link, a directory in the
-            # way, a read-only place): theirs to change, not an internal fault.
-            raise PathNotAllowed("file.path", f"{up.path}: {PUT_ERRORS[info.exit_code]}")
-        if info.exit_code or info.signal:
-            raise ContainerNotRunning(self._cid, "stopping") if info.signal == 9 else SandhubError(
-                f"{up.path}: writing failed inside the container (exit {info.exit_code})")
-        self.files.append(pb.FileInfo(path=up.path, size=up.size, mode=up.mode, sha256=up.sha.hexdigest()))
-
-    async def abort(self) -> None:
-        """Called when the stream fails: the file being written never appears."""
-        up, self._current = self._current, None
-        if up is not None:
-            await self._discard(up)
-
-    async def _discard(self, up: _Upload) -> None:
-        await up.proc.kill()
-        up.drain.cancel()
-        tmp = posixpath.join(posixpath.dirname(up.path), f".sandhub-put-{up.suffix}")
-        box = self._driver.toolbox
-        rm = (box, "rm") if box else ("rm",)
-        with contextlib.suppress(SandhubError, BackendError, OSError):
-            proc = await self._driver.spawn(container_id=self._cid, command=CommandSpec(argv=(*rm, "-f", tmp)))
-            await _drain(proc)
-            await proc.wait()
-            await proc.kill()
 
 
 async def put_files(
@@ -212,8 +56,6 @@ async def put_files(
     requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
 ) -> pb.PutFilesResponse:
     if start.format == pb.ARCHIVE_FORMAT_TAR:
-        from hub_service.exec.tar_upload import put_tar
-
         return await put_tar(driver, container_id, start, requests, limits)
     up = Uploader(driver, container_id, limits, start.destination)
     try:
@@ -227,11 +69,47 @@ async def put_files(
                 raise InvalidStream("a second start message")
             else:
                 raise InvalidStream("an empty message: set file or data")
-        await up.finish()
+        await up.commit()
     except BaseException:
         await up.abort()
         raise
     return pb.PutFilesResponse(files=up.files, total_bytes=up.total)
+
+
+async def _read_failed(
+    driver: ExecDriver, container_id: str, path: str, code: int, signal: int, err: bytes,
+) -> SandhubError:
+    """The error for a GET_SCRIPT that failed, before or after its header."""
+    if signal == 9:
+        return ContainerNotRunning(container_id, "stopping")
+    if fork_failed(err):
+        return pids_exhausted(container_id)
+    if code == 20 or b"No such file" in err:
+        return PathNotFound(path)
+    if code == 21 or b"Permission denied" in err:
+        return PathNotAllowed("path", f"{clip(path)} (or something in it) is not readable by the container's user")
+    if code == 22:
+        return PathNotAllowed("path", f"{clip(path)} is neither a regular file nor a directory")
+    if await driver.out_of_pids(container_id=container_id):  # its shell could not even say so
+        return pids_exhausted(container_id)
+    log.warning("files.read_failed", container_id=container_id, exit_code=code, signal=signal,
+                stderr=clip(err.decode("utf-8", "replace")))
+    return SandhubError(f"cannot read {clip(path)} in the container (exit {code}, signal {signal})")
+
+
+async def _header(proc: RunningProcess, err: bytearray) -> tuple[bytes, bytes]:
+    """The script's header line and what followed it in the same read."""
+    header = bytearray()
+    while b"\n" not in header and len(header) < 256:
+        chunk = await proc.read(FILE_CHUNK)
+        if chunk is None:
+            break
+        if chunk.stream == "stdout":
+            header += chunk.data
+        elif len(err) < STDERR_KEPT:
+            err += chunk.data[:STDERR_KEPT - len(err)]
+    line, _, pending = bytes(header).partition(b"\n")
+    return line, pending
 
 
 async def get_files(
@@ -240,36 +118,34 @@ async def get_files(
     path = check_path(request.path, field="path")
     tar = request.format == pb.ARCHIVE_FORMAT_TAR
     proc = await driver.spawn(container_id=container_id,
-                              command=_shell(driver, GET_SCRIPT, path, "tar" if tar else "raw"))
+                              command=shell(driver, GET_SCRIPT, path, "tar" if tar else "raw"))
     try:
-        header = bytearray()
-        pending = b""
-        while b"\n" not in header:
-            chunk = await proc.read(FILE_CHUNK)
-            if chunk is None:
-                break
-            if chunk.stream == "stdout":
-                header += chunk.data
-        line, _, pending = bytes(header).partition(b"\n")
-        if not line:
+        err = bytearray()
+        line, pending = await _header(proc, err)
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) != 3 or parts[0] not in ("D", "F") or not parts[1].isdigit() \
+                or not parts[2] or parts[2].strip("01234567"):
             info = await proc.wait()
-            if info.exit_code == 20:
-                raise PathNotFound(path)
-            if info.exit_code == 21:
-                raise PathNotAllowed("path", f"{path} is not readable by the container's user")
-            raise SandhubError(f"cannot read {path} in the container (exit {info.exit_code})")
-        kind, size, mode = line.decode().split()
+            raise await _read_failed(driver, container_id, path, info.exit_code or 20, info.signal, bytes(err))
+        kind, size, mode = parts
         is_dir = kind == "D"
         if is_dir and request.format == pb.ARCHIVE_FORMAT_RAW:
-            raise InvalidField("format", f"{path} is a directory: ask for TAR (or leave format unspecified)")
+            raise InvalidField("format", f"{clip(path)} is a directory: ask for TAR (or leave format unspecified)")
         yield pb.GetFilesResponse(info=pb.FileInfo(path=path, size=int(size), mode=int(mode, 8), is_dir=is_dir))
         if pending:
             yield pb.GetFilesResponse(data=pending)
         while (chunk := await proc.read(FILE_CHUNK)) is not None:
             if chunk.stream == "stdout":
                 yield pb.GetFilesResponse(data=chunk.data)
+            elif len(err) < STDERR_KEPT:
+                err += chunk.data[:STDERR_KEPT - len(err)]
         info = await proc.wait()
         if info.exit_code or info.signal:
-            raise SandhubError(f"reading {path} failed inside the container (exit {info.exit_code})")
+            # Changed while being read (removed, made unreadable): the
+            # caller's race, reported as what it found. tar and dd exit 1
+            # when a file goes away under them.
+            code = 20 if info.exit_code == 1 and not fork_failed(bytes(err)) \
+                and b"Permission denied" not in err else info.exit_code
+            raise await _read_failed(driver, container_id, path, code, info.signal, bytes(err))
     finally:
         await proc.kill()

@@ -158,6 +158,12 @@ class ExecDriver(Protocol):
 
     async def signal_background(self, *, container_id: str, process_id: str, signum: int) -> ProcessInfo: ...
 
+    async def out_of_pids(self, *, container_id: str) -> bool:
+        """True when the container holds as many processes as its limit allows:
+        a command that failed without a word (a shell that could not fork
+        may not even say so) is then told apart from one that really failed.
+        False when the backend can't tell."""
+
     async def read_output(
         self, *, container_id: str, process_id: str, stream: Stream, offset: int, max_bytes: int
     ) -> OutputRead:

@@ -150,6 +150,10 @@ class KubernetesExecDriver:
         _, out = await self._run(container_id, scripts.sh(scripts.LIST, str(scripts.SEGMENT)))
         return scripts.parse_processes(out)
 
+    async def out_of_pids(self, *, container_id: str) -> bool:
+        """Unknown: the pod's pids cgroup is not readable through the API."""
+        return False
+
     async def signal_background(self, *, container_id: str, process_id: str, signum: int) -> ProcessInfo:
         if not 0 < signum < 65:
             raise InvalidField("signal", f"{signum} is not a signal number")

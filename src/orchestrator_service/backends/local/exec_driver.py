@@ -245,6 +245,20 @@ class LocalExecDriver:
         log.error("exec.enter_failed", container_id=container_id, step=step, error=message)
         raise BackendError(f"entering container {container_id} failed at {step}: {message}")
 
+    async def out_of_pids(self, *, container_id: str) -> bool:
+        try:
+            record = self._record(container_id)
+        except ContainerNotFound:
+            return False
+        for d in self._cgroups.dirs(record.container.id):
+            try:
+                limit = (d / "pids.max").read_text().strip()
+                current = int((d / "pids.current").read_text())
+            except (OSError, ValueError):
+                continue  # not the pids controller's directory, or gone
+            return limit != "max" and current >= int(limit)
+        return False
+
     # -- records and requests -----------------------------------------------------------
 
     def _record(self, container_id: str) -> Record:
