@@ -12,6 +12,22 @@ from collections.abc import Mapping
 import grpc
 
 ERROR_DOMAIN = "sandhub.dev"
+ECHO_CHARS = 256
+"""How much of a caller's input an error repeats (a path, a label key, an id):
+enough to recognise it; a megabyte of it would overflow the reply's trailers."""
+MESSAGE_CHARS = 1024
+"""The longest error message sent: a few echoed values and the explanation."""
+CLIP_MARKER = "...[{} more chars]"
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was cut. Every
+    piece of caller input an error message or its metadata repeats goes
+    through here (SandhubError applies it to the whole message and each
+    metadata value, so a forgotten call still stays bounded)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + CLIP_MARKER.format(len(text) - limit)
 
 
 class SandhubError(Exception):
@@ -21,9 +37,10 @@ class SandhubError(Exception):
     reason: str = "INTERNAL"
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        message = clip(message, MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.metadata: dict[str, str] = {clip(k): clip(v) for k, v in (metadata or {}).items()}
 
 
 class InvalidField(SandhubError):
@@ -31,7 +48,7 @@ class InvalidField(SandhubError):
     reason = "INVALID_FIELD"
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}", metadata={"field": field})
+        super().__init__(f"{clip(field)}: {message}", metadata={"field": field})
         self.field = field
 
 
@@ -39,14 +56,14 @@ class UnknownImage(InvalidField):
     reason = "UNKNOWN_IMAGE"
 
     def __init__(self, image: str, hint: str = "") -> None:
-        super().__init__("image", f"unknown image {image!r}{hint}")
+        super().__init__("image", f"unknown image {clip(image)!r}{hint}")
 
 
 class UnknownPlacement(InvalidField):
     reason = "UNKNOWN_PLACEMENT"
 
     def __init__(self, placement: str, known: list[str]) -> None:
-        super().__init__("placement", f"unknown placement {placement!r}; known: {', '.join(known)}")
+        super().__init__("placement", f"unknown placement {clip(placement)!r}; known: {', '.join(known)}")
 
 
 class InvalidPageToken(SandhubError):
@@ -65,7 +82,7 @@ class ContainerNotFound(SandhubError):
     reason = "CONTAINER_NOT_FOUND"
 
     def __init__(self, container_id: str) -> None:
-        super().__init__(f"container {container_id!r} not found", metadata={"container_id": container_id})
+        super().__init__(f"container {clip(container_id)!r} not found", metadata={"container_id": container_id})
 
 
 class ContainerNotRunning(SandhubError):
@@ -74,7 +91,7 @@ class ContainerNotRunning(SandhubError):
 
     def __init__(self, container_id: str, state: str) -> None:
         super().__init__(
-            f"container {container_id!r} is {state}, not RUNNING",
+            f"container {clip(container_id)!r} is {state}, not RUNNING",
             metadata={"container_id": container_id, "state": state},
         )
 
@@ -85,7 +102,7 @@ class ProcessNotFound(SandhubError):
 
     def __init__(self, container_id: str, process_id: str) -> None:
         super().__init__(
-            f"process {process_id!r} not found in container {container_id!r}",
+            f"process {clip(process_id)!r} not found in container {clip(container_id)!r}",
             metadata={"container_id": container_id, "process_id": process_id},
         )
 
@@ -111,12 +128,21 @@ class PathNotFound(SandhubError):
     reason = "PATH_NOT_FOUND"
 
     def __init__(self, path: str) -> None:
-        super().__init__(f"no such file or directory in the container: {path!r}", metadata={"path": path})
+        super().__init__(f"no such file or directory in the container: {clip(path)!r}", metadata={"path": path})
 
 
 class InvalidStream(SandhubError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_STREAM"
+
+
+class MalformedRequest(SandhubError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self) -> None:
+        super().__init__("the request is not a valid message of this method's request type "
+                         "(e.g. a string field that is not UTF-8)")
 
 
 class QuotaExceeded(SandhubError):
@@ -125,6 +151,18 @@ class QuotaExceeded(SandhubError):
 
     def __init__(self, message: str, *, limit: str) -> None:
         super().__init__(message, metadata={"limit": limit})
+
+
+class RateLimited(SandhubError):
+    """Too many calls of one kind too fast; ``retry_after_s`` says when one
+    will be let through (also sent as a google.rpc.RetryInfo detail)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float) -> None:
+        super().__init__(message, metadata={"limit": limit, "retry_after_s": f"{retry_after_s:.3f}"})
+        self.retry_after_s = retry_after_s
 
 
 class BackendUnavailable(SandhubError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import re
 import signal
 import time
 import uuid
@@ -15,13 +16,14 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from sandhub.errors import ERROR_DOMAIN, SandhubError
+from sandhub.errors import ERROR_DOMAIN, MESSAGE_CHARS, MalformedRequest, SandhubError, clip
 
 log = structlog.get_logger("sandhub.rpc")
 
@@ -44,6 +46,7 @@ class RpcInfo:
     request_id: str
     tenant: str = ""
     code: str = ""
+    peer: str = ""
 
 
 current_rpc: contextvars.ContextVar[RpcInfo | None] = contextvars.ContextVar("current_rpc", default=None)
@@ -60,7 +63,14 @@ def error_status(err: SandhubError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    retry_after_s = getattr(err, "retry_after_s", None)
+    if retry_after_s is not None:  # the standard retry advice gRPC clients know
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=int(retry_after_s), nanos=int(retry_after_s % 1 * 1e9))))
+        details.append(retry)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 
@@ -83,10 +93,22 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
     return ""
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+"""A request id a caller may choose: a short printable token, safe to log and echo."""
+
+
 def _request_id(context: Ctx) -> str:
+    """The caller's x-request-id if it is a REQUEST_ID token; otherwise one made
+    here (the call goes on; the log says the caller's was replaced)."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+        if key != REQUEST_ID_KEY:
+            continue
+        if isinstance(value, str) and REQUEST_ID.match(value):
             return value
+        made = uuid.uuid4().hex[:16]
+        log.warning("rpc.request_id_replaced", request_id=made, length=len(value),
+                    reason="not 1-128 characters of [A-Za-z0-9._:-]")
+        return made
     return uuid.uuid4().hex[:16]
 
 
@@ -110,27 +132,31 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
+        # A request that does not parse reaches the handler as MALFORMED and is
+        # answered INVALID_ARGUMENT; grpc itself would answer UNKNOWN with the
+        # parser's exception text.
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.unary_unary, streamed=False),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.stream_unary, streamed=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, handler.unary_stream, streamed=False),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream(method, handler.stream_stream, streamed=True),
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -148,19 +174,19 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             code = await self._fail(e, info, context)
             raise
         finally:
-            self._end(info, token, start, context, code)
+            self._end(info, token, start, code)
 
-    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+    def _wrap_unary(self, method: str, behavior: Any, *, streamed: bool) -> Any:
         async def wrapped(request: Any, context: Ctx) -> Any:
             async with self._scope(method, context):
-                return await behavior(request, context)
+                return await behavior(_checked(request, streamed=streamed), context)
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior: Any) -> Any:
+    def _wrap_stream(self, method: str, behavior: Any, *, streamed: bool) -> Any:
         async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
             async with self._scope(method, context):
-                async for item in behavior(request, context):
+                async for item in behavior(_checked(request, streamed=streamed), context):
                     yield item
 
         return wrapped
@@ -168,7 +194,9 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
     def _begin(
         self, method: str, context: Ctx
     ) -> tuple[RpcInfo, contextvars.Token[RpcInfo | None], float]:
-        info = RpcInfo(method=method, request_id=_request_id(context))
+        # The peer is read now: a streamed call the client cancelled ends (and
+        # _end runs) after grpc has let go of the call, and reading it then crashed the process.
+        info = RpcInfo(method=method, request_id=_request_id(context), peer=context.peer())
         context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
         return info, current_rpc.set(info), time.perf_counter()
 
@@ -184,7 +212,8 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             trailing = tuple(
                 (k, v) for k, v in (e.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY
             )
-            status = _Status(e.code(), e.details() or "", trailing + ((REQUEST_ID_KEY, info.request_id),))
+            status = _Status(e.code(), clip(e.details() or "", MESSAGE_CHARS),
+                             trailing + ((REQUEST_ID_KEY, info.request_id),))
         else:
             log.error("rpc.internal_error", method=info.method, request_id=info.request_id, exc_info=e)
             status = internal_status(info.request_id)
@@ -197,10 +226,9 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
         info: RpcInfo,
         token: contextvars.Token[RpcInfo | None],
         start: float,
-        context: Ctx,
         code: str,
     ) -> None:
-        current_rpc.reset(token)
+        """The canonical log line. Touches nothing of the call: by now grpc may have let go of it."""
         code = info.code or code
         log.info(
             "rpc",
@@ -210,8 +238,47 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             tenant=info.tenant or None,
             code=code,
             duration_ms=round((time.perf_counter() - start) * 1000, 2),
-            peer=context.peer(),
+            peer=info.peer,
         )
+        # A streamed call the client cancelled is closed from another context
+        # than the one it began in, where the token can't be reset (and needn't).
+        with contextlib.suppress(ValueError):
+            current_rpc.reset(token)
+
+
+MALFORMED = object()
+"""What a request that does not parse deserializes to."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return MALFORMED
+
+    return deserialize
+
+
+def _checked(request: Any, *, streamed: bool) -> Any:
+    """The request, or for a stream of them an iterator that raises at the
+    first one that did not parse; MalformedRequest for a single one."""
+    if not streamed:
+        if request is MALFORMED:
+            raise MalformedRequest()
+        return request
+
+    async def each() -> AsyncIterator[Any]:
+        async for message in request:
+            if message is MALFORMED:
+                raise MalformedRequest()
+            yield message
+
+    return each()
 
 
 @dataclass(frozen=True)
