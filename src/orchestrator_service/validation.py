@@ -17,7 +17,19 @@ _LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _CONTAINER_ID = re.compile(r"^cnt-[a-z0-9]{12}$")
 MAX_ENV_VALUE = 32 * 1024
+MAX_ENV_NAME = 256
 MAX_REQUEST_ID = 128
+MAX_LABEL_PREFIX = 253
+MAX_LABEL_NAME = 63
+MAX_LABEL_KEY = MAX_LABEL_PREFIX + 1 + MAX_LABEL_NAME
+_SHOWN = 64
+"""Characters of a caller's value quoted back in an error: a multi-MiB key
+echoed in full would overflow the reply's metadata."""
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for an error message, cut short."""
+    return repr(text) if len(text) <= _SHOWN else f"{text[:_SHOWN]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -39,27 +51,30 @@ class RawCreate:
 
 
 def check_label_key(key: str, field: str) -> None:
+    # Lengths first: no pattern ever runs over more than a label's worth of input.
+    if len(key) > MAX_LABEL_KEY:
+        raise InvalidField(field, f"label key {shown(key)}: longer than {MAX_LABEL_KEY} characters")
     prefix, slash, name = key.rpartition("/")
-    if slash and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
-        raise InvalidField(field, f"label key {key!r}: prefix must be a DNS subdomain")
-    if not _LABEL_NAME.match(name):
+    if slash and (len(prefix) > MAX_LABEL_PREFIX or not _LABEL_PREFIX.match(prefix)):
+        raise InvalidField(field, f"label key {shown(key)}: prefix must be a DNS subdomain")
+    if len(name) > MAX_LABEL_NAME or not _LABEL_NAME.match(name):
         raise InvalidField(
             field,
-            f"label key {key!r}: name must be 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric",
+            f"label key {shown(key)}: name must be 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric",
         )
 
 
 def check_label_value(key: str, value: str, field: str) -> None:
-    if value and not _LABEL_NAME.match(value):
+    if value and (len(value) > MAX_LABEL_NAME or not _LABEL_NAME.match(value)):
         raise InvalidField(
-            field, f"label {key!r}: value must be empty or 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"
+            field, f"label {shown(key)}: value must be empty or 1-63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"
         )
 
 
 def check_container_id(container_id: str) -> None:
     """A malformed id can't name a container: say so, as NOT_FOUND would mislead."""
-    if not _CONTAINER_ID.match(container_id):
-        raise InvalidField("id", f"{container_id!r} is not a container id (cnt- and 12 characters of [a-z0-9])")
+    if len(container_id) != 16 or not _CONTAINER_ID.match(container_id):
+        raise InvalidField("id", f"{shown(container_id)} is not a container id (cnt- and 12 characters of [a-z0-9])")
 
 
 def _bounded(field: str, value: int, default: int, maximum: int, minimum: int = 1) -> int:
@@ -95,10 +110,10 @@ def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Seque
     if len(raw.env) > limits.max_env:
         raise InvalidField("env", f"at most {limits.max_env} variables")
     for key, value in raw.env.items():
-        if not ENV_NAME.match(key) or len(key) > 256:
-            raise InvalidField("env", f"variable name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if len(key) > MAX_ENV_NAME or not ENV_NAME.match(key):
+            raise InvalidField("env", f"variable name {shown(key)} must be up to {MAX_ENV_NAME} characters of [A-Za-z_][A-Za-z0-9_]*")
         if len(value) > MAX_ENV_VALUE or "\x00" in value:
-            raise InvalidField("env", f"variable {key!r}: value too long or contains NUL")
+            raise InvalidField("env", f"variable {shown(key)}: value too long or contains NUL")
     if len(raw.labels) > limits.max_labels:
         raise InvalidField("labels", f"at most {limits.max_labels} labels")
     for key, value in raw.labels.items():
@@ -112,12 +127,14 @@ def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Seque
     for port in raw.ports:
         if not 1 <= port.port <= 65535:
             raise InvalidField("ports", f"port {port.port} is not between 1 and 65535")
-        if port.name and not _PORT_NAME.match(port.name):
-            raise InvalidField("ports", f"port name {port.name!r} must be up to 15 characters of [a-z0-9-]")
+        if port.name and (len(port.name) > 15 or not _PORT_NAME.match(port.name)):
+            raise InvalidField("ports", f"port name {shown(port.name)} must be up to 15 characters of [a-z0-9-]")
         if (port.port, port.protocol) in seen:
             raise InvalidField("ports", f"port {port.port}/{port.protocol} listed twice")
         seen.add((port.port, port.protocol))
     placement = raw.placement or placements[0]
+    if len(placement) > MAX_LABEL_NAME:
+        raise InvalidField("placement", f"{shown(placement)}: at most {MAX_LABEL_NAME} characters")
     if placement not in placements:
         raise UnknownPlacement(placement, list(placements))
     if len(raw.request_id) > MAX_REQUEST_ID:

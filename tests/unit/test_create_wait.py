@@ -60,7 +60,12 @@ def raw(**kw: object) -> RawCreate:
 
 
 async def test_many_waiters_each_get_their_own_container_running() -> None:
-    service, backend = wired(SlowBackend())
+    from dataclasses import replace
+
+    from sandhub.config import Limits
+
+    no_rate = OrchestratorConfig(backend="slow", limits=replace(Limits(), create_rate_per_s=0))  # 500 at once
+    service, backend = wired(SlowBackend(), no_rate)
     made = await asyncio.gather(*(service.create(raw(), tenant="t", wait_until_running=True) for _ in range(500)))
     assert all(c.state is State.RUNNING for c in made)
     assert len({c.id for c in made}) == 500

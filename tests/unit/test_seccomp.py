@@ -160,7 +160,8 @@ def test_bad_input_is_refused() -> None:
 def test_list_contents() -> None:
     assert "personality" not in DENIED_SYSCALLS  # some runtimes need it
     assert "clone" not in DENIED_SYSCALLS and "clone3" not in DENIED_SYSCALLS  # handled on their own
-    for name in ("mount", "unshare", "setns", "bpf", "keyctl", "ptrace", "open_by_handle_at", "kexec_load"):
+    for name in ("mount", "unshare", "setns", "bpf", "keyctl", "ptrace", "open_by_handle_at", "kexec_load",
+                 "io_uring_setup", "io_uring_enter", "io_uring_register"):
         assert name in DENIED_SYSCALLS
     assert len(set(DENIED_SYSCALLS)) == len(DENIED_SYSCALLS)
     assert syscall_number("iopl", arch="aarch64") is None
@@ -324,6 +325,9 @@ out = {
     "setns": call("setns", -1, 0),
     "open_tree_attr": call("open_tree_attr", -1, 0, 0, 0, 0),
     "clone3": call("clone3", 0, 0),
+    "io_uring_setup": call("io_uring_setup", 1, 0),  # params NULL: EFAULT once past the filter
+    "io_uring_enter": call("io_uring_enter", -1, 0, 0, 0, 0, 0),
+    "io_uring_register": call("io_uring_register", -1, 0, 0, 0),
     "mount": mount(),
     "fork": clone(17),
     "clone_newuser": clone(0x10000000 | 17),
@@ -334,7 +338,8 @@ print(json.dumps(out))
 
 
 def probe(bwrap: str, *, seccomp: bool, cap_drop: bool) -> dict[str, list[int]]:
-    names = ("getpid", "keyctl", "bpf", "perf_event_open", "setns", "open_tree_attr", "clone3", "clone")
+    names = ("getpid", "keyctl", "bpf", "perf_event_open", "setns", "open_tree_attr", "clone3", "clone",
+             "io_uring_setup", "io_uring_enter", "io_uring_register")
     numbers = {n: syscall_number(n) for n in names}
     result: dict[str, list[int]] = json.loads(
         ok(sandboxed(bwrap, PYTHON, "-c", PROBE, json.dumps(numbers), seccomp=seccomp, cap_drop=cap_drop))
@@ -351,6 +356,8 @@ def test_denied_syscalls_return_eperm(bwrap: str, cap_drop: bool) -> None:
     assert before["bpf"][1] != errno.EPERM
     assert before["setns"][1] == errno.EBADF
     assert before["clone3"][1] == errno.EINVAL
+    assert before["io_uring_setup"][1] != errno.EPERM  # EFAULT (or ENOSYS where io_uring is compiled out)
+    assert before["io_uring_enter"][1] != errno.EPERM and before["io_uring_register"][1] != errno.EPERM
     assert before["fork"][0] == 1
     assert before["clone_newuser"][0] == 1  # user namespaces need no capability
     if not cap_drop:
@@ -358,7 +365,8 @@ def test_denied_syscalls_return_eperm(bwrap: str, cap_drop: bool) -> None:
         assert before["clone_newnet"][0] == 1
     # with it
     assert after["getpid"][0] > 0 and after["fork"][0] == 1
-    for name in ("keyctl", "bpf", "perf_event_open", "setns", "open_tree_attr", "mount", "clone_newuser", "clone_newnet"):
+    for name in ("keyctl", "bpf", "perf_event_open", "setns", "open_tree_attr", "mount", "clone_newuser", "clone_newnet",
+                 "io_uring_setup", "io_uring_enter", "io_uring_register"):
         assert after[name] == [-1, errno.EPERM], (name, after[name])
     assert after["clone3"] == [-1, errno.ENOSYS]
 

@@ -14,7 +14,10 @@ fd-based mount API), swap, reboot, kexec, ptrace and cross-process memory
 access, the kernel keyring, bpf, perf events, userfaultfd, new namespaces
 (``unshare``, ``setns``), process accounting, quotas, raw I/O ports, the
 kernel log, setting the clock, and file-handle lookups (``open_by_handle_at``
-is the classic container escape). Most of these need capabilities that
+is the classic container escape), and io_uring (its requests run in kernel
+workers that no seccomp filter sees, and it has been a steady source of
+kernel exploits; a runtime that finds it refused with EPERM falls back to
+plain syscalls, as when ``kernel.io_uring_disabled`` is set). Most of these need capabilities that
 ``--cap-drop ALL`` already removes; the filter is the second wall, and also
 covers the ones an unprivileged process may call (``bpf``, ``perf_event_open``,
 ``userfaultfd``, ``keyctl``, ``unshare`` of a user namespace, ...).
@@ -129,6 +132,9 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
     # file handles (open_by_handle_at escapes a bind mount)
     "lookup_dcookie", "name_to_handle_at", "open_by_handle_at",
+    # io_uring: a large, often-exploited kernel surface, and its operations run
+    # in kernel workers that seccomp never sees (Docker and ChromeOS deny it too)
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
 )  # fmt: skip
 
 # name: (x86_64, aarch64); None where the arch has no such syscall.
@@ -176,6 +182,9 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "lookup_dcookie": (212, 18),
     "name_to_handle_at": (303, 264),
     "open_by_handle_at": (304, 265),
+    "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427),
     "personality": (135, 92),
     "clone": (56, 220),
     "clone3": (435, 435),
