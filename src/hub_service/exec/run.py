@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from hub_service.exec.commands import exit_status, pty_size, signal_number
 from hub_service.exec.output import OutputReader
 from orchestrator_service.backends.exec_base import ExitInfo, OutputChunk, RunningProcess
+from sandhub.budget import TenantBudget
 from sandhub.config import ExecLimits
 from sandhub.errors import InvalidStream
 from sandhub.exec.v1 import exec_pb2 as pb
@@ -25,20 +26,59 @@ collected before whatever it left running (holding the pipes open) is killed.
 Run and Exec are for commands that end; StartProcess is for ones that stay."""
 
 
+class OutputAllowance:
+    """The bytes of Run output one call may hold in the Hub's memory, taken
+    from its tenant's budget as output comes in and given back when the call
+    ends. It starts with ``first`` bytes, or QuotaExceeded when the tenant (or
+    the Hub) has not even that much room: refused before the command runs."""
+
+    def __init__(self, budget: TenantBudget, tenant: str, *, first: int) -> None:
+        budget.take(tenant, first)
+        self._budget = budget
+        self._tenant = tenant
+        self._held = first
+        self._used = 0
+
+    def grant(self, n: int) -> int:
+        """How many of ``n`` more bytes may be kept (all, or what room is left)."""
+        room = self._held - self._used
+        if n > room:
+            self._held += self._budget.take_upto(self._tenant, n - room)
+            room = self._held - self._used
+        got = min(n, room)
+        self._used += got
+        return got
+
+    def close(self) -> None:
+        self._budget.give_back(self._tenant, self._held)
+        self._held = self._used = 0
+
+
 @dataclass
 class Capped:
-    """Output kept up to ``limit`` bytes; the rest is read and dropped."""
+    """Output kept up to ``limit`` bytes, and as far as the allowance grants;
+    the rest is read and dropped (the stream is then truncated)."""
 
     limit: int
-    data: bytearray
+    allowance: OutputAllowance
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
     truncated: bool = False
 
     def add(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
-        if len(chunk) > room:
+        n = self.allowance.grant(min(len(chunk), max(self.limit - self.size, 0)))
+        if n < len(chunk):
             self.truncated = True
-            chunk = chunk[: max(room, 0)]
-        self.data += chunk
+            chunk = chunk[:n]
+        if chunk:
+            self.chunks.append(chunk)
+            self.size += n
+
+    def take(self) -> bytes:
+        """The kept output in one piece; the pieces are let go (one copy at a time)."""
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
 
 
 async def _feed_stdin(proc: RunningProcess, data: bytes) -> None:
@@ -53,12 +93,12 @@ async def _feed_stdin(proc: RunningProcess, data: bytes) -> None:
 
 
 async def run_once(
-    proc: RunningProcess, *, stdin: bytes, timeout_s: float, max_output: int
+    proc: RunningProcess, *, stdin: bytes, timeout_s: float, max_output: int, allowance: OutputAllowance
 ) -> pb.RunResponse:
     """Feeds stdin, collects capped stdout/stderr, waits for the exit; kills
     the process group when ``timeout_s`` passes."""
     start_wall, start = time.time(), time.monotonic()
-    out, err = Capped(max_output, bytearray()), Capped(max_output, bytearray())
+    out, err = Capped(max_output, allowance), Capped(max_output, allowance)
     feeder = asyncio.ensure_future(_feed_stdin(proc, stdin))
     timed_out = False
 
@@ -90,7 +130,7 @@ async def run_once(
     started.FromNanoseconds(int(start_wall * 1e9))
     return pb.RunResponse(
         status=exit_status(info, timed_out=timed_out),
-        stdout=bytes(out.data), stderr=bytes(err.data),
+        stdout=out.take(), stderr=err.take(),
         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
         start_time=started, duration=duration,
     )

@@ -10,8 +10,8 @@ from hub_service.exec import files, processes
 from hub_service.exec.commands import command_spec, pty_size, signal_number, timeout_s
 from hub_service.exec.containers import ContainerLookup
 from hub_service.exec.drivers import Drivers
-from hub_service.exec.run import ExecSession, run_once
-from hub_service.exec.slots import TenantSlots
+from hub_service.budgets import HubBudgets
+from hub_service.exec.run import ExecSession, OutputAllowance, run_once
 from orchestrator_service.backends.exec_base import ExecDriver
 from sandhub import pagination, rpc
 from sandhub.config import ExecLimits
@@ -31,12 +31,15 @@ async def _first(requests: AsyncIterator[pb.ExecRequest] | AsyncIterator[pb.PutF
 
 
 class ExecServicer(pb_grpc.ExecServiceServicer):
-    def __init__(self, auth: ApiKeyAuth, lookup: ContainerLookup, drivers: Drivers, limits: ExecLimits) -> None:
+    def __init__(self, auth: ApiKeyAuth, lookup: ContainerLookup, drivers: Drivers, limits: ExecLimits,
+                 budgets: HubBudgets) -> None:
         self._auth = auth
         self._lookup = lookup
         self._drivers = drivers
         self._limits = limits
-        self._slots = TenantSlots(limits.max_calls_per_tenant)
+        self._budgets = budgets
+        self._slots = budgets.exec_calls
+        self._calls = budgets.calls
 
     async def _driver(self, container_id: str, tenant: str) -> ExecDriver:
         backend = await self._lookup.backend_of(container_id, tenant=tenant)
@@ -44,14 +47,14 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
 
     async def PutFiles(self, request_iterator: AsyncIterator[pb.PutFilesRequest], context: rpc.Ctx) -> pb.PutFilesResponse:
         tenant = self._auth.tenant(context)
-        with self._slots.take(tenant):
+        with self._slots.hold(tenant):
             start = await _first(request_iterator, "start")
             driver = await self._driver(start.container_id, tenant)
             return await files.put_files(driver, start.container_id, start, request_iterator, self._limits)
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
         tenant = self._auth.tenant(context)
-        with self._slots.take(tenant):
+        with self._slots.hold(tenant):
             driver = await self._driver(request.container_id, tenant)
             async for response in files.get_files(driver, request.container_id, request, self._limits):
                 yield response
@@ -64,15 +67,21 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         if request.max_output_bytes < 0 or request.max_output_bytes > limits.max_output_bytes:
             raise InvalidField("max_output_bytes", f"0..{limits.max_output_bytes}")
         tenant = self._auth.tenant(context)
-        with self._slots.take(tenant):
+        with self._slots.hold(tenant):
             driver = await self._driver(request.container_id, tenant)
-            proc = await driver.spawn(container_id=request.container_id, command=command)
-            return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
-                                  max_output=request.max_output_bytes or limits.default_output_bytes)
+            # Refused before the command runs when the tenant's output budget is used up.
+            allowance = OutputAllowance(self._budgets.output, tenant, first=limits.chunk_bytes)
+            try:
+                proc = await driver.spawn(container_id=request.container_id, command=command)
+                return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
+                                      max_output=request.max_output_bytes or limits.default_output_bytes,
+                                      allowance=allowance)
+            finally:
+                allowance.close()
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
         tenant = self._auth.tenant(context)
-        with self._slots.take(tenant):
+        with self._slots.hold(tenant):
             async for response in self._exec(request_iterator, tenant):
                 yield response
 
@@ -91,22 +100,28 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
     async def StartProcess(self, request: pb.StartProcessRequest, context: rpc.Ctx) -> pb.StartProcessResponse:
         pid = processes.check_process_id(request.process_id)
         command = command_spec(request.command, self._limits)
-        driver = await self._driver(request.container_id, self._auth.tenant(context))
-        info, created = await driver.start_background(container_id=request.container_id, process_id=pid,
-                                                      command=command)
+        tenant = self._auth.tenant(context)
+        async with self._calls.call(tenant):
+            driver = await self._driver(request.container_id, tenant)
+            info, created = await driver.start_background(container_id=request.container_id, process_id=pid,
+                                                          command=command)
         return pb.StartProcessResponse(process=processes.process_proto(request.container_id, info), created=created)
 
     async def GetProcess(self, request: pb.GetProcessRequest, context: rpc.Ctx) -> pb.GetProcessResponse:
         pid = processes.check_process_id(request.process_id)
-        driver = await self._driver(request.container_id, self._auth.tenant(context))
-        info = await driver.get_background(container_id=request.container_id, process_id=pid)
+        tenant = self._auth.tenant(context)
+        async with self._calls.call(tenant):
+            driver = await self._driver(request.container_id, tenant)
+            info = await driver.get_background(container_id=request.container_id, process_id=pid)
         return pb.GetProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: rpc.Ctx) -> pb.ListProcessesResponse:
         size = pagination.page_size(request.page_size)
-        driver = await self._driver(request.container_id, self._auth.tenant(context))
-        found = [processes.process_proto(request.container_id, p)
-                 for p in await driver.list_background(container_id=request.container_id)]
+        tenant = self._auth.tenant(context)
+        async with self._calls.call(tenant):
+            driver = await self._driver(request.container_id, tenant)
+            found = [processes.process_proto(request.container_id, p)
+                     for p in await driver.list_background(container_id=request.container_id)]
         if request.state:
             found = [p for p in found if p.state == request.state]
         page, token = pagination.paginate(
@@ -118,13 +133,15 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
     async def SignalProcess(self, request: pb.SignalProcessRequest, context: rpc.Ctx) -> pb.SignalProcessResponse:
         pid = processes.check_process_id(request.process_id)
         signum = signal_number(request.signal)
-        driver = await self._driver(request.container_id, self._auth.tenant(context))
-        info = await driver.signal_background(container_id=request.container_id, process_id=pid, signum=signum)
+        tenant = self._auth.tenant(context)
+        async with self._calls.call(tenant):
+            driver = await self._driver(request.container_id, tenant)
+            info = await driver.signal_background(container_id=request.container_id, process_id=pid, signum=signum)
         return pb.SignalProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def AttachProcess(self, request: pb.AttachProcessRequest, context: rpc.Ctx) -> AsyncIterator[pb.AttachProcessResponse]:
         tenant = self._auth.tenant(context)
-        with self._slots.take(tenant):
+        with self._slots.hold(tenant):
             driver = await self._driver(request.container_id, tenant)
             async for response in processes.attach(driver, request.container_id, request, self._limits):
                 yield response

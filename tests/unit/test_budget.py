@@ -1,0 +1,114 @@
+"""Per-tenant budgets and fair turns (sandhub.budget), and Run output held
+against its tenant's budget (hub_service.exec.run): no servers needed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hub_service.exec.run import Capped, OutputAllowance
+from sandhub.budget import FairGate, TenantBudget
+from sandhub.errors import QuotaExceeded
+
+
+def budget(per_tenant: int = 3, total: int = 5) -> TenantBudget:
+    return TenantBudget(what="things", per_tenant=per_tenant, total=total, tenant_limit="max_things_per_tenant",
+                        total_limit="max_things")
+
+
+def test_a_tenant_over_its_cap_is_refused_naming_the_limit() -> None:
+    b = budget()
+    b.take("a", 3)
+    with pytest.raises(QuotaExceeded) as e:
+        b.take("a")
+    assert e.value.metadata == {"limit": "max_things_per_tenant"}
+    b.take("b", 2)  # another tenant has its own
+    with pytest.raises(QuotaExceeded) as e:
+        b.take("c")
+    assert e.value.metadata == {"limit": "max_things"}
+    b.give_back("a", 3)
+    with b.hold("c"):
+        assert b.used("c") == 1
+    assert b.used("c") == 0 and b.used_total == 2
+
+
+def test_take_upto_takes_what_room_is_left() -> None:
+    b = budget(per_tenant=10, total=100)
+    assert b.take_upto("a", 7) == 7
+    assert b.take_upto("a", 7) == 3
+    assert b.take_upto("a", 1) == 0
+
+
+async def test_fair_gate_gives_the_next_turn_to_another_tenant() -> None:
+    gate = FairGate(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def call(tenant: str, hold: bool = False) -> None:
+        async with gate.turn(tenant):
+            order.append(tenant)
+            if hold:
+                await release.wait()
+
+    first = asyncio.ensure_future(call("a", hold=True))
+    await asyncio.sleep(0)
+    many = [asyncio.ensure_future(call("a")) for _ in range(10)]
+    await asyncio.sleep(0)
+    victim = asyncio.ensure_future(call("b"))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, victim, *many)
+    # b waited behind one of a's calls, not behind all ten.
+    assert order.index("b") == 2
+    assert gate.running == 0
+
+
+async def test_fair_gate_a_waiter_that_leaves_keeps_no_turn() -> None:
+    gate = FairGate(1)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.turn("a"):
+            await release.wait()
+
+    holder = asyncio.ensure_future(hold())
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(hold())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    release.set()
+    await holder
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert gate.running == 0
+    async with gate.turn("b"):
+        assert gate.running == 1
+
+
+def test_run_output_beyond_the_tenants_budget_is_truncated_and_given_back() -> None:
+    b = budget(per_tenant=100, total=1000)
+    first = OutputAllowance(b, "a", first=10)
+    out = Capped(1000, first)
+    out.add(b"x" * 60)
+    second = OutputAllowance(b, "a", first=10)
+    other = Capped(1000, second)
+    other.add(b"y" * 60)  # its 10 reserved + the 30 left of the tenant's 100
+    assert (out.size, out.truncated) == (60, False)
+    assert (other.size, other.truncated) == (40, True)
+    with pytest.raises(QuotaExceeded):
+        OutputAllowance(b, "a", first=10)  # no room: refused before it runs
+    assert other.take() == b"y" * 40 and other.chunks == []
+    first.close()
+    second.close()
+    assert b.used_total == 0
+
+
+def test_run_output_is_capped_per_stream_without_using_budget_beyond_the_cap() -> None:
+    b = budget(per_tenant=100, total=1000)
+    allowance = OutputAllowance(b, "a", first=10)
+    out = Capped(5, allowance)
+    out.add(b"abcdefgh")
+    assert (out.take(), out.truncated) == (b"abcde", True)
+    assert b.used("a") == 10  # only the first reservation
+    allowance.close()
