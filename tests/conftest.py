@@ -16,14 +16,61 @@ import pytest
 from hub_service.server import RunningHub, start_hub
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
+from sandhub import internal_auth
 from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+ORCHESTRATOR_TOKEN = "test-orchestrator-token-" + "0123456789abcdef"
+"""The tests' Hub <-> Orchestrator token (orchestrator_config sets it)."""
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
+
+
+def orchestrator_channel(port: int, token: str = ORCHESTRATOR_TOKEN) -> grpc.aio.Channel:
+    """A channel to an Orchestrator on this host whose calls carry the token,
+    as the Hub's do."""
+    return internal_auth.orchestrator_channel(f"127.0.0.1:{port}", token)
+
+
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """The token on every call of a blocking channel (tests that use grpc's sync API)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        @dataclass(frozen=True)
+        class Details(grpc.ClientCallDetails):
+            method: str
+            timeout: float | None
+            metadata: tuple[tuple[str, str | bytes], ...]
+            credentials: grpc.CallCredentials | None
+            wait_for_ready: bool | None
+            compression: grpc.Compression | None
+
+        metadata = (*(d.metadata or ()), *internal_auth.metadata(self._token))
+        return Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+
+def sync_orchestrator_channel(port: int, token: str = ORCHESTRATOR_TOKEN) -> grpc.Channel:
+    """A blocking channel to an Orchestrator on this host, its calls carrying the token."""
+    return grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), _SyncToken(token))
+
+
+def hub_config(orchestrator: RunningOrchestrator, **overrides: object) -> HubConfig:
+    """A Hub on port 0 in front of ``orchestrator``, with its token and KEYS."""
+    base = HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orchestrator.port}", api_keys=KEYS,
+                     orchestrator_token=orchestrator.config.token, local=orchestrator.config.local)
+    return replace(base, **overrides)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -67,6 +114,27 @@ def _remove_test_networks() -> Iterator[None]:
         asyncio.run(teardown_all())
 
 
+def container_host_pids(container_id: str) -> list[int]:
+    """Host pids of a container's processes: those whose environment names it,
+    less bwrap's launcher, which waits on the host (its environment is the id
+    alone, and it is in this host's pid namespace)."""
+    entry = f"SANDHUB_CONTAINER_ID={container_id}".encode()
+    host_pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+            if environ == entry + b"\0" and os.stat(f"/proc/{name}/ns/pid").st_ino == host_pid_ns:
+                continue
+        except OSError:  # gone, or not ours to read
+            continue
+        if entry in environ.split(b"\0"):
+            found.append(int(name))
+    return sorted(found)
+
+
 def traversable(path: Path) -> Path:
     """Lets other uids (containers run as their own) pass through ``path`` and
     its pytest parents, which pytest makes 0700."""
@@ -86,6 +154,7 @@ def orchestrator_config(state: Path, net: PrivateNetwork | None = None, **overri
         ),
         reap_interval_s=0.2,
         placements=("default", "internet"),
+        token=ORCHESTRATOR_TOKEN,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -108,10 +177,9 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
     net = PrivateNetwork.new()
     traversable(tmp_path)  # local images live under it
     orch = await start_orchestrator(orchestrator_config(tmp_path, net))
-    hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
-                                    local=orch.config.local))
+    hub = await start_hub(hub_config(orch))
     hub_channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
-    orch_channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    orch_channel = orchestrator_channel(orch.port)
     try:
         yield Services(
             orch,

@@ -8,11 +8,12 @@ import grpc
 import structlog
 
 from hub_service.auth import ApiKeyAuth
+from hub_service.budgets import HubBudgets
 from hub_service.exec.containers import ContainerLookup
 from hub_service.exec.drivers import Drivers
 from hub_service.exec.servicer import ExecServicer
 from hub_service.orchestrator_proxy import OrchestratorProxy
-from sandhub import rpc
+from sandhub import internal_auth, rpc
 from sandhub.config import HubConfig
 from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -30,6 +31,8 @@ class RunningHub:
     channel: grpc.aio.Channel
     port: int
     drivers: Drivers
+    config: HubConfig
+    budgets: HubBudgets
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
@@ -40,8 +43,10 @@ class RunningHub:
 async def start_hub(config: HubConfig) -> RunningHub:
     if not config.api_keys:
         raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
-    channel = grpc.aio.insecure_channel(
+    token = internal_auth.require_token(config.orchestrator_token, who="hub")
+    channel = internal_auth.orchestrator_channel(  # every call carries the token
         config.orchestrator,
+        token,
         options=[
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(config.connect_timeout_s * 1000)),
@@ -49,17 +54,18 @@ async def start_hub(config: HubConfig) -> RunningHub:
         ],
     )
     auth = ApiKeyAuth(config.api_keys)
+    budgets = HubBudgets.from_config(config)
     server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("hub")])
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-        OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s), server
+        OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s, budgets=budgets), server
     )
     drivers = Drivers(config)
     lookup = ContainerLookup(stub, timeout_s=config.backend_timeout_s)
-    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec), server)
+    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec, budgets), server)
     rpc.add_health_and_reflection(server, SERVICES)
     port = rpc.bind(server, config.listen)
     await server.start()
     log.info("hub.serving", listen=config.listen, port=port, orchestrator=config.orchestrator,
              tenants=sorted(set(config.api_keys.values())))
-    return RunningHub(server, channel, port, drivers)
+    return RunningHub(server, channel, port, drivers, config, budgets)

@@ -16,14 +16,19 @@ import structlog
 
 from orchestrator_service.backends.base import Backend
 from orchestrator_service.model import Container, Event, EventType, Page, State, new_container_id, utcnow
+from orchestrator_service.rate import TokenBuckets
 from sandhub.pagination import page_size, paginate
 from orchestrator_service.selector import Selector, parse_selector
 from orchestrator_service.validation import RawCreate, build_spec, check_container_id, check_ttl
 from sandhub.config import OrchestratorConfig
-from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField, QuotaExceeded
+from sandhub.errors import (ContainerNotFound, ContainerNotRunning, InvalidField, InvalidPageToken, QuotaExceeded,
+                            RateLimited)
 
 log = structlog.get_logger("sandhub.orchestrator")
 
+MAX_PAGE_TOKEN = 512
+"""Longest page token accepted (ours are under 200 characters): a bigger one
+is refused before it is decoded."""
 WATCH_QUEUE = 1024
 """Events buffered per watcher; a watcher that falls further behind is closed
 (it re-watches with send_initial) rather than growing memory without bound."""
@@ -69,11 +74,18 @@ class ContainerService:
     def __init__(self, config: OrchestratorConfig) -> None:
         self._config = config
         self._limits = config.limits
-        self._subs: set[_Subscription] = set()
+        self._subs: dict[str | None, set[_Subscription]] = {}
+        """Live watches by tenant (None: the operator's, which see every
+        tenant): an event visits only its own tenant's watches, so another
+        tenant's many watches cost it nothing (and the Watch budget bounds a
+        tenant's own)."""
         self._settling: dict[str, asyncio.Future[Container]] = {}
         """Containers a create call waits on (wait_until_running), by id."""
-        self._starting: dict[str, int] = {}
-        """Creates in progress, per tenant (for the quota)."""
+        self._starting: dict[str, set[str]] = {}
+        """Ids of the creates in progress, per tenant (for the quota). A backend
+        may list such a container already (PENDING) or not yet: counted as a
+        set with what it lists, each is counted once either way."""
+        self._create_rate = TokenBuckets(rate_per_s=self._limits.create_rate_per_s, burst=self._limits.create_burst)
         self._create_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.backend: Backend | None = None
@@ -85,8 +97,9 @@ class ContainerService:
 
     def notify(self, event: Event) -> None:
         """Backends call this after every change."""
-        for sub in self._subs:
-            sub.offer(event)
+        for key in (event.container.tenant, None):
+            for sub in self._subs.get(key, ()):
+                sub.offer(event)
         settled = self._settling.get(event.container.id)
         if settled is not None and event.container.state is not State.PENDING:
             if not settled.done():
@@ -107,8 +120,9 @@ class ContainerService:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for sub in self._subs:
-            sub.queue.put_nowait(None) if not sub.queue.full() else None
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.queue.put_nowait(None) if not sub.queue.full() else None
         await self._backend.close()
 
     # -- lifecycle --------------------------------------------------------------
@@ -133,17 +147,22 @@ class ContainerService:
                     if wait_until_running and existing.state is State.PENDING:
                         return await self._wait_settled(existing.id)
                     return existing
-                alive = [c for c in await self._backend.list() if c.tenant == tenant and c.state.alive]
+                self._take_create_token(tenant)
+                held = await self._held(tenant)
                 # Creates still on their way count too (checked and counted with no
                 # await in between): otherwise concurrent creates all pass the check.
-                starting = self._starting.get(tenant, 0)
-                if len(alive) + starting >= self._limits.max_containers_per_tenant:
+                starting = self._starting.setdefault(tenant, set())
+                count = len(held) + sum(1 for cid in starting if cid not in held)
+                if count >= self._limits.max_containers_per_tenant:
+                    if not starting:
+                        del self._starting[tenant]
                     raise QuotaExceeded(
-                        f"tenant already has {len(alive) + starting} containers; delete some first",
+                        f"tenant already holds {count} containers (failed ones count until deleted), "
+                        f"the most it may; delete some first",
                         limit="max_containers_per_tenant",
                     )
-                self._starting[tenant] = starting + 1
                 container_id = new_container_id()
+                starting.add(container_id)
                 if wait_until_running:
                     self._settle_future(container_id)  # before create: the backend may settle it meanwhile
                 try:
@@ -159,13 +178,30 @@ class ContainerService:
                         container = await self._wait_settled(container.id)
                 finally:
                     self._settling.pop(container_id, None)
-                    self._starting[tenant] -= 1
-                    if not self._starting[tenant]:
+                    starting.discard(container_id)
+                    if not starting and self._starting.get(tenant) is starting:
                         del self._starting[tenant]
                 return container
             finally:
                 if lock is not None:
                     self._create_locks.pop(lock_key, None)
+
+    def _take_create_token(self, tenant: str) -> None:
+        wait_s = self._create_rate.take(tenant)
+        if wait_s > 0:
+            raise RateLimited(
+                f"creating containers faster than {self._limits.create_rate_per_s:g} a second "
+                f"(after a burst of {self._limits.create_burst}); retry in {wait_s:.2f}s",
+                limit="create_rate_per_s",
+                retry_after_s=wait_s,
+            )
+
+    async def _held(self, tenant: str) -> set[str]:
+        """Ids of the tenant's containers that count toward its quota: all but
+        TERMINATED ones (TERMINATING holds its resources until they are gone; a
+        FAILED one may still hold a pod or task, and is cleared by a delete or
+        when its tombstone expires)."""
+        return {c.id for c in await self._backend.list() if c.tenant == tenant and c.state is not State.TERMINATED}
 
     def _default_image(self) -> str:
         return self._config.local.default_image if self._config.backend == "local" else ""
@@ -228,6 +264,8 @@ class ContainerService:
     ) -> Page:
         selector = parse_selector(label_selector)
         n = page_size(size)
+        if len(token) > MAX_PAGE_TOKEN:
+            raise InvalidPageToken()
         query = f"{tenant}|{label_selector}|{state.value if state else ''}"
         wanted = [
             c
@@ -267,7 +305,7 @@ class ContainerService:
     async def watch(self, *, tenant: str | None, label_selector: str, send_initial: bool, keepalive_s: float = 15.0) -> AsyncIterator[WatchItem]:
         selector = parse_selector(label_selector)
         sub = _Subscription(tenant, selector)
-        self._subs.add(sub)  # subscribe first so nothing between list and live is lost
+        self._subs.setdefault(tenant, set()).add(sub)  # subscribe first so nothing between list and live is lost
         try:
             if send_initial:
                 for c in sorted(await self._backend.list(), key=lambda c: (c.create_time, c.id)):
@@ -286,7 +324,10 @@ class ContainerService:
                 if sub.overflowed and sub.queue.empty():
                     raise WatchOverflow()
         finally:
-            self._subs.discard(sub)
+            subs = self._subs.get(tenant, set())
+            subs.discard(sub)
+            if not subs:
+                self._subs.pop(tenant, None)
 
     # -- expiry -------------------------------------------------------------------
 

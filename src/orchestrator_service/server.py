@@ -10,7 +10,7 @@ import structlog
 from orchestrator_service.backends import load_backend
 from orchestrator_service.containers import ContainerService
 from orchestrator_service.servicer import OrchestratorServicer
-from sandhub import rpc
+from sandhub import internal_auth, rpc
 from sandhub.config import OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -31,11 +31,14 @@ class RunningOrchestrator:
 
 
 async def start_orchestrator(config: OrchestratorConfig) -> RunningOrchestrator:
+    """Raises ConfigError without a usable token (config.token): callers must
+    prove they are the Hub or the operator (see sandhub.internal_auth)."""
+    token_check = internal_auth.TokenServerInterceptor(config.token)
     containers = ContainerService(config)
     containers.attach(load_backend(config, containers.notify))
     await containers.start()
-    server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("orchestrator")])
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(containers), server)
+    server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("orchestrator"), token_check])
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(containers, config), server)
     rpc.add_health_and_reflection(server, [SERVICE])
     port = rpc.bind(server, config.listen)
     await server.start()

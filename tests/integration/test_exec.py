@@ -396,7 +396,8 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
     # The Hub goes away and a new one comes up: the process belongs to the container.
     await services.hub.stop(0)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
-                                    api_keys=KEYS, local=services.orchestrator.config.local))
+                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    orchestrator_token=services.orchestrator.config.token))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     ex = xpb_grpc.ExecServiceStub(channel)
     try:
@@ -436,7 +437,8 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
 async def test_output_is_batched_and_idle_streams_get_keepalives(services: Services) -> None:
     limits = ExecLimits(keepalive_s=0.2)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
-                                    api_keys=KEYS, local=services.orchestrator.config.local, exec=limits))
+                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    orchestrator_token=services.orchestrator.config.token, exec=limits))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     try:
         ex = xpb_grpc.ExecServiceStub(channel)
@@ -494,6 +496,7 @@ async def test_list_processes_pages_and_filters(services: Services, ex: xpb_grpc
 async def test_open_exec_calls_are_bounded_per_tenant(services: Services) -> None:
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
                                     api_keys=KEYS, local=services.orchestrator.config.local,
+                                    orchestrator_token=services.orchestrator.config.token,
                                     exec=ExecLimits(max_calls_per_tenant=2)))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     try:

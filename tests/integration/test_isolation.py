@@ -22,7 +22,7 @@ import pytest
 from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo
 from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-from tests.conftest import Services, auth
+from tests.conftest import Services, auth, container_host_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 BB = "/.sandhub/busybox"
@@ -110,16 +110,7 @@ async def test_files_processes_and_signals_of_another_container(services: Servic
 
 
 def host_pids_of_container(container_id: str) -> list[int]:
-    marker = f"SANDHUB_CONTAINER_ID={container_id}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if marker in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
-                    found.append(int(name))
-            except OSError:
-                pass
-    return sorted(found)
+    return container_host_pids(container_id)
 
 
 async def test_network_other_container_and_host_loopback(services: Services, driver: LocalExecDriver) -> None:
@@ -295,5 +286,6 @@ async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
             os.close(fd)
     _, out = await sh(driver, c.id, "ulimit -n; ulimit -Hn")
     assert out.split() == ["200", "200"]
-    init = [p for p in host_pids_of_container(c.id) if "sleep" in Path(f"/proc/{p}/cmdline").read_text()]
+    # The long-lived init, busybox sleep (pid 1 is bwrap's, whose command line names sleep too).
+    init = [p for p in host_pids_of_container(c.id) if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"sleep"]]
     assert "Max open files            200                  200" in Path(f"/proc/{init[0]}/limits").read_text()

@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from orchestrator_service.backends.local.network import veth_name
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-from tests.conftest import Services, auth
+from tests.conftest import Services, auth, container_host_pids
 
 pytestmark = pytest.mark.root
 A = auth("key-a")
@@ -51,17 +51,7 @@ async def create(s: Services, md=A, **kw) -> pb.Container:  # type: ignore[no-un
 
 
 def sandbox_pids(container_id: str) -> list[int]:
-    marker = f"SANDHUB_CONTAINER_ID={container_id}".encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if marker in f.read().split(b"\0"):
-                        pids.append(int(name))
-            except OSError:
-                pass
-    return pids
+    return container_host_pids(container_id)
 
 
 async def wait_state(s: Services, cid: str, state: int, timeout: float = 10.0) -> pb.Container:

@@ -21,7 +21,7 @@ import pytest
 from orchestrator_service.backends.local import cgroups
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import PrivateNetwork
+from tests.conftest import ORCHESTRATOR_TOKEN, PrivateNetwork, sync_orchestrator_channel
 from tests.integration.test_lifecycle import leftovers, sandbox_pids
 
 pytestmark = pytest.mark.root
@@ -41,13 +41,14 @@ class Orchestrator:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> pb_grpc.OrchestratorServiceStub:
-        env = dict(os.environ, SANDHUB_STATE_DIR=str(self.state), SANDHUB_REAP_INTERVAL="0.2", **self.net.env())
+        env = dict(os.environ, SANDHUB_STATE_DIR=str(self.state), SANDHUB_REAP_INTERVAL="0.2",
+                   SANDHUB_ORCHESTRATOR_TOKEN=ORCHESTRATOR_TOKEN, **self.net.env())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sandhub.cli.main", "serve", "--only", "orchestrator",
              "--orchestrator-listen", f"127.0.0.1:{self.port}"],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.state / "orchestrator.log", "ab"),
         )
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        channel = sync_orchestrator_channel(self.port)
         grpc.channel_ready_future(channel).result(timeout=20)
         return pb_grpc.OrchestratorServiceStub(channel)
 

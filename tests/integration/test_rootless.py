@@ -17,7 +17,7 @@ import pytest
 
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import traversable
+from tests.conftest import ORCHESTRATOR_TOKEN, sync_orchestrator_channel, traversable
 from tests.integration.test_restart import free_port, wait_for
 
 pytestmark = pytest.mark.root
@@ -63,7 +63,7 @@ def test_doctor_names_what_is_missing(shared_tmp: Path) -> None:
 def test_containers_run_without_root_and_the_log_says_what_is_off(shared_tmp: Path) -> None:
     port = free_port()
     log = shared_tmp / "orchestrator.log"
-    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"))
+    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"), SANDHUB_ORCHESTRATOR_TOKEN=ORCHESTRATOR_TOKEN)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             as_nobody(sys.executable, "-m", "sandhub.cli.main", "serve", "--only", "orchestrator",
@@ -71,7 +71,7 @@ def test_containers_run_without_root_and_the_log_says_what_is_off(shared_tmp: Pa
             env=env, stdout=out, stderr=out,
         )
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = sync_orchestrator_channel(port)
         grpc.channel_ready_future(channel).result(timeout=20)
         stub = pb_grpc.OrchestratorServiceStub(channel)
         c = stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True)).container

@@ -109,6 +109,38 @@ def test_deployments_use_the_config_loaders_variables() -> None:
         assert d["spec"]["template"]["metadata"]["labels"].items() >= d["spec"]["selector"]["matchLabels"].items()
 
 
+def test_both_deployments_share_the_orchestrator_token_and_only_the_hub_reaches_it() -> None:
+    """Issue 11 item 2: the token reaches both as a file from one Secret (not
+    optional, in no environment value); the NetworkPolicy admits only the Hub's
+    pods on the Orchestrator's port; probes use gRPC health, open without it."""
+    docs = manifests()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    for name in ("sandhub-orchestrator", "sandhub-hub"):
+        pod = deployments[name]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert "SANDHUB_ORCHESTRATOR_TOKEN" not in env, name
+        token_file = Path(env["SANDHUB_ORCHESTRATOR_TOKEN_FILE"])
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "sandhub-orchestrator-token", name
+        assert not volume["secret"].get("optional") and volume["secret"].get("items") is None
+        assert token_file.name == "token"  # the Secret's key, as deploy/README.md creates it
+        assert volume["secret"]["defaultMode"] & 0o007 == 0 and pod["securityContext"]["fsGroup"] == 65532
+        assert set(container["readinessProbe"]) >= {"grpc"} and set(container["livenessProbe"]) >= {"grpc"}
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "sandhub-orchestrator"]
+    orchestrator = deployments["sandhub-orchestrator"]
+    assert policy["metadata"]["namespace"] == orchestrator["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == orchestrator["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    hub_labels = deployments["sandhub-hub"]["spec"]["template"]["metadata"]["labels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sandhub-hub"}}}]
+    assert hub_labels["app.kubernetes.io/name"] == "sandhub-hub"
+    assert rule["ports"] == [{"port": 50052, "protocol": "TCP"}]
+
+
 @pytest.fixture
 def deployed(kube: client.ApiClient) -> Iterator[dict[str, str]]:
     """Every manifest created for real, in fresh namespaces standing in for
@@ -156,6 +188,8 @@ def test_manifests_apply_and_rbac_is_exact(kube: client.ApiClient, deployed: dic
     assert stored.spec.template.spec.containers[0].readiness_probe._grpc.port == 50052
     hub = apps.read_namespaced_deployment("sandhub-hub", system)
     assert hub.spec.template.spec.volumes[0].secret.secret_name == "sandhub-api-keys"
+    for d in (stored, hub):
+        assert "sandhub-orchestrator-token" in {v.secret.secret_name for v in d.spec.template.spec.volumes if v.secret}
     for sa, grants in (("sandhub-orchestrator", ORCHESTRATOR_GRANTS), ("sandhub-hub", HUB_GRANTS)):
         allowed = {(key, verb) for key in RESOURCES for verb in VERBS
                    if _allowed(kube, system, sa, containers, key, verb)}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from orchestrator_service.backends import load_backend
@@ -18,6 +17,7 @@ from orchestrator_service.validation import RawCreate
 from sandhub import rpc
 from sandhub.config import OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from tests.conftest import ORCHESTRATOR_TOKEN, orchestrator_channel
 from tests.kubernetes.control_plane import ControlPlane
 from tests.kubernetes.helpers import PLACEMENTS, k8s_config
 
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.kubernetes
 def orchestrator_config(cp: ControlPlane, namespace: str) -> OrchestratorConfig:
     return OrchestratorConfig(listen="127.0.0.1:0", backend="kubernetes",
                               kubernetes=k8s_config(cp.kubeconfig, namespace),
-                              placements=tuple(PLACEMENTS), reap_interval_s=0.2, tombstone_s=1.0)
+                              placements=tuple(PLACEMENTS), reap_interval_s=0.2, tombstone_s=1.0,
+                              token=ORCHESTRATOR_TOKEN)
 
 
 def raw(**changes: object) -> RawCreate:
@@ -84,7 +85,7 @@ async def test_tenants_and_request_ids(containers: ContainerService) -> None:
 async def test_grpc_create_and_unavailable(control_plane: ControlPlane, namespace: str) -> None:
     """Through the orchestrator's gRPC server, as the Hub calls it."""
     orch = await start_orchestrator(orchestrator_config(control_plane, namespace))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    channel = orchestrator_channel(orch.port)
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     try:
         resp = await stub.CreateContainer(orchestrator_pb2.CreateContainerRequest(

@@ -148,3 +148,25 @@ def test_a_process_given_the_container_id_as_an_argument_counts_as_the_container
     finally:
         helper.kill()
         helper.wait()
+
+
+def test_bwrap_named_by_its_environment_counts_as_the_containers() -> None:
+    """sandhub's bwrap (outside the container's cgroup) carries the id as its
+    whole environment, on no command line."""
+    import subprocess
+    import sys
+
+    cid, other = "cnt-aaaaaaaaaaaa", "cnt-bbbbbbbbbbbb"
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              env={"SANDHUB_CONTAINER_ID": cid})
+    try:
+        environ = Path(f"/proc/{helper.pid}/environ")
+        for _ in range(500):  # until it has exec'd
+            if cid.encode() in environ.read_bytes():
+                break
+            time.sleep(0.01)
+        found = host.container_processes([cid, other], "no-such-cgroup-parent")
+        assert found == {cid: {helper.pid}, other: set()}
+    finally:
+        helper.kill()
+        helper.wait()

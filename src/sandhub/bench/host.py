@@ -14,7 +14,7 @@ from typing import Any
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC = Path("/proc")
 SYS_NET = Path("/sys/class/net")
-CONTAINER_ENV_MARKER = b"SANDHUB_CONTAINER_ID\x00"
+CONTAINER_ENV_MARKER = b"SANDHUB_CONTAINER_ID="
 """bwrap's command line carries `--setenv SANDHUB_CONTAINER_ID <id>`: how its
 processes outside the container's cgroup (the bwrap parent) are found."""
 
@@ -103,8 +103,8 @@ def _read_int(path: Path) -> int | None:
 
 def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, set[int]]:
     """Host pids per container: those in its memory cgroup, plus any process
-    whose command line names it (bwrap's parent, outside the cgroup; Docker's
-    containerd-shim for that container)."""
+    whose environment names it (bwrap's parent, outside the cgroup) or whose
+    command line does (Docker's containerd-shim for that container)."""
     wanted = set(container_ids)
     found: dict[str, set[int]] = {cid: set() for cid in wanted}
     index = cgroup_index(parent)
@@ -116,12 +116,12 @@ def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, 
             except (OSError, ValueError):
                 pass
     wanted_args = {cid.encode() for cid in wanted if len(cid) >= 12}
-    for pid, cmdline in _cmdlines():
-        at = cmdline.find(CONTAINER_ENV_MARKER)
-        if at >= 0:
-            cid = cmdline[at + len(CONTAINER_ENV_MARKER):].split(b"\x00", 1)[0].decode(errors="replace")
-            if cid in wanted:
-                found[cid].add(pid)
+    for pid, cmdline, environ in _cmdlines():
+        for var in environ.split(b"\x00"):  # bwrap's parent: its environment is the container id
+            if var.startswith(CONTAINER_ENV_MARKER):
+                cid = var[len(CONTAINER_ENV_MARKER):].decode(errors="replace")
+                if cid in wanted:
+                    found[cid].add(pid)
         # A helper given the id as an argument of its own: Docker's
         # containerd-shim-runc-v2 -id <id>, one per container, outside its cgroup.
         for arg in wanted_args.intersection(cmdline.split(b"\x00")):
@@ -129,12 +129,13 @@ def container_processes(container_ids: Iterable[str], parent: str) -> dict[str, 
     return found
 
 
-def _cmdlines() -> Iterable[tuple[int, bytes]]:
+def _cmdlines() -> Iterable[tuple[int, bytes, bytes]]:
+    """Every process's command line and environment."""
     for name in os.listdir(PROC):
         if not name.isdigit():
             continue
         try:
-            yield int(name), (PROC / name / "cmdline").read_bytes()
+            yield int(name), (PROC / name / "cmdline").read_bytes(), (PROC / name / "environ").read_bytes()
         except OSError:
             continue
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from orchestrator_service.model import State
 from sandhub.bench.hub import HubTarget
-from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
+from sandhub.config import HubConfig, Limits, LocalBackendConfig, OrchestratorConfig
 
 T = TypeVar("T")
 TENANT = "bench"
@@ -32,15 +32,16 @@ TENANT = "bench"
 
 def private_backend_config(state: Path) -> LocalBackendConfig:
     """A local backend of the bench's own: its state under ``state``, and a
-    bridge and /20 subnet (4,094 addresses) of its own in 10.224.0.0/12, so a
-    bench never disturbs a sandhub already serving on this host (bridge
-    sandhub0, 10.88.0.0/16) nor the tests (10.240.0.0/12)."""
-    n = secrets.randbelow(256)
+    network device and /19 subnet (8,190 addresses: room for `bench capacity`'s
+    5,000) of its own in 10.224.0.0/12, so a bench never disturbs a sandhub
+    already serving on this host (sandhub0, 10.88.0.0/16) nor the tests
+    (10.240.0.0/12)."""
+    n = secrets.randbelow(128)
     return LocalBackendConfig(
         state_dir=state / "local",
         images_dir=state / "images",
         bridge=f"shb{secrets.token_hex(4)}",
-        subnet=f"10.{224 + n // 16}.{(n % 16) * 16}.0/20",
+        subnet=f"10.{224 + n // 8}.{(n % 8) * 32}.0/19",
     )
 
 
@@ -78,8 +79,11 @@ async def remove_network(config: LocalBackendConfig) -> None:
 
 
 class LocalServices:
-    def __init__(self, *, api_key: str) -> None:
+    def __init__(self, *, api_key: str, limits: Limits | None = None) -> None:
+        """``limits``: the Orchestrator's, when not its defaults (`bench
+        capacity` lifts the per-tenant quota and create rate)."""
         self._api_key = api_key
+        self._limits = limits
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sandhub-bench-services", daemon=True)
         self._state: Path | None = None
@@ -110,12 +114,18 @@ class LocalServices:
     async def _start(self) -> None:
         from hub_service.server import start_hub
         from orchestrator_service.server import start_orchestrator
+        from sandhub import internal_auth
 
         assert self._state is not None
         self._local = private_backend_config(self._state)
-        self._orch = await start_orchestrator(OrchestratorConfig(listen="127.0.0.1:0", local=self._local))
+        token = internal_auth.new_token()  # both in this process, as `sandhub serve` does
+        config = OrchestratorConfig(listen="127.0.0.1:0", local=self._local, token=token)
+        if self._limits is not None:
+            config = dataclasses.replace(config, limits=self._limits)
+        self._orch = await start_orchestrator(config)
         hub = HubConfig(
-            listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{self._orch.port}", api_keys={self._api_key: TENANT}
+            listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{self._orch.port}", api_keys={self._api_key: TENANT},
+            orchestrator_token=token,
         )
         if any(f.name == "local" for f in dataclasses.fields(HubConfig)):
             # A Hub that enters local containers itself must look where this
@@ -168,9 +178,9 @@ class LocalServices:
 class LocalHubTarget(HubTarget):
     """The Hub target, with its own Hub and Orchestrator started on loopback."""
 
-    def __init__(self, *, api_key: str, timeout_s: float) -> None:
+    def __init__(self, *, api_key: str, timeout_s: float, limits: Limits | None = None) -> None:
         super().__init__("", api_key=api_key, timeout_s=timeout_s)
-        self._services = LocalServices(api_key=api_key)
+        self._services = LocalServices(api_key=api_key, limits=limits)
 
     async def start(self) -> None:
         try:
@@ -188,6 +198,11 @@ class LocalHubTarget(HubTarget):
         except BaseException:
             await self._services.stop()
             raise
+
+    @property
+    def local_config(self) -> LocalBackendConfig:
+        """The local backend's configuration (once started)."""
+        return self._services.local_config
 
     async def close(self) -> list[str]:
         await super().close()

@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 
+from sandhub import internal_auth
 from sandhub.bench.hub import HubTarget
 from sandhub.bench.local import private_backend_config, remove_cgroup_parent, remove_network
 from sandhub.bench.target import CreateParams, TargetError
@@ -141,6 +142,9 @@ class Servers:
         self.local = private_backend_config(self.state)
         self.orch_port, self.hub_port = _free_port(), _free_port()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.token_file = self.state / "orchestrator-token"
+        self.token_file.write_text(internal_auth.new_token())
+        self.token_file.chmod(0o600)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDHUB_")}
@@ -152,6 +156,7 @@ class Servers:
             "SANDHUB_API_KEYS": f"{API_KEY}=bench",
             "SANDHUB_ORCHESTRATOR_LISTEN": f"127.0.0.1:{self.orch_port}",
             "SANDHUB_ORCHESTRATOR": f"127.0.0.1:{self.orch_port}",
+            "SANDHUB_ORCHESTRATOR_TOKEN_FILE": str(self.token_file),
             "SANDHUB_HUB_LISTEN": f"127.0.0.1:{self.hub_port}",
             "SANDHUB_LOG_LEVEL": "info",
         }

@@ -68,8 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
     logs.configure(level=args.log_level)
-    orch = cfg.load_orchestrator(env)
-    hub = cfg.load_hub(env)
+    try:
+        orch = cfg.load_orchestrator(env)
+        hub = cfg.load_hub(env)
+    except cfg.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.backend:
         orch = replace(orch, backend=args.backend)
     if args.orchestrator_listen:
@@ -79,10 +83,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hub = replace(hub, listen=args.hub_listen)
     if args.dev:
         hub = cfg.with_dev_key(hub)
-    return asyncio.run(_serve(args.only, orch, hub, dev=args.dev))
+    made_token = ""
+    if not args.only and not orch.token:
+        # Both in this process: a random token no one else knows (--dev
+        # prints it). An operator who calls the Orchestrator configures one.
+        from sandhub import internal_auth
+
+        made_token = internal_auth.new_token()
+        orch, hub = replace(orch, token=made_token), replace(hub, orchestrator_token=made_token)
+    return asyncio.run(_serve(args.only, orch, hub, dev=args.dev, made_token=made_token))
 
 
-async def _serve(only: str, orch: cfg.OrchestratorConfig, hub: cfg.HubConfig, *, dev: bool) -> int:
+async def _serve(
+    only: str, orch: cfg.OrchestratorConfig, hub: cfg.HubConfig, *, dev: bool, made_token: str = ""
+) -> int:
     from sandhub import rpc
 
     stops: list[Callable[[], Any]] = []
@@ -103,7 +117,10 @@ async def _serve(only: str, orch: cfg.OrchestratorConfig, hub: cfg.HubConfig, *,
                     f"sandhub is serving: Hub {hub.listen}, Orchestrator {orch.listen}, backend {orch.backend}\n"
                     f"development API key: {key}  (tenant {hub.api_keys[key]})\n"
                     f"try:  SANDHUB_API_KEY={key} .venv/bin/sandhub create --wait\n"
-                    f"      grpcurl -plaintext -H 'authorization: Bearer {key}' {hub.listen} list",
+                    f"      grpcurl -plaintext -H 'authorization: Bearer {key}' {hub.listen} list"
+                    + (f"\noperator (every tenant, straight to the Orchestrator):\n"
+                       f"      SANDHUB_ORCHESTRATOR_TOKEN={made_token} .venv/bin/sandhub list --orchestrator {orch.listen}"
+                       if made_token else ""),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -126,7 +143,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         for c in checks:
             print(f"{'ok  ' if c.ok else 'MISSING'} {c.name:<10} {c.detail}")
-        if not all(c.ok for c in checks):
+        if any(c.name == "sandbox" and not c.ok for c in checks):
+            print("\ncontainers do NOT start here: see the sandbox line above", file=sys.stderr)
+        elif not all(c.ok for c in checks):
             print("\ncontainers still start, with the isolation above missing", file=sys.stderr)
     return 0 if all(c.ok for c in checks) else 1
 
@@ -158,12 +177,27 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 class Client:
+    """The Hub with an API key; or, with --orchestrator, the Orchestrator
+    itself as the operator (every tenant), with the token as credential."""
+
     def __init__(self, args: argparse.Namespace) -> None:
+        from sandhub import internal_auth
         from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
 
-        self.channel = grpc.insecure_channel(args.hub)
+        self.metadata: tuple[tuple[str, str], ...]
+        if getattr(args, "orchestrator", ""):
+            try:
+                token = cfg.load_orchestrator_token(dict(os.environ))
+            except cfg.ConfigError as e:
+                raise SystemExit(f"error: {e}") from None
+            if not token:
+                raise SystemExit(f"error: --orchestrator needs the token: set {internal_auth.TOKEN_VARIABLES}")
+            self.metadata = internal_auth.metadata(token)
+            self.channel = grpc.insecure_channel(args.orchestrator)
+        else:
+            self.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+            self.channel = grpc.insecure_channel(args.hub)
         self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
         self.timeout = args.timeout
 
     def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
@@ -303,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api-key", default=env.get("SANDHUB_API_KEY", ""), help="[SANDHUB_API_KEY]")
     client.add_argument("--json", action="store_true", help="print JSON (proto3 JSON mapping)")
     client.add_argument("--timeout", type=parse_duration, default=60.0, help="per call (default 60s)")
+    lifecycle = argparse.ArgumentParser(add_help=False, parents=[client])
+    lifecycle.add_argument("--orchestrator", default="", metavar="ADDRESS",
+                           help="operator: call this Orchestrator directly (every tenant) with the token from "
+                                "SANDHUB_ORCHESTRATOR_TOKEN_FILE or SANDHUB_ORCHESTRATOR_TOKEN, not the Hub")
 
-    c = sub.add_parser("create", parents=[client], help="create a container")
+    c = sub.add_parser("create", parents=[lifecycle], help="create a container")
     c.add_argument("--image", default="")
     c.add_argument("--cpu", type=int, default=0, help="millicores")
     c.add_argument("--mem", type=int, default=0, help="MiB")
@@ -319,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="return once RUNNING")
     c.set_defaults(func=cmd_create)
 
-    g = sub.add_parser("get", parents=[client], help="show a container")
+    g = sub.add_parser("get", parents=[lifecycle], help="show a container")
     g.add_argument("id")
     g.set_defaults(func=cmd_get)
 
-    ls = sub.add_parser("list", parents=[client], help="list containers (all pages)")
+    ls = sub.add_parser("list", parents=[lifecycle], help="list containers (all pages)")
     ls.add_argument("-l", "--selector", default="", help="label selector, e.g. app=web,tier!=db")
     ls.add_argument("--state", default="", choices=["", "pending", "running", "terminating", "terminated", "failed"])
     ls.add_argument("--page-size", type=int, default=0)
@@ -331,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--one-page", action="store_true", help="print one page and the next token")
     ls.set_defaults(func=cmd_list)
 
-    d = sub.add_parser("delete", parents=[client], help="delete containers")
+    d = sub.add_parser("delete", parents=[lifecycle], help="delete containers")
     d.add_argument("ids", nargs="+")
     d.add_argument("--grace", type=parse_duration, default=0.0)
     d.set_defaults(func=cmd_delete)
@@ -340,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exec_verbs.add_parsers(sub, client)
 
-    e = sub.add_parser("extend", parents=[client], help="push back a container's expiry")
+    e = sub.add_parser("extend", parents=[lifecycle], help="push back a container's expiry")
     e.add_argument("id")
     e.add_argument("--by", type=parse_duration, required=True, help="e.g. 30m")
     e.set_defaults(func=cmd_extend)
@@ -357,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = e.code()
         print(f"error: {e.details()} [{code.name}]", file=sys.stderr)
         if code is grpc.StatusCode.UNAUTHENTICATED:
-            print("hint: pass --api-key or set SANDHUB_API_KEY", file=sys.stderr)
+            if getattr(args, "orchestrator", ""):
+                print("hint: the Orchestrator takes its token, not an API key (SANDHUB_ORCHESTRATOR_TOKEN_FILE)",
+                      file=sys.stderr)
+            else:
+                print("hint: pass --api-key or set SANDHUB_API_KEY", file=sys.stderr)
         elif code is grpc.StatusCode.UNAVAILABLE:
             print(f"hint: is sandhub serving at {getattr(args, 'hub', '?')}? (`make run`)", file=sys.stderr)
         return EXIT_CODES.get(code, 1)

@@ -24,11 +24,12 @@ from datetime import datetime
 import structlog
 
 from orchestrator_service.backends.base import Notify
-from orchestrator_service.backends.local import cgroups, linux, sandbox
+from orchestrator_service.backends.local import cgroups, devpts, linux, runtime_tools, sandbox
 from orchestrator_service.backends.local.network import AddressesExhausted, HostNetwork, NetworkConfig, NetworkError
 from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
+from orchestrator_service.backends.local.uids import UidClaims
 from orchestrator_service.model import Container, ContainerSpec, Endpoint, Event, EventType, State, utcnow
 from sandhub.config import LocalBackendConfig
 from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded
@@ -79,6 +80,8 @@ class LocalBackend:
         self._store = Store(config.state_dir)
         self._images = Images(config.images_dir)
         self._records: dict[str, Record] = {}
+        self._uids = UidClaims(config.uid_claims_dir, base=config.uid_base, count=config.uid_count,
+                               owner=config.state_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watched: dict[str, int] = {}  # container id -> pidfd
         self._deleting: set[str] = set()
@@ -95,12 +98,17 @@ class LocalBackend:
         self._net: HostNetwork | None = None
         self._net_status = "off (configured)" if not config.network else "not started"
         self._dynmods = "not applicable (no cgroups)"
+        self._ptys = "not capped (not root): one container can take the host's pool"
 
     # -- start and adopt --------------------------------------------------------
 
     async def start(self) -> None:
-        self._bwrap = find_bwrap(self._config.bwrap_path)
-        self._busybox = self._config.busybox_path if _is_static(self._config.busybox_path) else ""
+        # Copies a container uid can reach, wherever the venv is (runtime_tools.py).
+        tools = await asyncio.to_thread(
+            runtime_tools.prepare, self._config, bwrap=find_bwrap(self._config.bwrap_path),
+            busybox=self._config.busybox_path if _is_static(self._config.busybox_path) else "",
+            root=self._root, setpriv=self._setpriv)
+        self._bwrap, self._busybox = tools.bwrap, tools.busybox
         self._store.prepare()
         if self._seccomp:
             try:
@@ -114,10 +122,18 @@ class LocalBackend:
         if self._root and self._cgroups.version:
             self._dynmods = await asyncio.to_thread(
                 cgroups.favor_dynmods, enable=self._config.favor_dynmods, scratch=self._config.state_dir / "mnt")
+        if self._root:
+            self._ptys = f"at most {self._config.max_ptys} per container, host pool " + str(
+                await asyncio.to_thread(devpts.raise_host_pool, self._config.uid_count, self._config.max_ptys))
         await self._start_network()
+        if self._root:
+            self._uids.prepare()
         for record in self._store.load_all():
             self._records[record.container.id] = record
             await self._adopt(record)
+        if self._root:
+            self._uids.adopt({r.runtime.host_uid: cid for cid, r in self._records.items() if r.runtime.host_uid and (
+                r.container.state.alive or r.container.state is State.TERMINATING)})
         for cid in self._cgroups.leftovers():
             known = self._records.get(cid)
             if known is None or not (known.container.state.alive or known.container.state is State.TERMINATING):
@@ -148,7 +164,7 @@ class LocalBackend:
         self._net = net
         egress = "every container" if cfg.allow_egress else (
             f"placements {', '.join(cfg.egress_placements)}" if cfg.egress_placements else "none")
-        self._net_status = f"bridge {cfg.bridge} {cfg.subnet}, isolated, egress: {egress}"
+        self._net_status = f"{cfg.subnet} via {cfg.bridge}, a routed /32 per container, isolated, egress: {egress}"
 
     def _egress(self, c: Container) -> bool:
         return not self._config.allow_egress and c.placement in self._config.egress_placements
@@ -196,9 +212,10 @@ class LocalBackend:
             "init": "busybox" if self._busybox else "image /bin/sh",
             "namespaces": "pid,mount,ipc,uts,net,cgroup" + (",user" if self._root else ""),
             "capabilities": "none",
-            "users": f"one unprivileged host uid per container from {self._config.uid_base}" if self._root else "the caller's uid (not root: containers share it)",
+            "users": f"one unprivileged host uid per container from {self._config.uid_base}, claimed host-wide in {self._config.uid_claims_dir}" if self._root else "the caller's uid (not root: containers share it)",
             "cgroups": self._cgroups.version or "none (not root or no cgroup controllers): cpu, memory and pids limits are NOT enforced",
             "cgroup_favordynmods": self._dynmods,
+            "ptys": self._ptys,
             "seccomp": "deny-list" if self._seccomp else "off",
             "open_files": f"limited (at most {self._nofile_max})",
             "root": "read-only",
@@ -240,11 +257,11 @@ class LocalBackend:
         # Allocated before anything is recorded (a failure leaves nothing
         # PENDING), and recorded before the next await, so concurrent creates
         # see both taken.
-        host_uid = self._allocate_uid() if self._root else 0
         try:
             ip = self._net.allocate(self._taken_ips()) if self._net is not None else ""
         except AddressesExhausted as e:
             raise QuotaExceeded(str(e), limit="subnet") from None
+        host_uid = self._uids.claim(container_id) if self._root else 0  # host-wide; released by _release
         self._set(container_id, container, Runtime(host_uid=host_uid, ip_address=ip))
         box = sandbox.SandboxSpec(
             container_id=container_id,
@@ -265,8 +282,13 @@ class LocalBackend:
             if self._net is not None:
                 await self._net.attach(container_id=container_id, pid=pid, ip=ip, egress=self._egress(container))
 
+        async def ready(pid: int) -> None:
+            """Runs once the sandbox's mounts are made, before it is RUNNING."""
+            if self._root:
+                await devpts.cap_ptys(pid, self._config.max_ptys)
+
         try:
-            proc, started = await sandbox.spawn(self._bwrap, box, hold=hold)
+            proc, started = await sandbox.spawn(self._bwrap, box, hold=hold, on_ready=ready)
         except (sandbox.SpawnError, NetworkError, OSError) as e:
             await self._release(container_id)
             detail = getattr(e, "detail", "")
@@ -432,22 +454,15 @@ class LocalBackend:
             log.error("local.cgroup_busy", container_id=container_id)
         # Background processes' records and output: they died with the container.
         await asyncio.to_thread(remove_container_state, self._config.state_dir, container_id)
+        record = self._records.get(container_id)
+        if record is not None and record.runtime.host_uid:
+            self._uids.release(record.runtime.host_uid, container_id)
 
     def _taken_ips(self) -> set[str]:
         return {
             r.runtime.ip_address for r in self._records.values()
             if r.runtime.ip_address and (r.container.state.alive or r.container.state is State.TERMINATING)
         }
-
-    def _allocate_uid(self) -> int:
-        taken = {
-            r.runtime.host_uid for r in self._records.values()
-            if r.container.state.alive or r.container.state is State.TERMINATING
-        }
-        for uid in range(self._config.uid_base, self._config.uid_base + self._config.uid_count):
-            if uid not in taken:
-                return uid
-        raise QuotaExceeded("no free container uid on this host", limit="uid_count")
 
     async def watch_oom(self, interval_s: float = 1.0) -> None:
         """Reports OOM kills inside running containers (their init survived)."""
