@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from orchestrator_service.backends.exec_base import ENV_NAME
 from orchestrator_service.model import ContainerSpec, Port, Resources
 from sandhub.config import Limits
-from sandhub.errors import InvalidField, UnknownPlacement
+from sandhub.errors import InvalidField, UnknownPlacement, clip
 
 RESERVED_LABEL_PREFIX = "sandhub.dev/"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -29,7 +29,7 @@ echoed in full would overflow the reply's metadata."""
 
 def shown(text: str) -> str:
     """``text`` quoted for an error message, cut short."""
-    return repr(text) if len(text) <= _SHOWN else f"{text[:_SHOWN]!r}... ({len(text)} characters)"
+    return repr(clip(text, _SHOWN))
 
 
 @dataclass(frozen=True)

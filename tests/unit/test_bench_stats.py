@@ -127,46 +127,36 @@ def test_not_running_reason_is_the_same_for_the_same_cause() -> None:
     assert not_running("FAILED", "X", "cnt-aaaaaaaaaaaa died") == not_running("FAILED", "X", "cnt-bbbbbbbbbbbb died")
 
 
+def _counted(cid: str, argv: list[str], env: dict[str, str] | None, proc_file: str) -> dict[str, set[int]]:
+    """Which containers host.container_processes credits a helper process to,
+    once it has exec'd (before, /proc shows this process's command line)."""
+    import subprocess
+    import sys
+
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv], env=env)
+    try:
+        shown = Path(f"/proc/{helper.pid}/{proc_file}")
+        for _ in range(500):
+            if cid.encode() in shown.read_bytes():
+                break
+            time.sleep(0.01)
+        found = host.container_processes([cid, "e" * 64], "no-such-cgroup-parent")
+        return {k: {"helper" if p == helper.pid else str(p) for p in v} for k, v in found.items()}
+    finally:
+        helper.kill()
+        helper.wait()
+
+
 def test_a_process_given_the_container_id_as_an_argument_counts_as_the_containers() -> None:
     """Docker's containerd-shim-runc-v2 -id <id> lives outside the container's
     cgroup; its memory is the container's all the same (and a shim still alive
     after cleanup is a leftover)."""
-    import subprocess
-    import sys
-
     cid = "f" * 64
-    other = "e" * 64
-    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-id", cid])
-    try:
-        cmdline = Path(f"/proc/{helper.pid}/cmdline")
-        for _ in range(500):  # until it has exec'd (before, it shows this process's command line)
-            if cid.encode() in cmdline.read_bytes():
-                break
-            time.sleep(0.01)
-        found = host.container_processes([cid, other], "no-such-cgroup-parent")
-        assert found == {cid: {helper.pid}, other: set()}
-    finally:
-        helper.kill()
-        helper.wait()
+    assert _counted(cid, ["-id", cid], None, "cmdline") == {cid: {"helper"}, "e" * 64: set()}
 
 
 def test_bwrap_named_by_its_environment_counts_as_the_containers() -> None:
     """sandhub's bwrap (outside the container's cgroup) carries the id as its
     whole environment, on no command line."""
-    import subprocess
-    import sys
-
-    cid, other = "cnt-aaaaaaaaaaaa", "cnt-bbbbbbbbbbbb"
-    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                              env={"SANDHUB_CONTAINER_ID": cid})
-    try:
-        environ = Path(f"/proc/{helper.pid}/environ")
-        for _ in range(500):  # until it has exec'd
-            if cid.encode() in environ.read_bytes():
-                break
-            time.sleep(0.01)
-        found = host.container_processes([cid, other], "no-such-cgroup-parent")
-        assert found == {cid: {helper.pid}, other: set()}
-    finally:
-        helper.kill()
-        helper.wait()
+    cid = "cnt-aaaaaaaaaaaa"
+    assert _counted(cid, [], {"SANDHUB_CONTAINER_ID": cid}, "environ") == {cid: {"helper"}, "e" * 64: set()}
