@@ -127,7 +127,7 @@ def test_not_running_reason_is_the_same_for_the_same_cause() -> None:
     assert not_running("FAILED", "X", "cnt-aaaaaaaaaaaa died") == not_running("FAILED", "X", "cnt-bbbbbbbbbbbb died")
 
 
-def _counted(cid: str, argv: list[str], env: dict[str, str] | None, proc_file: str) -> dict[str, set[int]]:
+def _counted(cid: str, argv: list[str], env: dict[str, str] | None, proc_file: str) -> dict[str, set[str]]:
     """Which containers host.container_processes credits a helper process to,
     once it has exec'd (before, /proc shows this process's command line)."""
     import subprocess
