@@ -38,7 +38,7 @@ def test_exec_url_names_every_argument() -> None:
 
 def test_wrapped_command_quotes_env_and_refuses_bad_names() -> None:
     argv = s.wrapped(CommandSpec(argv=("python", "-V"), env={"A": "it's"}, cwd="app"))
-    assert 'setsid "$@"' in argv[2] and 'exec "$@"' in s.wrapped(CommandSpec(argv=("x",)), tty=True)[2]
+    assert "setsid /bin/sh -c" in argv[2] and 'exec "$@"' in s.wrapped(CommandSpec(argv=("x",)), tty=True)[2]
     assert argv[:2] == ["/bin/sh", "-c"] and argv[2].startswith("export A='it'\"'\"'s'; ")
     assert argv[3:] == ["sandhub", "app", "python", "-V"]
     with pytest.raises(ValueError):
@@ -57,3 +57,16 @@ def test_parse_processes_and_reads() -> None:
     assert s.parse_read(b"R 12\nabc\ndef") == s.ReadAnswer(12, b"abc\ndef")
     with pytest.raises(ValueError):
         s.parse_read(b"sh: oops\n")
+
+
+def test_the_pid_line_always_comes_before_the_commands_output() -> None:
+    """The command's own process writes the pid line, then execs: a fast
+    command's output can't overtake it (it once did, 1-2 % of `ls /` runs)."""
+    import subprocess
+
+    # The line is written by the process that then becomes the command, not by its parent.
+    assert s.shlex.quote('echo "SANDHUB-PID $$"; exec "$@"') in s.WRAP
+    for _ in range(50):
+        out = subprocess.run(s.wrapped(CommandSpec(argv=("echo", "fast"), cwd="/")), capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        assert out[0].startswith("SANDHUB-PID ") and out[1:] == ["fast"], out

@@ -22,7 +22,7 @@ from orchestrator_service.backends.kubernetes.exec_process import KubeProcess, S
 from orchestrator_service.backends.kubernetes.exec_ws import ChannelSocket, exec_url
 from sandhub.config import KubernetesBackendConfig
 from sandhub.errors import (
-    BackendError, ContainerNotRunning, InvalidField, ProcessNotFound, Timeout,
+    BackendError, BackendUnavailable, ContainerNotRunning, InvalidField, ProcessNotFound, Timeout,
 )
 
 log = structlog.get_logger("sandhub.kubernetes.exec")
@@ -107,8 +107,10 @@ class KubernetesExecDriver:
                 raise InvalidField("command.argv", f"{command.argv[0]!r}: not found in the container") from None
             await self._check_running(container_id)
             log.warning("kubernetes.exec_ended_early", container_id=container_id, status=proc.status_message)
-            raise BackendError(f"exec in {container_id} ended before the command started: "
-                               f"{proc.status_message or 'no status'}") from None
+            # The exec session broke before the command ran (the API server,
+            # kubelet or runtime let go of it): transient, and nothing started.
+            raise BackendUnavailable(f"exec in {container_id} ended before the command started "
+                                     f"({proc.status_message or 'no status'}); not started, retry") from None
         except TimeoutError:
             await proc.kill()
             raise Timeout(f"the command did not start in {START_TIMEOUT_S:g}s") from None

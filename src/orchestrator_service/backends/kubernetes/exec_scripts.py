@@ -30,17 +30,22 @@ _CHECK = (
     'if [ -n "$1" ]; then cd -- "$1" 2>/dev/null || { echo SANDHUB-NOCWD; exit 126; }; fi; shift; '
     'command -v -- "$1" >/dev/null 2>&1 || { echo SANDHUB-NOEXEC; exit 127; }; '
 )
+_ANNOUNCE = shlex.quote('echo "SANDHUB-PID $$"; exec "$@"')
 WRAP = _CHECK + (
-    'exec 3<&0; if command -v setsid >/dev/null 2>&1; then setsid "$@" 0<&3 3<&- & else "$@" 0<&3 3<&- & fi; '
-    'exec 3<&-; pid=$!; echo "SANDHUB-PID $pid"; wait "$pid"'
+    f'exec 3<&0; if command -v setsid >/dev/null 2>&1; then setsid /bin/sh -c {_ANNOUNCE} sandhub "$@" 0<&3 3<&- & '
+    f'else /bin/sh -c {_ANNOUNCE} sandhub "$@" 0<&3 3<&- & fi; '
+    'exec 3<&-; wait "$!"'
 )
 """Runs argv in cwd with the pid announced first (stdout's first line), or
 says why it can't: so the driver knows the pid (for signals) and can refuse
-an unknown program before the caller streams anything into it. The command
-leads a process group of its own (setsid, where the image has it), so a
-signal or kill reaches everything it started; the shell passes its exit
-status on (128+n after signal n). stdin goes through fd 3: sh gives a
-background command /dev/null as stdin before any redirection of its own."""
+an unknown program before the caller streams anything into it. The pid line
+is written by the very process that then execs the command, so none of the
+command's output can come before it (a fast command's output once did, and
+was taken for a start error). The command leads a process group of its own
+(setsid, where the image has it), so a signal or kill reaches everything it
+started; the shell passes its exit status on (128+n after signal n). stdin
+goes through fd 3: sh gives a background command /dev/null as stdin before
+any redirection of its own."""
 WRAP_TTY = _CHECK + 'echo "SANDHUB-PID $$"; exec "$@"'
 """With a PTY the runtime already makes the command a session leader."""
 
