@@ -89,12 +89,16 @@ class TenantBudget:
 
 
 class FairGate:
-    """At most ``width`` holders at once; waiters are let in one tenant at a
-    time, round robin, each tenant's own waiters in arrival order."""
+    """At most ``width`` holders at once, and at most ``per_tenant`` of them
+    of one tenant (half the width by default), so a tenant whose calls are
+    slow can never hold every turn; waiters are let in one tenant at a time,
+    round robin, each tenant's own waiters in arrival order."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, *, per_tenant: int = 0) -> None:
         self._width = width
+        self._per_tenant = per_tenant or max(1, width // 2)
         self._running = 0
+        self._held: dict[str, int] = {}
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
 
     @property
@@ -103,37 +107,53 @@ class FairGate:
 
     @asynccontextmanager
     async def turn(self, tenant: str) -> AsyncIterator[None]:
-        if self._running < self._width and not self._waiting:
-            self._running += 1
-        else:
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(tenant, deque()).append(turn)
-            try:
-                await turn
-            except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled():
-                    self._pass_on()  # handed a turn just as the caller left: pass it on
-                else:
-                    self._forget(tenant, turn)
-                raise
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, deque()).append(turn)
+        self._dispatch()
+        try:
+            await turn  # at once when a turn was free
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release(tenant)  # handed a turn just as the caller left: pass it on
+            else:
+                self._forget(tenant, turn)
+            raise
         try:
             yield
         finally:
-            self._pass_on()
+            self._release(tenant)
 
-    def _pass_on(self) -> None:
-        """The holder is done: its place goes to the next tenant in turn."""
-        while self._waiting:
-            tenant, queue = next(iter(self._waiting.items()))
-            turn = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(tenant)
-            else:
-                del self._waiting[tenant]
-            if not turn.done():
-                turn.set_result(None)
-                return
+    def _release(self, tenant: str) -> None:
         self._running -= 1
+        left = self._held[tenant] - 1
+        if left:
+            self._held[tenant] = left
+        else:
+            del self._held[tenant]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hands free turns to waiting tenants below their own cap, round robin."""
+        served = True
+        while served and self._running < self._width:
+            served = False
+            for tenant in list(self._waiting):
+                if self._running >= self._width:
+                    return
+                if self._held.get(tenant, 0) >= self._per_tenant:
+                    continue
+                queue = self._waiting[tenant]
+                turn = queue.popleft()
+                if queue:
+                    self._waiting.move_to_end(tenant)
+                else:
+                    del self._waiting[tenant]
+                served = True
+                if turn.done():  # its caller left
+                    continue
+                turn.set_result(None)
+                self._running += 1
+                self._held[tenant] = self._held.get(tenant, 0) + 1
 
     def _forget(self, tenant: str, turn: asyncio.Future[None]) -> None:
         queue = self._waiting.get(tenant)

@@ -112,3 +112,24 @@ def test_run_output_is_capped_per_stream_without_using_budget_beyond_the_cap() -
     assert (out.take(), out.truncated) == (b"abcde", True)
     assert b.used("a") == 10  # only the first reservation
     allowance.close()
+
+
+async def test_fair_gate_one_tenant_never_holds_every_turn() -> None:
+    """Found in review: with the per-tenant call cap equal to the gate's width,
+    8 slow calls of one tenant made another's call wait for them (4.9 s)."""
+    gate = FairGate(8)
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        async with gate.turn("a"):
+            await release.wait()
+
+    hogs = [asyncio.create_task(slow()) for _ in range(8)]
+    await asyncio.sleep(0)
+    assert gate.running == 4  # half the width; the other four of a's wait
+    async with asyncio.timeout(1):
+        async with gate.turn("b"):
+            assert gate.running == 5
+    release.set()
+    await asyncio.gather(*hogs)
+    assert gate.running == 0

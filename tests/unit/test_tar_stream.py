@@ -209,3 +209,18 @@ def test_traversal_names_come_through_for_the_uploader_to_refuse() -> None:
 
 def test_non_utf8_names_are_refused() -> None:
     refused(header(b"caf\xe9", kind=b"0", size=0) + b"\0" * 1024, "not UTF-8")
+
+
+def pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    n = len(body) + 1
+    while len(str(n).encode()) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def test_a_pax_size_that_int_refuses_is_refused_not_internal() -> None:
+    """Found in review: str.isdigit takes '²' and 5,000 digits, which int() refuses
+    (ValueError, so INTERNAL with a traceback)."""
+    for size in ("²", "1" * 5000, "٣"):
+        refused(pax_member(pax_record("size", size)), "pax size is not a number")

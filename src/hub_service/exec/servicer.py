@@ -4,6 +4,7 @@ backend's exec driver, then hand over to files / run / processes."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from hub_service.auth import ApiKeyAuth
 from hub_service.exec import files, processes
@@ -67,17 +68,30 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         if request.max_output_bytes < 0 or request.max_output_bytes > limits.max_output_bytes:
             raise InvalidField("max_output_bytes", f"0..{limits.max_output_bytes}")
         tenant = self._auth.tenant(context)
-        with self._slots.hold(tenant):
+        # The slot and the output stay taken until the reply has really gone
+        # (or the call was cancelled), not until this returns: a client that
+        # does not read would otherwise pile up replies the budget no longer counts.
+        self._slots.take(tenant)
+        held: list[OutputAllowance] = []
+
+        def release() -> None:
+            if held:
+                held.pop().close()
+            self._slots.give_back(tenant, 1)
+
+        try:
             driver = await self._driver(request.container_id, tenant)
             # Refused before the command runs when the tenant's output budget is used up.
-            allowance = OutputAllowance(self._budgets.output, tenant, first=limits.chunk_bytes)
-            try:
-                proc = await driver.spawn(container_id=request.container_id, command=command)
-                return await run_once(proc, stdin=request.stdin, timeout_s=timeout,
+            held.append(OutputAllowance(self._budgets.output, tenant, first=limits.chunk_bytes))
+            proc = await driver.spawn(container_id=request.container_id, command=command)
+            response = await run_once(proc, stdin=request.stdin, timeout_s=timeout,
                                       max_output=request.max_output_bytes or limits.default_output_bytes,
-                                      allowance=allowance)
-            finally:
-                allowance.close()
+                                      allowance=held[0])
+        except BaseException:
+            release()
+            raise
+        context.add_done_callback(cast(Any, lambda _: release()))  # the stubs want a nominal _DoneCallback
+        return response
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
         tenant = self._auth.tenant(context)

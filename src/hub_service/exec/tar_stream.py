@@ -249,8 +249,11 @@ class TarReader:
         if kind not in FILE_TYPES and kind != DIR_TYPE:
             raise _refuse(f"{clip(name)}: member type {kind!r} is not taken; only regular files and directories")
         if "size" in self._pax:
-            if not self._pax["size"].isdigit():
-                raise _refuse(f"{clip(name)}: pax size is not a number")
+            text = self._pax["size"]
+            # ASCII digits only, and few: str.isdigit takes "²", which int() refuses,
+            # and int() refuses more than 4,300 digits (both were INTERNAL).
+            if not (text.isascii() and text.isdigit() and len(text) <= 20):
+                raise _refuse(f"{clip(name)}: pax size is not a number of at most 20 digits")
             size = int(self._pax["size"])
         if size > self._max_size:
             raise _refuse(f"{clip(name)}: a size of {size} bytes is over the upload limit of {self._max_size}")
