@@ -15,7 +15,8 @@ from datetime import timedelta
 import structlog
 
 from orchestrator_service.backends.base import Backend
-from orchestrator_service.model import Container, Event, EventType, Page, State, new_container_id, utcnow
+from orchestrator_service.model import (CREATE_INTERRUPTED, Container, ContainerSpec, Event, EventType, Page, State,
+                                        new_container_id, utcnow)
 from orchestrator_service.rate import TokenBuckets
 from sandhub.pagination import page_size, paginate
 from orchestrator_service.selector import Selector, parse_selector
@@ -68,6 +69,16 @@ class _Subscription:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
+
+
+def _interrupted(existing: Container, spec: ContainerSpec) -> bool:
+    """True for a create the orchestrator stopped in the middle of (see
+    CREATE_INTERRUPTED), retried with the same spec; a retry asking for
+    something else gets the FAILED container, as any retry gets what its
+    request_id made."""
+    return (existing.state is State.FAILED and existing.state_reason == CREATE_INTERRUPTED
+            and (existing.image, existing.resources, existing.env, existing.labels, existing.ports, existing.placement)
+            == (spec.image, spec.resources, spec.env, spec.labels, spec.ports, spec.placement))
 
 
 class ContainerService:
@@ -141,6 +152,14 @@ class ContainerService:
         async with lock or contextlib.nullcontext():
             try:
                 existing = await self._by_request_id(tenant, spec.request_id)
+                if existing is not None and _interrupted(existing, spec):
+                    # The orchestrator stopped mid-create and cleaned it up on
+                    # restart: this retry starts it again, as a new container
+                    # (a FAILED one never comes back; its record goes).
+                    await self._backend.forget(container_id=existing.id)
+                    log.info("container.create_restarted", container_id=existing.id, tenant=tenant,
+                             request_id=spec.request_id)
+                    existing = None
                 if existing is not None:
                     # A retry: the first call may have given up (or not waited)
                     # while it was PENDING; this one waits if it asked to.
@@ -332,20 +351,24 @@ class ContainerService:
     # -- expiry -------------------------------------------------------------------
 
     async def reap_once(self) -> int:
-        """Deletes expired containers and forgets old tombstones; returns how many it deleted."""
+        """Deletes expired containers and forgets old tombstones; returns how
+        many it deleted. One container that can't be deleted or forgotten
+        now is logged and tried again next round; it never holds up the rest."""
         now = utcnow()
         tombstone = timedelta(seconds=self._config.tombstone_s)
         reaped = 0
         for c in await self._backend.list():
-            if c.state.alive and c.expire_time <= now:
-                try:
+            try:
+                if c.state.alive and c.expire_time <= now:
                     await self._backend.delete(container_id=c.id, grace_period_s=0, reason="Expired")
                     reaped += 1
                     log.info("container.expired", container_id=c.id, tenant=c.tenant)
-                except ContainerNotFound:
-                    pass
-            elif c.state in (State.TERMINATED, State.FAILED) and c.end_time and c.end_time + tombstone <= now:
-                await self._backend.forget(container_id=c.id)
+                elif c.state in (State.TERMINATED, State.FAILED) and c.end_time and c.end_time + tombstone <= now:
+                    await self._backend.forget(container_id=c.id)
+            except ContainerNotFound:
+                pass
+            except Exception:  # e.g. a full state disk or a bug: the next container still goes
+                log.exception("reaper.container_failed", container_id=c.id, state=c.state.value)
         return reaped
 
     async def _reap_forever(self) -> None:

@@ -19,6 +19,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+CREATE_INTERRUPTED = "OrchestratorCrashed"
+"""The state_reason of a FAILED container whose create the orchestrator was in
+the middle of when it stopped (killed, crashed): nothing of it is left, and a
+CreateContainer with the same tenant, request_id and spec starts it again, as a
+new container with a new id (containers.py). Any other FAILED container is
+what its request_id names for good."""
+
+
 class State(enum.Enum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"

@@ -170,6 +170,21 @@ class BackendUnavailable(SandhubError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class StateStorageFull(SandhubError):
+    """The backend's state disk has no room for a record: the change was not
+    made (a delete still is: teardown never waits for space)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "STATE_STORAGE_FULL"
+
+    def __init__(self, error: str) -> None:
+        super().__init__(
+            f"the orchestrator's state disk is full ({error}), so nothing was changed; "
+            "retry once the operator has freed space",
+            metadata={"error": error},
+        )
+
+
 class NotSupported(SandhubError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "NOT_SUPPORTED"

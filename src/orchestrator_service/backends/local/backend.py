@@ -25,17 +25,33 @@ import structlog
 
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.local import cgroups, devpts, linux, runtime_tools, sandbox
-from orchestrator_service.backends.local.network import AddressesExhausted, HostNetwork, NetworkConfig, NetworkError
+from orchestrator_service.backends.local.network import (AddressesExhausted, HostNetwork, NetworkConfig, NetworkError,
+                                                         veth_name)
 from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.backends.local.uids import UidClaims
-from orchestrator_service.model import Container, ContainerSpec, Endpoint, Event, EventType, State, utcnow
+from orchestrator_service.model import (CREATE_INTERRUPTED, Container, ContainerSpec, Endpoint, Event, EventType, State,
+                                        utcnow)
 from sandhub.config import LocalBackendConfig
-from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded
+from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded, SandhubError, StateStorageFull
 
 log = structlog.get_logger("sandhub.local")
 NAME = "local"
+TEARDOWN_INCOMPLETE = "TeardownIncomplete"
+"""state_reason of a TERMINATING container whose teardown left something
+behind (its state_message says what); it is retried until nothing is left."""
+RETRY_S = 1.0
+"""How often records a full disk held back are written again, and teardowns
+that left something behind are tried again (seconds): soon enough that a
+freed disk or a freed process is seen within a second, rare enough to cost
+nothing while nothing waits."""
+Leftovers = list[str]
+"""What of a torn-down container is still on the host, each said for a human."""
+KILL_WAIT_S = 5.0
+"""How long a teardown waits for a killed sandbox's processes to be gone
+before it reports what is left (seconds): a kill takes milliseconds; longer
+means a process the kernel can't end now (e.g. in uninterruptible sleep)."""
 
 
 def find_bwrap(configured: str) -> str:
@@ -85,6 +101,9 @@ class LocalBackend:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watched: dict[str, int] = {}  # container id -> pidfd
         self._deleting: set[str] = set()
+        self._unsaved: set[str] = set()
+        """Containers whose teardown record a full disk held back (their
+        record in memory is newer than on disk); _retry_forever writes them."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._bwrap = ""
         self._busybox = ""
@@ -145,6 +164,7 @@ class LocalBackend:
                 if known is None or not known.container.state.alive:
                     await self._net.remove_veth(veth)  # orphaned by a crash
         self._spawn_task(self.watch_oom())
+        self._spawn_task(self._retry_forever())
         log.info("local.started", **self.status(), containers=len(self._records))
 
     async def _start_network(self) -> None:
@@ -191,9 +211,14 @@ class LocalBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await self._release(c.id)
-        reason = "OrchestratorCrashed" if c.state is State.PENDING else "ProcessExited"
-        self._set(c.id, c.with_state(State.FAILED, reason=reason,
-                                     message="the container's processes ended while the orchestrator was down"))
+        if c.state is State.PENDING:
+            # Its create was cut short: cleaned up, and marked so that a retry
+            # with its request_id starts it again (containers.py).
+            reason, message = CREATE_INTERRUPTED, ("the orchestrator stopped while creating it and nothing of it was "
+                                                   "kept; create it again (the same request_id starts a new one)")
+        else:
+            reason, message = "ProcessExited", "the container's processes ended while the orchestrator was down"
+        self._set_teardown(c.id, c.with_state(State.FAILED, reason=reason, message=message))
         log.warning("local.lost_while_down", container_id=c.id, reason=reason)
 
     async def close(self) -> None:
@@ -228,11 +253,37 @@ class LocalBackend:
 
     # -- records ---------------------------------------------------------------
 
-    def _set(self, container_id: str, container: Container, runtime: Runtime | None = None) -> Container:
+    def _set(self, container_id: str, container: Container, runtime: Runtime | None = None, *,
+             in_place: bool = False) -> Container:
+        """Records a change on disk first, then in memory, then tells the
+        watchers. When the record can't be written, raises StateStorageFull
+        (or BackendUnavailable) and nothing has changed."""
         old = self._records.get(container_id)
         record = Record(container, runtime or (old.runtime if old else Runtime()))
+        self._store.save(record, in_place=in_place)
+        self._unsaved.discard(container_id)
+        return self._apply(container_id, record, old)
+
+    def _set_teardown(self, container_id: str, container: Container, runtime: Runtime | None = None) -> Container:
+        """Records a step of a teardown (TERMINATING, TERMINATED, FAILED):
+        what happened to the container happened whether the disk has room or
+        not, so memory always changes. On a full disk the record overwrites
+        the old one in place (no new space needed); if even that fails it is
+        kept for _retry_forever to write."""
+        old = self._records.get(container_id)
+        record = Record(container, runtime or (old.runtime if old else Runtime()))
+        try:
+            self._store.save(record, in_place=True)
+            self._unsaved.discard(container_id)
+        except SandhubError as e:
+            self._unsaved.add(container_id)
+            log.error("local.record_deferred", container_id=container_id, state=container.state.value,
+                      error=e.message)
+        return self._apply(container_id, record, old)
+
+    def _apply(self, container_id: str, record: Record, old: Record | None) -> Container:
+        container = record.container
         self._records[container_id] = record
-        self._store.save(record)
         if old is None:
             kind = EventType.ADDED
         elif container.state is State.TERMINATED:
@@ -262,7 +313,12 @@ class LocalBackend:
         except AddressesExhausted as e:
             raise QuotaExceeded(str(e), limit="subnet") from None
         host_uid = self._uids.claim(container_id) if self._root else 0  # host-wide; released by _release
-        self._set(container_id, container, Runtime(host_uid=host_uid, ip_address=ip))
+        try:
+            self._set(container_id, container, Runtime(host_uid=host_uid, ip_address=ip))
+        except SandhubError:  # a full state disk: nothing recorded, so nothing may stay held
+            if host_uid:
+                self._uids.release(host_uid, container_id)
+            raise
         box = sandbox.SandboxSpec(
             container_id=container_id,
             image=image,
@@ -296,8 +352,10 @@ class LocalBackend:
             message = f"{e}: {detail.splitlines()[-1]}" if detail else str(e)
             current = self._records[container_id].container
             if current.state is State.TERMINATING:  # deleted while starting: that is what it is now
-                return self._set(container_id, current.with_state(State.TERMINATED, reason=current.state_reason))
-            return self._set(container_id, container.with_state(State.FAILED, reason="StartFailed", message=message))
+                return self._set_teardown(container_id, current.with_state(State.TERMINATED,
+                                                                           reason=current.state_reason))
+            return self._set_teardown(container_id, container.with_state(State.FAILED, reason="StartFailed",
+                                                                         message=message))
         self._children[container_id] = proc
         runtime = Runtime(
             bwrap_pid=started.bwrap_pid,
@@ -312,17 +370,36 @@ class LocalBackend:
             # Deleted while starting: delete only marked it, the teardown is ours.
             self._records[container_id] = Record(current, runtime)
             sandbox.kill_tree(started.init_pid, started.init_start_ticks)
-            await self._wait_gone(runtime, 5.0)
-            await self._reap_child(container_id)
-            await self._release(container_id)
-            log.info("local.torn_down", container_id=container_id, reason=current.state_reason)
-            return self._set(container_id, current.with_state(State.TERMINATED, reason=current.state_reason))
+            return await self._finish_teardown(container_id, reason=current.state_reason)
         self._watch(container_id, started.init_pid)
         endpoints = tuple(
             Endpoint(name=p.name, port=p.port, protocol=p.protocol, address=f"{ip}:{p.port}") for p in current.ports
         ) if ip else ()
         running = replace(current.with_state(State.RUNNING), ip_address=ip, endpoints=endpoints)
-        return self._set(container_id, running, runtime)
+        try:
+            # In place if need be: the sandbox runs, and no record may say otherwise.
+            return self._set(container_id, running, runtime, in_place=True)
+        except SandhubError:
+            await self._undo_start(container_id, Record(current, runtime))
+            raise
+
+    async def _undo_start(self, container_id: str, started: Record) -> None:
+        """A sandbox that started but can't be recorded RUNNING (a full disk)
+        is torn down and its record dropped: the caller's retry with the same
+        request_id then starts afresh, and no sandbox runs under a PENDING
+        record."""
+        self._unwatch(container_id)
+        self._records[container_id] = started
+        sandbox.kill_tree(started.runtime.init_pid, started.runtime.init_start_ticks)
+        self._deleting.add(container_id)
+        try:
+            c = await self._finish_teardown(container_id, reason="StateStorageFull")
+        finally:
+            self._deleting.discard(container_id)
+        if c.state is State.TERMINATED:  # else it is retried, holding its uid and address
+            self._store.remove(container_id)
+            self._records.pop(container_id, None)
+            self._unsaved.discard(container_id)
 
     async def get(self, *, container_id: str) -> Container:
         return self._record(container_id).container
@@ -334,15 +411,20 @@ class LocalBackend:
         record = self._record(container_id)
         c = record.container
         if c.state in (State.TERMINATING, State.TERMINATED) or container_id in self._deleting:
+            if c.state_reason == TEARDOWN_INCOMPLETE and container_id not in self._deleting:
+                self._spawn_task(self._teardown(container_id, grace_period_s=0, reason=reason))  # try again now
             return c
+        # Teardown records need no free space (_set_teardown): a full disk
+        # never keeps a container alive.
         if c.state is State.FAILED:
             # Already cleaned when it failed: nothing left to tear down.
-            return self._set(container_id, c.with_state(State.TERMINATED, reason=c.state_reason, message=c.state_message))
+            return self._set_teardown(container_id, c.with_state(State.TERMINATED, reason=c.state_reason,
+                                                                 message=c.state_message))
         if c.state is State.PENDING:
             # Still starting: create() sees the mark and tears down what it made.
-            return self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
+            return self._set_teardown(container_id, c.with_state(State.TERMINATING, reason=reason))
         self._deleting.add(container_id)
-        c = self._set(container_id, c.with_state(State.TERMINATING, reason=reason))
+        c = self._set_teardown(container_id, c.with_state(State.TERMINATING, reason=reason))
         self._spawn_task(self._teardown(container_id, grace_period_s=grace_period_s, reason=reason))
         return c
 
@@ -353,8 +435,9 @@ class LocalBackend:
     async def forget(self, *, container_id: str) -> None:
         record = self._records.get(container_id)
         if record and record.container.state in (State.TERMINATED, State.FAILED):
+            self._store.remove(container_id)  # first: a record left on disk would come back at a restart
             del self._records[container_id]
-            self._store.remove(container_id)
+            self._unsaved.discard(container_id)
 
     # -- teardown ---------------------------------------------------------------
 
@@ -362,6 +445,7 @@ class LocalBackend:
         self._deleting.add(container_id)
         try:
             rt = self._record(container_id).runtime
+            reason = rt.teardown_reason or reason  # a retry keeps the first one's reason
             self._unwatch(container_id)
             if grace_period_s > 0 and linux.is_same_process(rt.init_pid, rt.init_start_ticks):
                 sandbox.signal_namespace(rt.namespaces.get("pid", 0), signal.SIGTERM)
@@ -371,14 +455,36 @@ class LocalBackend:
                 for pid in sandbox.find_bwrap_for(container_id):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            await self._wait_gone(rt, 5.0)
-            await self._reap_child(container_id)
-            await self._release(container_id)
-            c = self._record(container_id).container
-            self._set(container_id, c.with_state(State.TERMINATED, reason=reason, message=c.state_message))
-            log.info("local.torn_down", container_id=container_id, reason=reason)
+            await self._finish_teardown(container_id, reason=reason)
         finally:
             self._deleting.discard(container_id)
+
+    async def _finish_teardown(self, container_id: str, *, reason: str) -> Container:
+        """After the kill: waits for the sandbox to go, frees what it held,
+        and records it TERMINATED. If anything of it is left (a process, its
+        cgroup, its veth), it stays TERMINATING (TEARDOWN_INCOMPLETE, the
+        message says what is left) and keeps its uid and address, which are
+        reused only once it is gone; _retry_forever tries again."""
+        record = self._record(container_id)
+        rt = record.runtime
+        await self._wait_gone(rt, KILL_WAIT_S)
+        left = await self._reap_child(container_id) + self._survivors(rt)
+        if not left:  # its processes are gone: now what they held can go
+            left = await self._release(container_id)
+        c = self._record(container_id).container
+        if left:
+            message = (f"not gone yet: {'; '.join(left)}; retried every {RETRY_S:g}s "
+                       "(its uid and address stay taken until then)")
+            if c.state_message == message:  # a retry that found the same: said once
+                return c
+            log.error("local.teardown_incomplete", container_id=container_id, left=left)
+            return self._set_teardown(container_id, c.with_state(State.TERMINATING, reason=TEARDOWN_INCOMPLETE,
+                                                                 message=message),
+                                      replace(rt, teardown_reason=reason))
+        log.info("local.torn_down", container_id=container_id, reason=reason)
+        message = "" if c.state_reason == TEARDOWN_INCOMPLETE else c.state_message
+        return self._set_teardown(container_id, c.with_state(State.TERMINATED, reason=reason, message=message),
+                                  replace(rt, teardown_reason=""))
 
     async def _wait_gone(self, rt: Runtime, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -386,11 +492,28 @@ class LocalBackend:
         while linux.is_same_process(rt.init_pid, rt.init_start_ticks) and loop.time() < deadline:
             await asyncio.sleep(0.005)
 
-    async def _reap_child(self, container_id: str) -> None:
+    @staticmethod
+    def _survivors(rt: Runtime) -> Leftovers:
+        """The sandbox's processes still there after its kill: its init holds
+        the pid namespace until every process in it is gone (so when it is
+        gone, they all are)."""
+        if not linux.is_same_process(rt.init_pid, rt.init_start_ticks):
+            return []
+        pid_ns = rt.namespaces.get("pid", 0)
+        inside = [p for p in sandbox.pids_in_namespace(pid_ns) if p != rt.init_pid] if pid_ns else []
+        return [f"its init (host pid {rt.init_pid})"
+                + (f" and {len(inside)} other process(es) of its pid namespace" if inside else "")]
+
+    async def _reap_child(self, container_id: str) -> Leftovers:
+        """Waits for our bwrap launcher of the container; says so if it is still there."""
         proc = self._children.pop(container_id, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(proc.wait, 5.0)
+            if proc.poll() is None:
+                self._children[container_id] = proc
+                return [f"its bwrap launcher (host pid {proc.pid})"]
+        return []
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -432,17 +555,19 @@ class LocalBackend:
         c = self._record(container_id).container
         if c.state.alive:
             if oom:
-                self._set(container_id, c.with_state(State.FAILED, reason="OOMKilled",
-                                                     message="the container ran out of memory and its init was killed"))
+                self._set_teardown(container_id, c.with_state(State.FAILED, reason="OOMKilled",
+                                                              message="the container ran out of memory and its init was killed"))
             else:
-                self._set(container_id, c.with_state(State.FAILED, reason="ProcessExited",
-                                                     message="the container's init process ended"))
+                self._set_teardown(container_id, c.with_state(State.FAILED, reason="ProcessExited",
+                                                              message="the container's init process ended"))
             log.warning("local.container_exited", container_id=container_id, oom_kills=oom)
 
-    async def _release(self, container_id: str) -> None:
+    async def _release(self, container_id: str) -> Leftovers:
         """Frees what a dead container held on the host: its veth and egress
-        permission, its cgroups, its exec state; then its uid and address can
-        be reused."""
+        permission, its cgroups, its exec state; then, if all of that went,
+        its uid (its address is free once its record is no longer alive or
+        TERMINATING). Returns what could not be freed."""
+        left: Leftovers = []
         if self._net is not None:
             record = self._records.get(container_id)
             ip = record.runtime.ip_address if record and self._egress(record.container) else ""
@@ -450,13 +575,17 @@ class LocalBackend:
                 await self._net.detach(container_id=container_id, ip=ip)
             except (NetworkError, ValueError) as e:
                 log.error("local.detach_failed", container_id=container_id, error=str(e))
+                left.append(f"its network interface {veth_name(container_id)} ({e})")
         if not await asyncio.to_thread(self._cgroups.remove, container_id):
-            log.error("local.cgroup_busy", container_id=container_id)
+            pids = self._cgroups.processes(container_id)
+            log.error("local.cgroup_busy", container_id=container_id, pids=pids)
+            left.append(f"its cgroup, which still holds {len(pids)} process(es)" if pids else "its cgroup")
         # Background processes' records and output: they died with the container.
         await asyncio.to_thread(remove_container_state, self._config.state_dir, container_id)
         record = self._records.get(container_id)
-        if record is not None and record.runtime.host_uid:
+        if record is not None and record.runtime.host_uid and not left:
             self._uids.release(record.runtime.host_uid, container_id)
+        return left
 
     def _taken_ips(self) -> set[str]:
         return {
@@ -473,11 +602,40 @@ class LocalBackend:
                     continue
                 kills = self._cgroups.oom_kills(cid)
                 if kills > record.runtime.oom_kills:
-                    record.runtime.oom_kills = kills
                     c = record.container
-                    self._set(cid, replace(
-                        c, state_reason="OOMKilled", update_time=utcnow(),
-                        state_message=f"{kills} process(es) were killed for going over {c.resources.memory_mib} MiB",
-                    ))
+                    try:
+                        self._set(cid, replace(
+                            c, state_reason="OOMKilled", update_time=utcnow(),
+                            state_message=f"{kills} process(es) were killed for going over {c.resources.memory_mib} MiB",
+                        ), replace(record.runtime, oom_kills=kills))
+                    except SandhubError as e:  # a full disk: told on a later round
+                        log.error("local.oom_kill_not_recorded", container_id=cid, error=e.message)
+                        continue
                     log.warning("local.oom_kill", container_id=cid, oom_kills=kills)
+
+    async def _retry_forever(self) -> None:
+        """Writes the records a full disk held back, and tries again the
+        teardowns that left something behind."""
+        while True:
+            await asyncio.sleep(RETRY_S)
+            try:
+                self._save_unsaved()
+                for cid, record in list(self._records.items()):
+                    c = record.container
+                    if c.state is State.TERMINATING and c.state_reason == TEARDOWN_INCOMPLETE and (
+                            cid not in self._deleting):
+                        self._spawn_task(self._teardown(cid, grace_period_s=0, reason=record.runtime.teardown_reason))
+            except Exception:  # a bug: logged, and the next round tries again
+                log.exception("local.retry_failed")
+
+    def _save_unsaved(self) -> None:
+        for cid in sorted(self._unsaved):
+            record = self._records.get(cid)
+            if record is not None:
+                try:
+                    self._store.save(record, in_place=True)
+                except SandhubError:
+                    continue  # still no room: next round
+                log.info("local.record_saved_late", container_id=cid, state=record.container.state.value)
+            self._unsaved.discard(cid)
 

@@ -216,6 +216,16 @@ class Cgroups:
                         return int(value)
         return 0
 
+    def processes(self, container_id: str) -> list[int]:
+        """Pids still in the container's cgroups (any of them)."""
+        found: set[int] = set()
+        for d in self.dirs(container_id):
+            try:
+                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                continue
+        return sorted(found)
+
     def remove(self, container_id: str, *, timeout_s: float = 2.0) -> bool:
         """Removes the container's cgroups once their processes are gone;
         returns False if one is still busy after ``timeout_s``."""

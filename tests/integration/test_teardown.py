@@ -1,0 +1,105 @@
+"""TERMINATED means gone (issue 12, item 4): a container whose teardown leaves
+something behind stays TERMINATING with a reason that says what, keeps its uid
+and address from others, and is finished by the retries once the obstacle goes.
+
+The obstacle is real: a process of the test's own, moved into the container's
+cgroups from outside, which the container's kill does not reach (root needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import time
+
+import pytest
+
+from orchestrator_service.backends.local import cgroups
+from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.conftest import Services
+from tests.integration.test_lifecycle import A, create, leftovers, sandbox_pids
+
+pytestmark = pytest.mark.root
+
+
+def uid_claimed_by(services: Services, container_id: str) -> int | None:
+    """The host uid whose claim file names ``container_id``, if any."""
+    for path in services.orchestrator.config.local.uid_claims_dir.iterdir():
+        if path.name.isdigit():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text()).get("container_id") == container_id:
+                    return int(path.name)
+    return None
+
+
+async def get(services: Services, cid: str) -> pb.Container:
+    return (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=A)).container
+
+
+async def wait_for(services: Services, cid: str, done, timeout: float = 20.0) -> pb.Container:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        c = await get(services, cid)
+        if done(c) or time.monotonic() > deadline:
+            return c
+        await asyncio.sleep(0.05)
+
+
+async def test_a_container_is_terminated_only_when_nothing_of_it_is_left(services: Services) -> None:
+    x = await create(services)
+    uid = uid_claimed_by(services, x.id)
+    assert uid is not None and x.network.ip_address
+    groups = cgroups.Cgroups(cgroups.detect(), parent=cgroups.parent_for(services.state_dir / "local"))
+    assert groups.dirs(x.id), "cgroups are needed for this test"
+    blocker = subprocess.Popen(["sleep", "600"])
+    try:
+        for d in groups.dirs(x.id):
+            (d / "cgroup.procs").write_text(str(blocker.pid))
+        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)
+
+        stuck = await wait_for(services, x.id, lambda c: c.state_reason == "TeardownIncomplete")
+        assert stuck.state == pb.CONTAINER_STATE_TERMINATING, stuck
+        assert stuck.state_reason == "TeardownIncomplete" and "cgroup" in stuck.state_message, stuck
+        assert sandbox_pids(x.id) == []  # its own processes are gone; the cgroup is not
+        await asyncio.sleep(2.5)  # a retry or two later: still not gone, still not TERMINATED
+        again = await get(services, x.id)
+        assert again.state == pb.CONTAINER_STATE_TERMINATING and again.state_reason == "TeardownIncomplete"
+        # Its uid and address stay its own meanwhile.
+        assert uid_claimed_by(services, x.id) == uid
+        y = await create(services)
+        assert y.network.ip_address != x.network.ip_address
+        assert uid_claimed_by(services, y.id) != uid
+
+        blocker.kill()
+        blocker.wait()
+        done = await wait_for(services, x.id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
+        assert done.state == pb.CONTAINER_STATE_TERMINATED, done
+        assert done.state_reason == "Deleted" and done.state_message == ""
+        assert uid_claimed_by(services, x.id) is None
+        assert leftovers(x.id) == []
+    finally:
+        if blocker.poll() is None:
+            blocker.kill()
+            blocker.wait()
+
+
+async def test_delete_of_a_stuck_container_is_idempotent_and_keeps_its_reason(services: Services) -> None:
+    x = await create(services)
+    groups = cgroups.Cgroups(cgroups.detect(), parent=cgroups.parent_for(services.state_dir / "local"))
+    blocker = subprocess.Popen(["sleep", "600"])
+    try:
+        for d in groups.dirs(x.id):
+            (d / "cgroup.procs").write_text(str(blocker.pid))
+        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)
+        await wait_for(services, x.id, lambda c: c.state_reason == "TeardownIncomplete")
+        again = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)).container
+        assert again.state == pb.CONTAINER_STATE_TERMINATING
+        blocker.kill()
+        blocker.wait()
+        done = await wait_for(services, x.id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
+        assert done.state == pb.CONTAINER_STATE_TERMINATED and done.state_reason == "Deleted"
+    finally:
+        if blocker.poll() is None:
+            blocker.kill()
+            blocker.wait()
