@@ -297,10 +297,16 @@ async def test_a_reader_that_stops_reading_makes_the_process_wait(env: Env) -> N
     try:
         first = await proc.read(1000)
         assert first is not None and 0 < len(first.data) <= 1000
-        await asyncio.sleep(0.3)
-        written = int(dict(line.split(": ") for line in Path(f"/proc/{proc.host_pid}/io").read_text().splitlines())["wchar"])
-        await asyncio.sleep(0.3)
-        again = int(dict(line.split(": ") for line in Path(f"/proc/{proc.host_pid}/io").read_text().splitlines())["wchar"])
+        def wchar() -> int:
+            return int(dict(line.split(": ") for line in Path(f"/proc/{proc.host_pid}/io").read_text().splitlines())["wchar"])
+
+        # Until the pipe is full `yes` still writes (longer on a loaded
+        # machine): waited for until it stops, then it must stay stopped.
+        written, again = -1, wchar()
+        deadline = asyncio.get_running_loop().time() + 15
+        while written != again and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.3)
+            written, again = again, wchar()
         assert written == again < 4 << 20  # blocked on a full pipe, not streaming into a buffer
         assert status(proc.host_pid)["State"].startswith("S")
         assert rss_kib() - rss_before < 16 << 10  # nothing piles up on our side either

@@ -9,6 +9,7 @@ PATH_NOT_ALLOWED, a container out of processes RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import structlog
@@ -17,7 +18,8 @@ from hub_service.exec.tar_upload import put_tar
 from hub_service.exec.uploader import Uploader, check_path, fork_failed, pids_exhausted, shell
 from orchestrator_service.backends.exec_base import ExecDriver, RunningProcess
 from sandhub.config import ExecLimits
-from sandhub.errors import ContainerNotRunning, InvalidField, InvalidStream, PathNotAllowed, PathNotFound, SandhubError, clip
+from sandhub.errors import (ContainerNotRunning, InvalidField, InvalidStream, PathNotAllowed, PathNotFound, SandhubError,
+                            Timeout, clip)
 from sandhub.exec.v1 import exec_pb2 as pb
 
 log = structlog.get_logger("sandhub.hub.files")
@@ -52,6 +54,23 @@ fi
 
 
 async def put_files(
+    driver: ExecDriver, container_id: str, start: pb.PutFilesRequest.Start,
+    requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
+) -> pb.PutFilesResponse:
+    """Bounded by max_upload_s, which also tells the next upload when a
+    temporary file is a leftover (uploader.stale_minutes)."""
+    bound = asyncio.timeout(limits.max_upload_s)
+    try:
+        async with bound:
+            return await _put_files(driver, container_id, start, requests, limits)
+    except TimeoutError:
+        if not bound.expired():
+            raise
+        raise Timeout(f"the upload took over {limits.max_upload_s:g}s, the most one may; nothing of it was "
+                      "kept") from None
+
+
+async def _put_files(
     driver: ExecDriver, container_id: str, start: pb.PutFilesRequest.Start,
     requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
 ) -> pb.PutFilesResponse:

@@ -14,6 +14,10 @@ a full disk, the caller going away -- the temporary files and the directories
 this upload created are removed, and the container is as it was. The one gap:
 if the container changes a target meanwhile or can't fork during the final
 renames, files already moved stay and the rest are removed.
+
+A Hub killed mid-upload can remove nothing: its temporary files stay, counted
+against the container's disk, until the next upload into the same directory
+removes those untouched for longer than any upload may last (stale_minutes).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import posixpath
 import secrets
 from collections.abc import Iterator
@@ -52,9 +57,12 @@ ARGV_BATCH_BYTES = 64 << 10
 kernel's argument limits)."""
 TEMP_PREFIX = ".sandhub-put-"
 
-# $1 target (absolute, normalised), $2 mode (octal), $3 announced size or 0, $4 temp suffix.
+# $1 target (absolute, normalised), $2 mode (octal), $3 announced size or 0, $4 temp suffix,
+# $5 minutes after which a temporary file is a leftover (see stale_minutes).
 # Prints the topmost directory it is about to create, if any (so a failed
-# upload can remove it again), then writes the temporary file.
+# upload can remove it again), removes the leftovers of uploads whose Hub was
+# killed (temporary files in the same directory untouched for $5 minutes),
+# then writes the temporary file.
 # dd with 1 MiB blocks, not cat: busybox cat copies 4 KiB at a time and tops out
 # near 300 MB/s here; dd moves what the (1 MiB) pipe holds in one go.
 STAGE_SCRIPT = r"""
@@ -65,6 +73,7 @@ if [ -n "$top" ]; then echo "$top"; fi
 $BB mkdir -p "$d" 2>/dev/null || exit 10
 [ "$($BB realpath "$d")" = "$d" ] || exit 11
 if [ -d "$t" ] && [ ! -L "$t" ]; then exit 12; fi
+$BB find "$d" -maxdepth 1 -type f -name '.sandhub-put-*' -mmin "+$5" -exec $BB rm -f {} \; 2>/dev/null
 tmp="$d/.sandhub-put-$4"
 if ! why=$($BB dd of="$tmp" bs=1M 2>&1); then echo "$why" >&2; $BB rm -f "$tmp"; exit 13; fi
 if [ "$3" -gt 0 ] && [ "$($BB stat -c %s "$tmp")" != "$3" ]; then $BB rm -f "$tmp"; exit 14; fi
@@ -114,6 +123,13 @@ def check_path(path: str, *, field: str, base: str = WORK_DIR) -> str:
     if any(full == r or full.startswith(r + "/") for r in FORBIDDEN_ROOTS):
         raise PathNotAllowed(field, f"{clip(full)} is a kernel filesystem, not the container's files")
     return full
+
+
+def stale_minutes(limits: ExecLimits) -> int:
+    """Minutes after which a temporary upload file nobody touched is a
+    leftover: longer than any upload may last (put_files ends one at
+    max_upload_s), and its mtime is never older than its upload's start."""
+    return math.ceil(limits.max_upload_s / 60) + 1
 
 
 def fork_failed(stderr: bytes) -> bool:
@@ -208,7 +224,8 @@ class Uploader:
                                   f"{self._limits.max_upload_bytes} bytes", limit=self._limits.max_upload_bytes)
         mode = (f.mode & MODE_BITS) or DEFAULT_MODE
         suffix = secrets.token_hex(6)
-        cmd = shell(self._driver, STAGE_SCRIPT, path, f"{mode:o}", str(max(f.size, 0)), suffix)
+        cmd = shell(self._driver, STAGE_SCRIPT, path, f"{mode:o}", str(max(f.size, 0)), suffix,
+                    str(stale_minutes(self._limits)))
         proc = await self._driver.spawn(container_id=self._cid, command=cmd)
         tmp = posixpath.join(posixpath.dirname(path), TEMP_PREFIX + suffix)
         self._current = _Upload(path, mode, max(f.size, 0), tmp, proc, asyncio.ensure_future(collect(proc)),

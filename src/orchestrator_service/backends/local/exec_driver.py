@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,7 @@ import structlog
 from orchestrator_service.backends.exec_base import (
     CommandSpec, ExecDriver, OutputRead, ProcessInfo, PtySize, Stream,
 )
-from orchestrator_service.backends.local import cgroups
+from orchestrator_service.backends.local import cgroups, exec_dirs
 from orchestrator_service.backends.local.attached import Channel, LocalProcess
 from orchestrator_service.backends.local.exec_state import SAFE_NAME as _SAFE_NAME
 from orchestrator_service.backends.local.exec_state import exec_dir, read_process
@@ -70,6 +69,9 @@ ABANDONED_S = 10.0
 """A process directory still without meta.json after this long belongs to a
 start that died half-way; it is removed so the id can be used again."""
 KILL_WAIT_S = 5.0
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EINTR})
+"""Why entering a container may fail for a moment (the host short of processes
+or memory): UNAVAILABLE, where any other failure to enter is a fault of ours."""
 
 
 class LocalExecDriver:
@@ -85,6 +87,7 @@ class LocalExecDriver:
         self._seccomp = config.seccomp
         self._nofile_max = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._dir: Path | None = None
+        self._dir_lock = -1
         self._proc: subprocess.Popen[bytes] | None = None
         self._launch_lock = asyncio.Lock()
         self._live: set[LocalProcess] = set()
@@ -132,14 +135,16 @@ class LocalExecDriver:
                 proc_.kill()
                 await asyncio.to_thread(proc_.wait)
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+            exec_dirs.release(self._dir, self._dir_lock)
+            self._dir, self._dir_lock = None, -1
 
     # -- the fork server ----------------------------------------------------------
 
     async def _launch(self) -> None:
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="sandhub-exec-"))  # 0700
+            # Those of Hubs killed before they could remove theirs go first.
+            await asyncio.to_thread(exec_dirs.sweep)
+            self._dir, self._dir_lock = exec_dirs.make_owned()  # 0700, locked while we live
         path = self._dir / "spawner.sock"
         path.unlink(missing_ok=True)
         # posix_spawn/vfork: no preexec_fn, so no fork() in this threaded process.
@@ -182,10 +187,11 @@ class LocalExecDriver:
                     raise FileNotFoundError("driver not started")
                 await asyncio.get_running_loop().sock_connect(sock, str(self._dir / "spawner.sock"))
                 return sock
-            except (FileNotFoundError, ConnectionRefusedError) as e:
+            except OSError as e:  # gone, refused, its backlog full: it is restarting or overloaded
                 sock.close()
                 if attempt or self._dir is None:
-                    raise BackendUnavailable("the local exec fork server is not running") from e
+                    raise BackendUnavailable(f"the local exec fork server is not reachable ({e.strerror or e}); "
+                                             "it is being restarted, retry") from e
                 await self._relaunch()
         raise AssertionError("unreachable")
 
@@ -203,8 +209,12 @@ class LocalExecDriver:
             channel = Channel(await self._connect())
             try:
                 async with asyncio.timeout(START_TIMEOUT_S):
-                    await channel.send(request)
-                    message = await channel.recv()
+                    try:
+                        await channel.send(request)
+                    except OSError:  # its supervisor is gone before it read anything: nothing started
+                        message, sent = None, False
+                    else:
+                        message, sent = await channel.recv(), True
             except BaseException as e:
                 channel.close()  # the supervisor, seeing EOF, kills what it started
                 if isinstance(e, TimeoutError):  # the host is overloaded: worth a retry later
@@ -215,11 +225,12 @@ class LocalExecDriver:
             if message is not None:
                 break
             channel.close()
-            # An idle pre-forked supervisor of a fork server that just died can
-            # still take the connection, then end with its parent: once more,
-            # through a fork server started again.
-            if attempt or self.spawner_pid != 0:
-                raise BackendError("the exec supervisor ended without a reply")
+            # The supervisor ended without a reply: an idle pre-forked one of a
+            # fork server that just died (it ends with its parent), or one
+            # killed. Once more, through a fork server started again if it
+            # died, or when the request never reached it.
+            if attempt or (sent and self.spawner_pid != 0):
+                raise self._no_reply(container_id, sent=sent, background=request["mode"] == "background")
         assert message is not None  # the loop ends by break or raise
         reply, fds = message
         if "error" in reply:
@@ -228,6 +239,20 @@ class LocalExecDriver:
             channel.close()
             self._raise_for(reply, container_id=container_id, command=command)
         return channel, reply, fds
+
+    @staticmethod
+    def _no_reply(container_id: str, *, sent: bool, background: bool) -> BackendUnavailable:
+        """A transient fault of the way into the container (its fork server
+        restarting, a supervisor killed): UNAVAILABLE, saying whether the
+        command may have started (a Run is not idempotent: no blind 'retry')."""
+        what = (f"the command's supervisor for {container_id} ended before it answered (the exec fork server "
+                "restarting, or the host out of processes)")
+        if not sent:
+            return BackendUnavailable(f"{what}; the command was not started, retry")
+        if background:
+            return BackendUnavailable(f"{what}; the process may have started: start it again with the same "
+                                      "process_id, which returns it if it did")
+        return BackendUnavailable(f"{what}; the command was stopped if it had started")
 
     def _raise_for(self, reply: dict[str, Any], *, container_id: str, command: CommandSpec) -> None:
         kind, step, message = reply["error"], reply.get("step", ""), reply.get("message", "")
@@ -242,6 +267,10 @@ class LocalExecDriver:
         self._running(container_id)  # gone meanwhile: ContainerNotRunning
         if kind == "not_running":
             raise ContainerNotRunning(container_id, "FAILED")
+        if reply.get("errno") in TRANSIENT_ERRNOS:  # nothing ran: the command never got to exec
+            log.warning("exec.enter_short_of_resources", container_id=container_id, step=step, error=message)
+            raise BackendUnavailable(f"entering container {container_id} failed for now ({step}: "
+                                     f"{os.strerror(reply['errno'])}); the command was not started, retry")
         log.error("exec.enter_failed", container_id=container_id, step=step, error=message)
         raise BackendError(f"entering container {container_id} failed at {step}: {message}")
 
