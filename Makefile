@@ -1,6 +1,7 @@
 # sandhub — every tool the project needs is installed from here.
 #   make run    install what is needed, then serve Hub + Orchestrator on the local backend
 #   make test   install what is needed (incl. test tools), then run every test
+#   make soak   the chaos run of make test for longer (SOAK_MINUTES=10), with its figures
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -89,6 +90,15 @@ bench: install docker-deps $(VENV)/.bench-installed
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,kubernetes,ecs,bench]'
 	touch $@
+
+# The chaos run of `make test` (tests/chaos) for longer: clients create, upload
+# and run while the Hub and the Orchestrator are killed with SIGKILL, a full
+# state disk; prints the invariants, errors by code, RSS and fds of each
+# service at start and end. Root. SOAK_MINUTES=10 by default.
+SOAK_MINUTES ?= 10
+.PHONY: soak
+soak: install
+	$(VENV)/bin/sandhub bench soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # Docker Engine for `make bench` and the bench-matrix tests of `make test`,
 # which start their own private dockerd (never the host's service).

@@ -21,10 +21,12 @@ from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
 from hub_service.orchestrator_proxy import OrchestratorProxy
 from orchestrator_service.backends.local.network import veth_name
+from orchestrator_service.backends.local.sandbox import ENV_CONTAINER_ID
 from orchestrator_service.server import start_orchestrator
 from sandhub.bench.hub import HubTarget
 from sandhub.bench.local import private_backend_config, remove_network
 from sandhub.bench.results import Results
+from sandhub.bench.rpc_cpu import descendants
 from sandhub.bench.scenarios import SCENARIOS, ScenarioOptions
 from sandhub.bench.spawn import RunOptions, run
 from sandhub.bench.target import CreateParams
@@ -61,6 +63,22 @@ def traces_on_host(container_ids: list[str]) -> list[str]:
     return found
 
 
+def wait_for_a_sandbox_below(proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    """Returns once a process started by ``proc`` (at any depth) has a
+    container id in its environment: a sandbox of the bench exists."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the bench ended before it created a container"
+        for pid in descendants(proc.pid):
+            try:
+                if ENV_CONTAINER_ID.encode() + b"=" in Path(f"/proc/{pid}/environ").read_bytes():
+                    return
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no sandbox below the bench after {timeout_s:g} s")
+
+
 def bench(*args: str, timeout_s: float = 240) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run([SANDHUB, "bench", *args, "--json"], capture_output=True, text=True, timeout=timeout_s)
     assert proc.stdout, proc.stderr
@@ -88,7 +106,9 @@ def test_spawn_interrupted_by_ctrl_c_still_deletes_everything() -> None:
         [SANDHUB, "bench", "spawn", "--start-local", "-n", "60", "--interval", "0.05", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(1.5)  # some containers created, some in flight, most not yet asked for
+    # Interrupted once some containers exist (a sandbox under the bench carries
+    # its id), with most not yet asked for: waited for, not a fixed sleep.
+    wait_for_a_sandbox_below(proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

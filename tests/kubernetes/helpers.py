@@ -4,10 +4,10 @@ cluster, specs, and waiting for what the shared watch reports."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 from orchestrator_service.model import Container, ContainerSpec, Event, Port, Resources, State
@@ -75,3 +75,19 @@ async def wait_for(backend: KubernetesBackend, container_id: str, ok: Callable[[
 
 def state_is(*states: State) -> Callable[[Container], bool]:
     return lambda c: c.state in states
+
+
+T = TypeVar("T")
+
+
+async def eventually(read: Callable[[], Awaitable[T]], ok: Callable[[T], bool], *, timeout_s: float = 30.0,
+                     every_s: float = 0.1) -> T:
+    """Reads until ``ok`` holds: a condition waited for, with a deadline far
+    above its usual time (a loaded CI machine), never a fixed sleep or count."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await read()
+        if ok(value) or loop.time() > deadline:
+            return value  # the caller's assert says what was wrong
+        await asyncio.sleep(every_s)

@@ -5,9 +5,11 @@ What is checked is what the server stored and reported."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -43,7 +45,9 @@ def stored_pod(kube: client.ApiClient, namespace: str, name: str) -> client.V1Po
 async def test_default_placement_runs_hardened_with_its_policy(
         backend: KubernetesBackend, kube: client.ApiClient, namespace: str) -> None:
     c = await backend.create(spec=make_spec(), container_id="cnt-default00001")
-    assert c.state is State.PENDING and c.backend == "kubernetes"
+    # PENDING, or already RUNNING when the watch saw the pod start before the
+    # create's answer was stored (a loaded machine): both are the contract.
+    assert c.state in (State.PENDING, State.RUNNING) and c.backend == "kubernetes"
     running = await wait_for(backend, c.id, state_is(State.RUNNING))
     # Ready when this orchestrator saw it so, sub-second: never before the create
     # (the pod's own Ready stamp is whole seconds and could be).
@@ -192,6 +196,28 @@ async def test_create_conflict_is_the_same_container_or_refused(
         await backend.create(spec=make_spec(tenant="tenant-b"), container_id="cnt-conflict0001")
 
 
+def count_writes(b: KubernetesBackend) -> dict[str, int]:
+    """Counts, for one backend, the delete marks the API server accepted and
+    the pod deletes asked for (every attempt, accepted or not)."""
+    counts = {"mark": 0, "delete": 0}
+    core = b.api.core
+    patch, delete = core.patch_namespaced_pod, core.delete_namespaced_pod
+
+    def counting_patch(name: str, namespace: str, body: Any, **kwargs: Any) -> Any:
+        pod = patch(name, namespace, body, **kwargs)  # a 409 raises: not counted
+        if o.ANN_DELETE_REASON in json.dumps(body, default=str):
+            counts["mark"] += 1
+        return pod
+
+    def counting_delete(*args: Any, **kwargs: Any) -> Any:
+        counts["delete"] += 1
+        return delete(*args, **kwargs)
+
+    core.patch_namespaced_pod = counting_patch
+    core.delete_namespaced_pod = counting_delete
+    return counts
+
+
 async def test_two_orchestrators_delete_once(control_plane: ControlPlane, namespace: str,
                                              kube: client.ApiClient) -> None:
     config = k8s_config(control_plane.kubeconfig, namespace)
@@ -206,7 +232,7 @@ async def test_two_orchestrators_delete_once(control_plane: ControlPlane, namesp
             if "sandhub.dev/ready-time" in (stored_pod(kube, namespace, c.id).metadata.annotations or {}):
                 break
             await asyncio.sleep(0.05)
-        marks_before = one.api.stats.calls + two.api.stats.calls
+        writes = {"one": count_writes(one), "two": count_writes(two)}
         results = await asyncio.gather(
             one.delete(container_id=c.id, grace_period_s=1, reason="Expired"),
             two.delete(container_id=c.id, grace_period_s=1, reason="Deleted"),
@@ -214,9 +240,14 @@ async def test_two_orchestrators_delete_once(control_plane: ControlPlane, namesp
         assert all(r.state in (State.TERMINATING, State.TERMINATED) for r in results)
         ended = await wait_for(two, c.id, state_is(State.TERMINATED))
         assert ended.state_reason in ("Expired", "Deleted")
-        # One mark won: one pod delete and one policy delete, plus the losing
-        # mark (409) and its re-read — never two deletes of the pod.
-        assert one.api.stats.calls + two.api.stats.calls - marks_before <= 5
+        # One mark won, and only its orchestrator deleted the pod (and the
+        # policy): never two deletes. Counted by what was written, not by a
+        # budget of API calls: retries and re-reads vary with the machine's load.
+        marked = [name for name, w in writes.items() if w["mark"]]
+        assert len(marked) == 1, writes
+        assert sum(w["mark"] for w in writes.values()) == 1, writes
+        loser = "two" if marked == ["one"] else "one"
+        assert writes[marked[0]]["delete"] >= 1 and writes[loser]["delete"] == 0, writes
     finally:
         await one.close()
         await two.close()

@@ -6,19 +6,20 @@ that stdin EOF and exit codes behave as with a real kubelet)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, PtySize, RunningProcess
+from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, ProcessInfo, PtySize, RunningProcess
 from orchestrator_service.backends.kubernetes import exec_scripts
 from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 from orchestrator_service.backends.kubernetes.exec_driver import KubernetesExecDriver
 from orchestrator_service.model import State
 from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField, ProcessNotFound
 from tests.kubernetes.control_plane import ControlPlane
-from tests.kubernetes.helpers import Recorder, k8s_config, make_spec, state_is, wait_for
+from tests.kubernetes.helpers import Recorder, eventually, k8s_config, make_spec, state_is, wait_for
 
 pytestmark = pytest.mark.kubernetes
 CID = "cnt-exec00000001"
@@ -91,27 +92,37 @@ async def test_signal_and_kill(driver: KubernetesExecDriver) -> None:
     await proc.kill()
     await proc.kill()  # idempotent
     assert (await asyncio.wait_for(proc.wait(), 10)).signal == signal.SIGKILL
-    # What the command started went with it (its process group was killed).
-    await asyncio.sleep(0.2)
-    check = await driver.spawn(container_id=CID, command=sh(  # a zombie waiting to be reaped counts as gone
-        f"s=$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/{child}/status 2>/dev/null); "
-        '[ -n "$s" ] && [ "$s" != Z ] && echo "alive $s" || echo gone'))
-    assert (await collect(check))[0] == b"gone\n"
+    # What the command started went with it (its process group was killed):
+    # gone once the kill is delivered, which a loaded machine may take a while.
+    async def child_state() -> bytes:
+        check = await driver.spawn(container_id=CID, command=sh(  # a zombie waiting to be reaped counts as gone
+            f"s=$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/{child}/status 2>/dev/null); "
+            '[ -n "$s" ] && [ "$s" != Z ] && echo "alive $s" || echo gone'))
+        return (await collect(check))[0]
+
+    assert await eventually(child_state, lambda out: out == b"gone\n", timeout_s=10) == b"gone\n"
 
 
 async def test_pty_and_resize(driver: KubernetesExecDriver) -> None:
     """Waits for the answer while the command still runs: KWOK's PTY copy can
-    lose output written just before the command exits (a kubelet drains it)."""
-    proc = await driver.spawn(container_id=CID, command=sh("read x; stty size; read y"), pty=PtySize(rows=24, cols=80))
+    lose output written just before the command exits (a kubelet drains it).
+    The resize travels apart from stdin, so the size is asked for again until
+    it shows (a loaded machine may apply it after the first question)."""
+    proc = await driver.spawn(container_id=CID, command=sh('while read x && [ "$x" != q ]; do stty size; done'),
+                              pty=PtySize(rows=24, cols=80))
     await proc.resize(PtySize(rows=40, cols=100))
-    await asyncio.sleep(0.2)
-    await proc.write_stdin(b"\n")
     out = bytearray()
+    deadline = asyncio.get_running_loop().time() + 30
     while b"40 100" not in out:
-        chunk = await asyncio.wait_for(proc.read(), 10)
-        assert chunk is not None and chunk.stream == "stdout", out  # a PTY has one stream
-        out += chunk.data
-    await proc.write_stdin(b"\n")
+        assert asyncio.get_running_loop().time() < deadline, out
+        await proc.write_stdin(b"\n")
+        answers = out.count(b"24 80") + out.count(b"40 100")
+        while out.count(b"24 80") + out.count(b"40 100") == answers:  # one answer per question
+            chunk = await asyncio.wait_for(proc.read(), 10)
+            assert chunk is not None and chunk.stream == "stdout", out  # a PTY has one stream
+            out += chunk.data
+    assert set(re.findall(rb"\d+ \d+", bytes(out))) <= {b"24 80", b"40 100"}, out
+    await proc.write_stdin(b"q\n")
     assert (await asyncio.wait_for(collect(proc), 10))[2].exit_code == 0
 
 
@@ -121,11 +132,8 @@ async def test_background_process(driver: KubernetesExecDriver) -> None:
     assert created and info.pid > 1 and info.command == cmd and info.exit is None
     again, created = await driver.start_background(container_id=CID, process_id="job-1", command=cmd)
     assert not created and again.pid == info.pid
-    for _ in range(100):
-        info = await driver.get_background(container_id=CID, process_id="job-1")
-        if info.exit is not None:
-            break
-        await asyncio.sleep(0.1)
+    info = await eventually(lambda: driver.get_background(container_id=CID, process_id="job-1"),
+                            lambda i: i.exit is not None)
     assert info.exit == ExitInfo(exit_code=4) and (info.stdout_bytes, info.stderr_bytes) == (8, 5)
     read = await driver.read_output(container_id=CID, process_id="job-1", stream="stdout", offset=4, max_bytes=100)
     assert (read.offset, read.data, read.dropped_before) == (4, b"two\n", False)
@@ -142,12 +150,11 @@ async def test_background_signal_and_bounded_output(driver: KubernetesExecDriver
     total = 6 * exec_scripts.SEGMENT
     await driver.start_background(container_id=CID, process_id="big",
                                   command=sh(f"head -c {total} /dev/zero"))
-    for _ in range(200):
-        sleeper = await driver.get_background(container_id=CID, process_id="sleeper")
-        big = await driver.get_background(container_id=CID, process_id="big")
-        if sleeper.exit is not None and big.exit is not None:
-            break
-        await asyncio.sleep(0.1)
+    async def both() -> tuple[ProcessInfo, ProcessInfo]:
+        return (await driver.get_background(container_id=CID, process_id="sleeper"),
+                await driver.get_background(container_id=CID, process_id="big"))
+
+    sleeper, big = await eventually(both, lambda pair: all(i.exit is not None for i in pair))
     assert sleeper.exit == ExitInfo(signal=signal.SIGTERM)
     assert big.stdout_bytes == total
     assert big.stdout_first_offset == total - exec_scripts.KEEP * exec_scripts.SEGMENT  # the newest KEEP kept

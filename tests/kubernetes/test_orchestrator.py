@@ -4,7 +4,6 @@ production, against the REAL kube-apiserver + KWOK."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,7 +18,7 @@ from sandhub.config import OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tests.conftest import ORCHESTRATOR_TOKEN, orchestrator_channel
 from tests.kubernetes.control_plane import ControlPlane
-from tests.kubernetes.helpers import PLACEMENTS, k8s_config
+from tests.kubernetes.helpers import PLACEMENTS, eventually, k8s_config
 
 pytestmark = pytest.mark.kubernetes
 
@@ -51,11 +50,7 @@ async def containers(control_plane: ControlPlane, namespace: str) -> AsyncIterat
 async def test_wait_until_running_then_expiry_reaps(containers: ContainerService) -> None:
     c = await containers.create(raw(ttl_s=2), tenant="tenant-a", wait_until_running=True)
     assert c.state is State.RUNNING and c.image == "busybox:1.37" and c.ip_address
-    for _ in range(200):
-        got = await containers.get(c.id, tenant="tenant-a")
-        if got.state is State.TERMINATED:
-            break
-        await asyncio.sleep(0.05)
+    got = await eventually(lambda: containers.get(c.id, tenant="tenant-a"), lambda x: x.state is State.TERMINATED)
     assert (got.state, got.state_reason) == (State.TERMINATED, "Expired")
 
 
@@ -64,12 +59,8 @@ async def test_failed_image_is_reported_to_a_waiting_caller(containers: Containe
                                 wait_until_running=True)
     assert (c.state, c.state_reason) == (State.FAILED, "ImagePullBackOff")
     # The reaper forgets it after the tombstone time (1 s here): the pod is removed.
-    for _ in range(200):
-        if c.id not in [x.id for x in await containers._backend.list()]:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the FAILED container was never forgotten")
+    listed = await eventually(containers._backend.list, lambda cs: c.id not in [x.id for x in cs])
+    assert c.id not in [x.id for x in listed], "the FAILED container was never forgotten"
 
 
 async def test_tenants_and_request_ids(containers: ContainerService) -> None:
