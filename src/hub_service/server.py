@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from hub_service import transport
 from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
 from hub_service.exec.containers import ContainerLookup
@@ -44,6 +45,7 @@ async def start_hub(config: HubConfig) -> RunningHub:
     if not config.api_keys:
         raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
     token = internal_auth.require_token(config.orchestrator_token, who="hub")
+    server_credentials = transport.credentials(config)  # before anything that needs closing
     channel = internal_auth.orchestrator_channel(  # every call carries the token
         config.orchestrator,
         token,
@@ -64,8 +66,9 @@ async def start_hub(config: HubConfig) -> RunningHub:
     lookup = ContainerLookup(stub, timeout_s=config.backend_timeout_s)
     exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec, budgets), server)
     rpc.add_health_and_reflection(server, SERVICES)
-    port = rpc.bind(server, config.listen)
+    port = transport.bind(server, config.listen, server_credentials)
     await server.start()
-    log.info("hub.serving", listen=config.listen, port=port, orchestrator=config.orchestrator,
+    log.info("hub.serving", listen=config.listen, port=port, tls=server_credentials is not None,
+             orchestrator=config.orchestrator,
              tenants=sorted(set(config.api_keys.values())))
     return RunningHub(server, channel, port, drivers, config, budgets)

@@ -235,6 +235,12 @@ class ExecLimits:
     max_upload_bytes: int = 1 << 30
     """Bytes one PutFiles call may carry; above it is RESOURCE_EXHAUSTED."""
     max_upload_files: int = 10000
+    max_upload_s: float = 3600.0
+    """Seconds one PutFiles call may last (then DEADLINE_EXCEEDED, nothing
+    written). It also bounds how old an upload's temporary file can be: one
+    untouched for longer is a leftover of a Hub killed mid-upload, and the
+    next upload into its directory removes it. An hour carries the largest
+    upload at 300 KB/s."""
     default_output_bytes: int = 1 << 20
     """Run: stdout and stderr kept per stream when the caller asks for no cap."""
     max_output_bytes: int = 16 << 20
@@ -312,6 +318,22 @@ class HubConfig:
     orchestrator_token: str = field(default="", repr=False)
     """The Orchestrator's token (OrchestratorConfig.token), sent on every call
     to it. No default: "" refuses to start (see OrchestratorConfig.token)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) the Hub presents. With tls_key_file set, the
+    Hub listens with TLS only; None means plaintext. Read once at start."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file. Keep it 0600 (a mounted Secret)."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle for mutual TLS: set, every client must present a
+    certificate signed by one of these (the API key is still required and
+    still picks the tenant). None: no client certificate asked for."""
+    allow_plaintext: bool = False
+    """Listen in plaintext on an address other than loopback. Off by default:
+    API keys would cross the network in clear, and the standard per-call
+    credential helpers (grpc-go's oauth, grpc-js's combineChannelCredentials)
+    refuse to send them. Turn on only behind something that encrypts the hop
+    (a service mesh's mTLS sidecar, a TLS-terminating proxy on the same host).
+    Loopback plaintext is always allowed (development), with a log line."""
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -555,6 +577,7 @@ def load_exec(env: Mapping[str, str]) -> ExecLimits:
         max_held_output_bytes_per_tenant=_count(env, "SANDHUB_MAX_HELD_OUTPUT_BYTES_PER_TENANT",
                                                 d.max_held_output_bytes_per_tenant),
         max_held_output_bytes=_count(env, "SANDHUB_MAX_HELD_OUTPUT_BYTES", d.max_held_output_bytes),
+        max_upload_s=_float(env, "SANDHUB_MAX_UPLOAD_SECONDS", d.max_upload_s),
     )
 
 
@@ -567,6 +590,7 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         except OSError as e:
             raise ConfigError(f"SANDHUB_API_KEYS_FILE: cannot read {path}: {e.strerror}") from None
     keys.update(parse_api_keys(env.get("SANDHUB_API_KEYS", "")))
+    tls = _hub_tls(env)
     return HubConfig(
         listen=env.get("SANDHUB_HUB_LISTEN", "127.0.0.1:50051"),
         orchestrator=env.get("SANDHUB_ORCHESTRATOR", "127.0.0.1:50052"),
@@ -577,8 +601,24 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         kubernetes=load_kubernetes(env),
         orchestrator_token=load_orchestrator_token(env),
         exec=load_exec(env),
+        tls_cert_file=tls[0],
+        tls_key_file=tls[1],
+        tls_client_ca_file=tls[2],
+        allow_plaintext=_bool(env, "SANDHUB_HUB_ALLOW_PLAINTEXT", False),
         **_budgets(env, "SANDHUB_HUB_", HubConfig()),
     )
+
+
+def _hub_tls(env: Mapping[str, str]) -> tuple[Path | None, Path | None, Path | None]:
+    """SANDHUB_HUB_TLS_CERT_FILE and _KEY_FILE (both or neither), and
+    SANDHUB_HUB_TLS_CLIENT_CA_FILE (only with them): certificate, key, client CA."""
+    cert, key, ca = (Path(env[n]) if env.get(n) else None for n in (
+        "SANDHUB_HUB_TLS_CERT_FILE", "SANDHUB_HUB_TLS_KEY_FILE", "SANDHUB_HUB_TLS_CLIENT_CA_FILE"))
+    if (cert is None) != (key is None):
+        raise ConfigError("SANDHUB_HUB_TLS_CERT_FILE and SANDHUB_HUB_TLS_KEY_FILE: set both or neither")
+    if ca is not None and cert is None:
+        raise ConfigError("SANDHUB_HUB_TLS_CLIENT_CA_FILE needs SANDHUB_HUB_TLS_CERT_FILE and _KEY_FILE (mTLS is TLS)")
+    return cert, key, ca
 
 
 def with_dev_key(config: HubConfig) -> HubConfig:

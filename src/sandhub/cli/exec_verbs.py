@@ -2,42 +2,37 @@
 
 `run` and `exec` exit with the command's own exit code (128+N for a signal),
 so they compose in scripts like the command itself would.
+
+With --json every verb prints machine-readable JSON on stdout (field names in
+the proto3 JSON mapping's camelCase; zero values present): a command's bytes
+are ``"stdout": "text"`` when they are UTF-8 and ``"stdoutBase64"`` when not.
+`exec` and `attach` print one JSON object per line as output arrives.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import grpc
+from google.protobuf import json_format
 
+from sandhub.cli.connect import connect
+from sandhub.cli.jsonout import json_line, message_dict, output_fields, print_json
 from sandhub.exec.v1 import exec_pb2 as pb
-from sandhub.exec.v1 import exec_pb2_grpc as pb_grpc
-
-CHUNK = 1 << 20
 
 
-class ExecClient:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.channel = grpc.insecure_channel(args.hub, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.stub = pb_grpc.ExecServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-        self.timeout = args.timeout
+def _argv(args: argparse.Namespace) -> list[str] | str:
+    """The command's words, or with --shell one string for /bin/sh -c."""
+    return " ".join(args.argv) if args.shell else list(args.argv)
 
 
-def _command(args: argparse.Namespace) -> pb.Command:
-    env = dict(item.split("=", 1) for item in args.env)
-    if args.shell:
-        return pb.Command(shell=" ".join(args.argv), env=env, cwd=args.cwd)
-    return pb.Command(argv=args.argv, env=env, cwd=args.cwd)
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in args.env)
 
 
 def _exit_code(status: pb.ExitStatus) -> int:
@@ -47,52 +42,54 @@ def _exit_code(status: pb.ExitStatus) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
-    sources = [Path(p) for p in args.files]
-
-    def requests() -> Iterator[pb.PutFilesRequest]:
-        yield pb.PutFilesRequest(start=pb.PutFilesRequest.Start(container_id=args.id, destination=args.dest))
-        for src in sources:
-            files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-            for f in files:
-                rel = f.name if f == src else str(Path(src.name) / f.relative_to(src))
-                st = f.stat()
-                yield pb.PutFilesRequest(file=pb.PutFilesRequest.File(path=rel, mode=st.st_mode & 0o777,
-                                                                      size=st.st_size))
-                with f.open("rb") as fh:
-                    while data := fh.read(CHUNK):
-                        yield pb.PutFilesRequest(data=data)
-
-    resp = c.stub.PutFiles(requests(), metadata=c.metadata, timeout=c.timeout)
+    try:
+        resp = connect(args).put_paths(args.id, args.files, destination=args.dest)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print_json(message_dict(resp))
+        return 0
     for f in resp.files:
         print(f"{f.path}\t{f.size}\t{f.mode:o}\t{f.sha256}")
     return 0
 
 
 def cmd_get_file(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
+    if args.json and args.output == "-":
+        print("error: --json prints the file's info on stdout: name the file with -o", file=sys.stderr)
+        return 2
     fmt = pb.ARCHIVE_FORMAT_TAR if args.tar else pb.ARCHIVE_FORMAT_UNSPECIFIED
     out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
     try:
-        for r in c.stub.GetFiles(pb.GetFilesRequest(container_id=args.id, path=args.path, format=fmt),
-                                 metadata=c.metadata, timeout=c.timeout):
-            if r.HasField("info") and r.info.is_dir and args.output != "-":
-                print(f"{r.info.path} is a directory: writing a tar archive", file=sys.stderr)
-            elif not r.HasField("info"):
-                out.write(r.data)
+        info = connect(args).download(args.id, args.path, out, archive_format=fmt)
     finally:
         if out is not sys.stdout.buffer:
             out.close()
+    if args.json:
+        print_json({"info": message_dict(info), "output": args.output,
+                    "bytesWritten": os.path.getsize(args.output)})
+    elif info.is_dir and args.output != "-":
+        print(f"{info.path} is a directory: wrote a tar archive", file=sys.stderr)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
     stdin = b"" if sys.stdin.isatty() or args.no_stdin else sys.stdin.buffer.read()
-    req = pb.RunRequest(container_id=args.id, command=_command(args), stdin=stdin)
-    if args.run_timeout:
-        req.timeout.FromNanoseconds(int(args.run_timeout * 1e9))
-    r = c.stub.Run(req, metadata=c.metadata, timeout=max(c.timeout, args.run_timeout + 10))
+    r = connect(args).run(args.id, _argv(args), stdin=stdin, env=_env(args), cwd=args.cwd,
+                          timeout_s=args.run_timeout)
+    if args.json:
+        print_json({
+            "exitCode": _exit_code(r.status),
+            "status": message_dict(r.status),
+            **output_fields("stdout", r.stdout),
+            **output_fields("stderr", r.stderr),
+            "stdoutTruncated": r.stdout_truncated,
+            "stderrTruncated": r.stderr_truncated,
+            "startTime": json_format.MessageToDict(r)["startTime"] if r.HasField("start_time") else None,
+            "duration": json_format.MessageToDict(r)["duration"] if r.HasField("duration") else None,
+        })
+        return _exit_code(r.status)
     sys.stdout.buffer.write(r.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(r.stderr)
@@ -105,25 +102,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     """Interactive: stdin is forwarded, a terminal gets a PTY in raw mode and
-    its size follows the window."""
-    c = ExecClient(args)
-    tty = sys.stdin.isatty() and not args.no_tty
-    start = pb.ExecRequest.Start(container_id=args.id, command=_command(args))
+    its size follows the window. With --json, no PTY: each event is a JSON line."""
+    tty = sys.stdin.isatty() and not args.no_tty and not args.json
+    pty = None
     if tty:
         size = shutil.get_terminal_size()
-        start.pty.CopyFrom(pb.PtySize(rows=size.lines, cols=size.columns))
-    outgoing: queue.Queue[pb.ExecRequest | None] = queue.Queue()
-    outgoing.put(pb.ExecRequest(start=start))
-
-    def requests() -> Iterator[pb.ExecRequest]:
-        while (r := outgoing.get()) is not None:
-            yield r
+        pty = (size.lines, size.columns)
+    session = connect(args).exec(args.id, _argv(args), env=_env(args), cwd=args.cwd, pty=pty)
 
     def pump_stdin() -> None:
         fd = sys.stdin.fileno()
         while data := os.read(fd, 65536):
-            outgoing.put(pb.ExecRequest(stdin=data))
-        outgoing.put(pb.ExecRequest(close_stdin=pb.ExecRequest.CloseStdin()))
+            session.write(data)
+        session.close_stdin()
 
     saved: Any = None
     if tty:
@@ -135,15 +126,23 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
         def on_winch(*_: Any) -> None:
             s = shutil.get_terminal_size()
-            outgoing.put(pb.ExecRequest(resize=pb.PtySize(rows=s.lines, cols=s.columns)))
+            session.resize(s.lines, s.columns)
 
         signal.signal(signal.SIGWINCH, on_winch)
     threading.Thread(target=pump_stdin, daemon=True).start()
     code = 1
     try:
-        for r in c.stub.Exec(requests(), metadata=c.metadata):
+        for r in session:
             kind = r.WhichOneof("msg")
-            if kind == "stdout":
+            if args.json:
+                if kind == "started":
+                    json_line({"started": {"pid": r.started.pid}})
+                elif kind in ("stdout", "stderr"):
+                    json_line({"stream": kind, **output_fields("data", getattr(r, kind))})
+                elif kind == "exited":
+                    code = _exit_code(r.exited)
+                    json_line({"exited": message_dict(r.exited), "exitCode": code})
+            elif kind == "stdout":
                 sys.stdout.buffer.write(r.stdout)
                 sys.stdout.flush()
             elif kind == "stderr":
@@ -152,7 +151,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             elif kind == "exited":
                 code = _exit_code(r.exited)
     finally:
-        outgoing.put(None)
+        session.close()
         if saved is not None:
             import termios
 
@@ -169,53 +168,59 @@ def _process_line(p: pb.Process) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
-    r = c.stub.StartProcess(pb.StartProcessRequest(container_id=args.id, process_id=args.process_id,
-                                                   command=_command(args)), metadata=c.metadata, timeout=c.timeout)
-    print(_process_line(r.process) + ("" if r.created else "\t(already running)"))
+    r = connect(args).start_process(args.id, args.process_id, _argv(args), env=_env(args), cwd=args.cwd)
+    if args.json:
+        print_json({"process": message_dict(r.process), "created": r.created})
+    else:
+        print(_process_line(r.process) + ("" if r.created else "\t(already running)"))
     return 0
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
-    token = ""
-    while True:
-        r = c.stub.ListProcesses(pb.ListProcessesRequest(container_id=args.id, page_token=token),
-                                 metadata=c.metadata, timeout=c.timeout)
-        for p in r.processes:
-            print(_process_line(p))
-        token = r.next_page_token
-        if not token:
-            return 0
+    processes = connect(args).iter_processes(args.id)
+    if args.json:
+        print_json({"processes": [message_dict(p) for p in processes]})
+        return 0
+    for p in processes:
+        print(_process_line(p))
+    return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
-    req = pb.AttachProcessRequest(container_id=args.id, process_id=args.process_id, follow=args.follow,
-                                  stdout_offset=args.offset, stderr_offset=args.offset)
+    """Without --json, stdout and stderr as they were; with it, one JSON line
+    per chunk (stream, offset, data, droppedBefore) and one for the exit."""
     code = 0
-    for r in c.stub.AttachProcess(req, metadata=c.metadata):
+    chunks = connect(args).attach_process(args.id, args.process_id, stdout_offset=args.offset,
+                                          stderr_offset=args.offset, follow=args.follow)
+    for r in chunks:
         kind = r.WhichOneof("msg")
-        if kind == "stdout":
-            if r.stdout.dropped_before:
-                print(f"sandhub: output before offset {r.stdout.offset} was dropped", file=sys.stderr)
-            sys.stdout.buffer.write(r.stdout.data)
-            sys.stdout.flush()
-        elif kind == "stderr":
-            sys.stderr.buffer.write(r.stderr.data)
+        if kind in ("stdout", "stderr"):
+            chunk: pb.OutputChunk = getattr(r, kind)
+            if args.json:
+                json_line({"stream": kind, "offset": chunk.offset, **output_fields("data", chunk.data),
+                            "droppedBefore": chunk.dropped_before})
+                continue
+            if chunk.dropped_before:
+                print(f"sandhub: {kind} before offset {chunk.offset} was dropped", file=sys.stderr)
+            stream = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
+            stream.write(chunk.data)
+            stream.flush()
         elif kind == "exited":
             code = _exit_code(r.exited)
+            if args.json:
+                json_line({"exited": message_dict(r.exited), "exitCode": code})
     return code
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    c = ExecClient(args)
-    sig = f"SIGNAL_SIG{args.signal.upper().removeprefix('SIG')}"
-    if sig not in pb.Signal.keys():
-        raise SystemExit(f"error: unknown signal {args.signal!r}")
-    r = c.stub.SignalProcess(pb.SignalProcessRequest(container_id=args.id, process_id=args.process_id, signal=sig),
-                             metadata=c.metadata, timeout=c.timeout)
-    print(_process_line(r.process))
+    try:
+        p = connect(args).signal_process(args.id, args.process_id, args.signal)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        print_json({"process": message_dict(p)})
+    else:
+        print(_process_line(p))
     return 0
 
 

@@ -13,12 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 
 from sandhub import config as cfg
+from sandhub.cli.connect import connect
+from sandhub.cli.jsonout import print_json
+from sandhub.client import ApiError, from_rpc_error
 
 EXIT_CODES = {
     grpc.StatusCode.NOT_FOUND: 3,
@@ -44,6 +48,10 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 2h)") from None
 
 
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
 def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -52,12 +60,6 @@ def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
             raise SystemExit(f"error: {what} {item!r} must look like KEY=VALUE")
         out[key] = value
     return out
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 # -- serve ----------------------------------------------------------------------
@@ -81,6 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hub = replace(hub, orchestrator=args.orchestrator_listen)
     if args.hub_listen:
         hub = replace(hub, listen=args.hub_listen)
+    if args.tls_cert or args.tls_key:
+        hub = replace(hub, tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
+                      tls_key_file=Path(args.tls_key) if args.tls_key else None)
+    if args.tls_client_ca:
+        hub = replace(hub, tls_client_ca_file=Path(args.tls_client_ca))
+    if args.allow_plaintext:
+        hub = replace(hub, allow_plaintext=True)
     if args.dev:
         hub = cfg.with_dev_key(hub)
     made_token = ""
@@ -113,11 +122,15 @@ async def _serve(
             stops.insert(0, h.stop)
             if dev:
                 key = next(iter(hub.api_keys))
+                tls = hub.tls_cert_file is not None
                 print(
-                    f"sandhub is serving: Hub {hub.listen}, Orchestrator {orch.listen}, backend {orch.backend}\n"
+                    f"sandhub is serving: Hub {hub.listen} ({'TLS' if tls else 'plaintext'}), "
+                    f"Orchestrator {orch.listen}, backend {orch.backend}\n"
                     f"development API key: {key}  (tenant {hub.api_keys[key]})\n"
-                    f"try:  SANDHUB_API_KEY={key} .venv/bin/sandhub create --wait\n"
-                    f"      grpcurl -plaintext -H 'authorization: Bearer {key}' {hub.listen} list"
+                    f"try:  SANDHUB_API_KEY={key} .venv/bin/sandhub create --wait"
+                    + (" --ca-cert CA.pem\n" if tls else "\n")
+                    + f"      grpcurl {'-cacert CA.pem' if tls else '-plaintext'} "
+                    f"-H 'authorization: Bearer {key}' {hub.listen} list"
                     + (f"\noperator (every tenant, straight to the Orchestrator):\n"
                        f"      SANDHUB_ORCHESTRATOR_TOKEN={made_token} .venv/bin/sandhub list --orchestrator {orch.listen}"
                        if made_token else ""),
@@ -176,37 +189,9 @@ def cmd_image(args: argparse.Namespace) -> int:
 # -- client verbs -----------------------------------------------------------------
 
 
-class Client:
-    """The Hub with an API key; or, with --orchestrator, the Orchestrator
-    itself as the operator (every tenant), with the token as credential."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        from sandhub import internal_auth
-        from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
-
-        self.metadata: tuple[tuple[str, str], ...]
-        if getattr(args, "orchestrator", ""):
-            try:
-                token = cfg.load_orchestrator_token(dict(os.environ))
-            except cfg.ConfigError as e:
-                raise SystemExit(f"error: {e}") from None
-            if not token:
-                raise SystemExit(f"error: --orchestrator needs the token: set {internal_auth.TOKEN_VARIABLES}")
-            self.metadata = internal_auth.metadata(token)
-            self.channel = grpc.insecure_channel(args.orchestrator)
-        else:
-            self.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-            self.channel = grpc.insecure_channel(args.hub)
-        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
-        self.timeout = args.timeout
-
-    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout or self.timeout)
-
-
 def _print(message: Any, args: argparse.Namespace, human: Callable[[Any], str]) -> None:
     if args.json:
-        print(json.dumps(json_format.MessageToDict(message), indent=2))
+        print_json(json_format.MessageToDict(message))
     else:
         print(human(message))
 
@@ -231,74 +216,53 @@ def _container_detail(c: Any) -> str:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-
-    req = pb.CreateContainerRequest(
-        image=args.image,
-        resources=pb.Resources(cpu_millicores=args.cpu, memory_mib=args.mem, pids=args.pids, disk_mib=args.disk),
-        env=parse_pairs(args.env, "--env"),
-        labels=parse_pairs(args.label, "--label"),
-        ports=[pb.Port(port=p) for p in args.port],
-        placement=args.placement,
-        request_id=args.request_id,
-        wait_until_running=args.wait,
+    container = connect(args).create_container(
+        image=args.image, cpu_millicores=args.cpu, memory_mib=args.mem, pids=args.pids, disk_mib=args.disk,
+        env=parse_pairs(args.env, "--env"), labels=parse_pairs(args.label, "--label"), ports=args.port,
+        ttl_s=args.ttl, placement=args.placement, request_id=args.request_id, wait_until_running=args.wait,
     )
-    if args.ttl:
-        req.ttl.CopyFrom(_duration(args.ttl))
-    resp = Client(args).call("CreateContainer", req)
-    _print(resp.container, args, _container_detail)
+    _print(container, args, _container_detail)
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-
-    resp = Client(args).call("GetContainer", pb.GetContainerRequest(id=args.id))
-    _print(resp.container, args, _container_detail)
+    _print(connect(args).get_container(args.id), args, _container_detail)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-
-    client = Client(args)
-    state = pb.ContainerState.Name(pb.ContainerState.Value("CONTAINER_STATE_" + args.state.upper())) if args.state else None
-    req = pb.ListContainersRequest(label_selector=args.selector, state=state, page_size=args.page_size, page_token=args.page_token)
-    containers = []
-    while True:
-        resp = client.call("ListContainers", req)
-        containers.extend(resp.containers)
-        if args.page_token or args.one_page or not resp.next_page_token:
-            break
-        req.page_token = resp.next_page_token
+    client = connect(args)
+    one_page = bool(args.one_page or args.page_token)
+    next_token = ""
+    if one_page:
+        page = client.list_containers(label_selector=args.selector, state=args.state, page_size=args.page_size,
+                                      page_token=args.page_token)
+        containers, next_token = list(page.containers), page.next_page_token
+    else:
+        containers = list(client.iter_containers(label_selector=args.selector, state=args.state,
+                                                 page_size=args.page_size))
     if args.json:
         out: dict[str, Any] = {"containers": [json_format.MessageToDict(c) for c in containers]}
-        if (args.one_page or args.page_token) and resp.next_page_token:
-            out["nextPageToken"] = resp.next_page_token
-        print(json.dumps(out, indent=2))
+        if next_token:
+            out["nextPageToken"] = next_token
+        print_json(out)
     else:
         for c in containers:
             print(_container_line(c))
-        if (args.one_page or args.page_token) and resp.next_page_token:
-            print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
+        if next_token:
+            print(f"next page: --page-token {next_token}", file=sys.stderr)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-
-    client = Client(args)
+    client = connect(args)
     for cid in args.ids:
-        resp = client.call("DeleteContainer", pb.DeleteContainerRequest(id=cid, grace_period=_duration(args.grace)))
-        _print(resp.container, args, _container_line)
+        _print(client.delete_container(cid, grace_period_s=args.grace), args, _container_line)
     return 0
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-
-    resp = Client(args).call("ExtendContainer", pb.ExtendContainerRequest(id=args.id, extend_by=_duration(args.by)))
-    _print(resp.container, args, _container_detail)
+    _print(connect(args).extend_container(args.id, by_s=args.by), args, _container_detail)
     return 0
 
 
@@ -316,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="", help="local (default), kubernetes or ecs [SANDHUB_BACKEND]")
     s.add_argument("--hub-listen", default="", help="[SANDHUB_HUB_LISTEN] default 127.0.0.1:50051")
     s.add_argument("--orchestrator-listen", default="", help="[SANDHUB_ORCHESTRATOR_LISTEN] default 127.0.0.1:50052")
+    s.add_argument("--tls-cert", default="", metavar="FILE", help="Hub: serve TLS with this PEM certificate "
+                   "[SANDHUB_HUB_TLS_CERT_FILE]")
+    s.add_argument("--tls-key", default="", metavar="FILE", help="its key [SANDHUB_HUB_TLS_KEY_FILE]")
+    s.add_argument("--tls-client-ca", default="", metavar="FILE",
+                   help="mTLS: require client certificates signed by this CA [SANDHUB_HUB_TLS_CLIENT_CA_FILE]")
+    s.add_argument("--allow-plaintext", action="store_true",
+                   help="let the Hub listen in plaintext on a non-loopback address [SANDHUB_HUB_ALLOW_PLAINTEXT]")
     s.add_argument("--log-level", default=env.get("SANDHUB_LOG_LEVEL", "info"))
     s.set_defaults(func=cmd_serve)
 
@@ -337,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api-key", default=env.get("SANDHUB_API_KEY", ""), help="[SANDHUB_API_KEY]")
     client.add_argument("--json", action="store_true", help="print JSON (proto3 JSON mapping)")
     client.add_argument("--timeout", type=parse_duration, default=60.0, help="per call (default 60s)")
+    client.add_argument("--tls", action="store_true", default=_flag(env.get("SANDHUB_TLS", "")),
+                        help="TLS with the system's trusted roots [SANDHUB_TLS=1]")
+    client.add_argument("--ca-cert", default=env.get("SANDHUB_CA_CERT_FILE", ""), metavar="FILE",
+                        help="TLS, trusting this PEM CA [SANDHUB_CA_CERT_FILE]")
+    client.add_argument("--client-cert", default=env.get("SANDHUB_CLIENT_CERT_FILE", ""), metavar="FILE",
+                        help="mTLS: this PEM certificate [SANDHUB_CLIENT_CERT_FILE]")
+    client.add_argument("--client-key", default=env.get("SANDHUB_CLIENT_KEY_FILE", ""), metavar="FILE",
+                        help="mTLS: its key [SANDHUB_CLIENT_KEY_FILE]")
     lifecycle = argparse.ArgumentParser(add_help=False, parents=[client])
     lifecycle.add_argument("--orchestrator", default="", metavar="ADDRESS",
                            help="operator: call this Orchestrator directly (every tenant) with the token from "
@@ -390,10 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except grpc.RpcError as e:
-        code = e.code()
-        print(f"error: {e.details()} [{code.name}]", file=sys.stderr)
+        try:
+            return int(args.func(args))
+        except grpc.RpcError as e:  # a verb that calls a stub itself (bench)
+            raise from_rpc_error(e) from e
+    except ApiError as e:
+        code = e.code
+        reason = f" {e.reason}" if e.reason else ""
+        print(f"error: {e.message} [{code.name}{reason}]", file=sys.stderr)
+        if e.retry_after_s is not None:
+            print(f"hint: retry in {e.retry_after_s:g}s", file=sys.stderr)
         if code is grpc.StatusCode.UNAUTHENTICATED:
             if getattr(args, "orchestrator", ""):
                 print("hint: the Orchestrator takes its token, not an API key (SANDHUB_ORCHESTRATOR_TOKEN_FILE)",
@@ -401,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print("hint: pass --api-key or set SANDHUB_API_KEY", file=sys.stderr)
         elif code is grpc.StatusCode.UNAVAILABLE:
-            print(f"hint: is sandhub serving at {getattr(args, 'hub', '?')}? (`make run`)", file=sys.stderr)
+            print(f"hint: is sandhub serving at {getattr(args, 'hub', '?')}? (`make run`) Does it serve TLS "
+                  "(--ca-cert, --tls) or plaintext?", file=sys.stderr)
         return EXIT_CODES.get(code, 1)
     except KeyboardInterrupt:
         return 130
