@@ -191,17 +191,22 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
             net,
         )
     finally:
-        # Leave nothing behind: delete every container, then stop.
+        # Leave nothing behind: stop the Hub (its exec supervisors then let go
+        # of the commands they hold, which a pid namespace waits for before it
+        # can end), delete every container, then stop the Orchestrator.
+        await hub_channel.close()
+        await hub.stop(0)
         containers = await orch.containers.backend.list()  # type: ignore[union-attr]
         for c in containers:
             if c.state.alive:
                 await orch.containers.delete(c.id, tenant=None, grace_period_s=0)
-        for _ in range(200):
+        # Until every teardown has finished (a loaded machine takes seconds):
+        # one cut short keeps its uid claimed host-wide until a restart finishes it.
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
             if all(not c.state.alive and c.state.value != "TERMINATING" for c in await orch.containers.backend.list()):  # type: ignore[union-attr]
                 break
-            await asyncio.sleep(0.02)
-        await hub_channel.close()
+            await asyncio.sleep(0.05)
         await orch_channel.close()
-        await hub.stop(0)
         await orch.stop(0)
         await net.teardown()
