@@ -38,6 +38,7 @@ from orchestrator_service.backends.local.network import HostNetwork, NetworkConf
 from orchestrator_service.backends.local.veth import mac_of
 from orchestrator_service.backends.exec_base import CommandSpec
 from orchestrator_service.server import start_orchestrator
+from sandhub.bench.capacity import reached
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import PrivateNetwork, Services, auth, orchestrator_channel, orchestrator_config, traversable
@@ -55,19 +56,6 @@ MANY = 1100
 
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-async def reached(address: str, port: int = 9) -> bool:
-    """True if the container's kernel answers at ``address`` (a reset from a
-    closed port counts: the address works); False on timeout or unreachable."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 3)
-    except ConnectionRefusedError:
-        return True
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
 
 
 @pytest.fixture

@@ -136,9 +136,11 @@ def _host_veths(group: int) -> int:
     return n
 
 
-async def _reached(ip: str) -> bool:
+async def reached(address: str, port: int = PROBE_PORT, *, timeout_s: float = 3.0) -> bool:
+    """True if the container's kernel answers at ``address`` (a reset from a
+    closed port counts: the address works); False on timeout or unreachable."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, PROBE_PORT), 2)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout_s)
     except ConnectionRefusedError:
         return True
     except (OSError, asyncio.TimeoutError):
@@ -216,7 +218,7 @@ async def measure(*, alive: int, marks: list[int], concurrency: int, memory_mib:
             window = latencies[mark_start[0]:] or [0.0]
             mark_start[0] = len(latencies)
             sample = random.sample([created[c] for c in ok], min(SAMPLE, len(ok)))
-            reached = sum(await asyncio.gather(*(_reached(ip) for ip in sample)))
+            answered = sum(await asyncio.gather(*(reached(ip, timeout_s=2) for ip in sample)))
             mem = host.meminfo("MemAvailable")
             result.marks.append(Mark(
                 alive=len(ok), create_p50_ms=round(percentile(window, 50), 1),
@@ -224,7 +226,7 @@ async def measure(*, alive: int, marks: list[int], concurrency: int, memory_mib:
                 creates=len(window), failures=failures_since, mem_available_mib=mem >> 20,
                 mem_per_container_mib=round((mem0 - mem) / 2**20 / len(ok), 2),
                 open_fds=_count("/proc/self/fd"), threads=_count("/proc/self/task"),
-                host_veths=_host_veths(group), reached=reached, probed=len(sample),
+                host_veths=_host_veths(group), reached=answered, probed=len(sample),
                 elapsed_s=round(time.monotonic() - started, 1),
             ))
             failures_since = 0
