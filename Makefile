@@ -170,6 +170,7 @@ check-gen: $(VENV)/.installed
 
 lint: $(BUF) $(VENV)/.installed
 	cd proto && $(BUF) lint
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_proto_options.py
 	$(VENV)/bin/mypy
 
 clean:

@@ -28,8 +28,33 @@ if _version_not_supported:
 class ExecServiceStub:
     """ExecService puts files into a container, takes them out, and runs commands
     in it: one-shot (Run), interactive (Exec) or in the background (StartProcess
-    and friends). Served by the Hub, scoped to the caller's tenant. A container
-    that is not RUNNING answers FAILED_PRECONDITION.
+    and friends). Served by the Hub, scoped to the caller's tenant.
+
+    Authentication: every call needs the metadata `authorization: Bearer <api
+    key>`, checked before anything in the request (missing or malformed:
+    UNAUTHENTICATED, reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED,
+    reason INVALID_CREDENTIALS).
+
+    Containers: `container_id` is a container id from OrchestratorService. One
+    of another tenant, or unknown, is NOT_FOUND (CONTAINER_NOT_FOUND); one that
+    is not RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING).
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "PROCESS_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"].
+
+    Limits: Run, Exec, PutFiles, GetFiles and AttachProcess calls a tenant may
+    have open at once on one Hub are limited (default 64; beyond it
+    RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Request messages may be up to gRPC's
+    default 4 MiB; response messages stay under it with the default settings.
     """
 
     def __init__(self, channel):
@@ -88,39 +113,76 @@ class ExecServiceStub:
 class ExecServiceServicer:
     """ExecService puts files into a container, takes them out, and runs commands
     in it: one-shot (Run), interactive (Exec) or in the background (StartProcess
-    and friends). Served by the Hub, scoped to the caller's tenant. A container
-    that is not RUNNING answers FAILED_PRECONDITION.
+    and friends). Served by the Hub, scoped to the caller's tenant.
+
+    Authentication: every call needs the metadata `authorization: Bearer <api
+    key>`, checked before anything in the request (missing or malformed:
+    UNAUTHENTICATED, reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED,
+    reason INVALID_CREDENTIALS).
+
+    Containers: `container_id` is a container id from OrchestratorService. One
+    of another tenant, or unknown, is NOT_FOUND (CONTAINER_NOT_FOUND); one that
+    is not RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING).
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "PROCESS_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"].
+
+    Limits: Run, Exec, PutFiles, GetFiles and AttachProcess calls a tenant may
+    have open at once on one Hub are limited (default 64; beyond it
+    RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Request messages may be up to gRPC's
+    default 4 MiB; response messages stay under it with the default settings.
     """
 
     def PutFiles(self, request_iterator, context):
-        """Client-streamed upload. First message: `start`. Then, for plain files, a
-        `file` header followed by its `data` chunks, for each file; for a tar
-        archive, `data` chunks of the archive. Each file appears whole or not at
-        all. Paths leaving the container's filesystem are refused.
+        """Client-streamed upload. First message: `start`. Then, for RAW, a `file`
+        header followed by its `data` chunks, for each file; for TAR, `data`
+        chunks of one archive. Each file appears whole or not at all (written to
+        a temporary name, renamed when complete). At most 1 GiB and 10,000 files
+        per call, within one hour (RESOURCE_EXHAUSTED, PAYLOAD_TOO_LARGE;
+        DEADLINE_EXCEEDED). Paths containing "..", under /proc, /sys or /dev, or
+        longer than 4096 bytes are INVALID_ARGUMENT (PATH_NOT_ALLOWED); messages out of
+        order are INVALID_ARGUMENT (INVALID_STREAM); a full container disk is
+        RESOURCE_EXHAUSTED (PAYLOAD_TOO_LARGE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetFiles(self, request, context):
-        """Server-streamed download of a file (raw bytes) or a directory (tar).
-        First message: `info`; then `data` chunks.
+        """Server-streamed download of a file (raw bytes) or of a file or directory
+        as a tar stream. First message: `info`; then `data` chunks of up to 1 MiB.
+        A missing path is NOT_FOUND (PATH_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Run(self, request, context):
-        """Runs a command to completion and returns its exit status and output.
+        """Runs a command to completion and returns its exit status and output in
+        one message. Timeout: default 60 s, at most 1 hour; when it passes, the
+        command's process group is killed and `status.timed_out` is set (the call
+        itself succeeds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Exec(self, request_iterator, context):
-        """Runs an interactive command. First request: `start`; then stdin chunks,
-        `close_stdin`, `resize`, `signal`. The command is killed if the caller
-        goes away.
+        """Runs an interactive command. First request: `start`; then any of stdin
+        chunks, `close_stdin`, `resize` and `signal`. Half-closing the request
+        stream (the client is done sending) closes the command's stdin, like
+        `close_stdin`; the response stream goes on until the command exits, and
+        its last message is `exited`. The command is killed if the caller cancels
+        the call or goes away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,28 +190,31 @@ class ExecServiceServicer:
 
     def StartProcess(self, request, context):
         """Starts a background process under a caller-chosen id. Idempotent: the
-        same id again returns the first process.
+        same id again returns the first process (`created` false), whatever the
+        command. Its output is kept in a bounded buffer per stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProcess(self, request, context):
-        """Returns one background process, also after it exited.
+        """Returns one background process, also after it exited. An unknown id is
+        NOT_FOUND (PROCESS_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProcesses(self, request, context):
-        """Lists a container's background processes.
+        """Lists a container's background processes, oldest first, paginated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SignalProcess(self, request, context):
-        """Sends a signal to a background process's process group.
+        """Sends a signal to a background process's process group. Signalling a
+        process that already exited succeeds and changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -222,8 +287,33 @@ def add_ExecServiceServicer_to_server(servicer, server):
 class ExecService:
     """ExecService puts files into a container, takes them out, and runs commands
     in it: one-shot (Run), interactive (Exec) or in the background (StartProcess
-    and friends). Served by the Hub, scoped to the caller's tenant. A container
-    that is not RUNNING answers FAILED_PRECONDITION.
+    and friends). Served by the Hub, scoped to the caller's tenant.
+
+    Authentication: every call needs the metadata `authorization: Bearer <api
+    key>`, checked before anything in the request (missing or malformed:
+    UNAUTHENTICATED, reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED,
+    reason INVALID_CREDENTIALS).
+
+    Containers: `container_id` is a container id from OrchestratorService. One
+    of another tenant, or unknown, is NOT_FOUND (CONTAINER_NOT_FOUND); one that
+    is not RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING).
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "PROCESS_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"].
+
+    Limits: Run, Exec, PutFiles, GetFiles and AttachProcess calls a tenant may
+    have open at once on one Hub are limited (default 64; beyond it
+    RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Request messages may be up to gRPC's
+    default 4 MiB; response messages stay under it with the default settings.
     """
 
     @staticmethod

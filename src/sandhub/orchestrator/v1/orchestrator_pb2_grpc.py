@@ -28,10 +28,32 @@ if _version_not_supported:
 class OrchestratorServiceStub:
     """OrchestratorService creates, lists, extends and deletes containers.
 
-    The Hub (public facade, authenticated) and the orchestrator (internal) serve
-    this same contract. Through the Hub every call is scoped to the caller's
-    tenant: another tenant's container is NOT_FOUND. Errors carry a
-    `google.rpc.ErrorInfo` detail whose reason is a `sandhub.common.v1.ErrorReason`.
+    The Hub (public facade) and the orchestrator (internal) serve this same
+    contract.
+
+    Authentication: through the Hub every call needs the metadata
+    `authorization: Bearer <api key>` (missing or malformed: UNAUTHENTICATED,
+    reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED, reason
+    INVALID_CREDENTIALS). Credentials are checked before the request's fields.
+    Every call is scoped to the key's tenant: another tenant's container is
+    NOT_FOUND, as if it did not exist. The orchestrator itself is internal and
+    takes only the Hub's service token.
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "CONTAINER_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"]. Rate limits also carry google.rpc.RetryInfo.
+
+    Message sizes: requests and responses stay under gRPC's default 4 MiB
+    message limit; ListContainers pages (at most 1000 containers) may need a
+    larger receive limit when containers carry many labels.
     """
 
     def __init__(self, channel):
@@ -75,30 +97,59 @@ class OrchestratorServiceStub:
 class OrchestratorServiceServicer:
     """OrchestratorService creates, lists, extends and deletes containers.
 
-    The Hub (public facade, authenticated) and the orchestrator (internal) serve
-    this same contract. Through the Hub every call is scoped to the caller's
-    tenant: another tenant's container is NOT_FOUND. Errors carry a
-    `google.rpc.ErrorInfo` detail whose reason is a `sandhub.common.v1.ErrorReason`.
+    The Hub (public facade) and the orchestrator (internal) serve this same
+    contract.
+
+    Authentication: through the Hub every call needs the metadata
+    `authorization: Bearer <api key>` (missing or malformed: UNAUTHENTICATED,
+    reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED, reason
+    INVALID_CREDENTIALS). Credentials are checked before the request's fields.
+    Every call is scoped to the key's tenant: another tenant's container is
+    NOT_FOUND, as if it did not exist. The orchestrator itself is internal and
+    takes only the Hub's service token.
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "CONTAINER_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"]. Rate limits also carry google.rpc.RetryInfo.
+
+    Message sizes: requests and responses stay under gRPC's default 4 MiB
+    message limit; ListContainers pages (at most 1000 containers) may need a
+    larger receive limit when containers carry many labels.
     """
 
     def CreateContainer(self, request, context):
         """Creates a container. Returns once the backend accepted it (state PENDING or
         RUNNING); set `wait_until_running` to return only when it is RUNNING or FAILED.
         Retrying with the same `request_id` returns the container the first call made.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD, UNKNOWN_IMAGE, UNKNOWN_PLACEMENT),
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED: the tenant's container count, default
+        2000; RATE_LIMITED: creates per second, default 20/s after a burst of 100;
+        STATE_STORAGE_FULL), UNAVAILABLE (BACKEND_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetContainer(self, request, context):
-        """Returns one container. Terminated containers stay readable for a while.
+        """Returns one container. Terminated and failed containers stay readable for
+        a while (10 minutes by default) after they end, then are NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListContainers(self, request, context):
-        """Lists containers, oldest first, filtered by labels and state, paginated.
+        """Lists containers, oldest first (by create_time, then id), filtered by
+        labels and state, paginated. Containers created or deleted between pages
+        are never repeated or skipped if they existed for both calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,14 +157,16 @@ class OrchestratorServiceServicer:
 
     def DeleteContainer(self, request, context):
         """Deletes a container and everything it holds. Idempotent: deleting a
-        container that is already TERMINATING or TERMINATED succeeds.
+        container that is already TERMINATING or TERMINATED succeeds. Works on a
+        full state disk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExtendContainer(self, request, context):
-        """Pushes back a container's expiry.
+        """Pushes back a container's expiry. A container that is no longer PENDING
+        or RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +174,11 @@ class OrchestratorServiceServicer:
 
     def WatchContainers(self, request, context):
         """Streams changes to containers: optionally the current ones first, then one
-        event per change, and keepalives while idle.
+        event per change, and a KEEPALIVE event after 15 seconds without one. The
+        number of open watches per tenant is limited (RESOURCE_EXHAUSTED,
+        QUOTA_EXCEEDED). The stream has no end of its own; cancel it when done.
+        A watcher that falls too far behind has its stream ended with an error;
+        watch again with `send_initial` to resynchronise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,10 +228,32 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
 class OrchestratorService:
     """OrchestratorService creates, lists, extends and deletes containers.
 
-    The Hub (public facade, authenticated) and the orchestrator (internal) serve
-    this same contract. Through the Hub every call is scoped to the caller's
-    tenant: another tenant's container is NOT_FOUND. Errors carry a
-    `google.rpc.ErrorInfo` detail whose reason is a `sandhub.common.v1.ErrorReason`.
+    The Hub (public facade) and the orchestrator (internal) serve this same
+    contract.
+
+    Authentication: through the Hub every call needs the metadata
+    `authorization: Bearer <api key>` (missing or malformed: UNAUTHENTICATED,
+    reason MISSING_CREDENTIALS; unknown key: UNAUTHENTICATED, reason
+    INVALID_CREDENTIALS). Credentials are checked before the request's fields.
+    Every call is scoped to the key's tenant: another tenant's container is
+    NOT_FOUND, as if it did not exist. The orchestrator itself is internal and
+    takes only the Hub's service token.
+
+    Request ids: a caller may send `x-request-id` metadata, 1-128 characters of
+    [A-Za-z0-9._:-]; the server logs it and echoes it in the trailing metadata
+    `x-request-id`, also on errors. A missing or malformed one is replaced by a
+    server-made id (the call goes on), which is echoed instead.
+
+    Errors: every error status carries a `google.rpc.ErrorInfo` detail (in the
+    standard `grpc-status-details-bin` trailer) with domain "sandhub.dev" and
+    reason = the `sandhub.common.v1.ErrorReason` value's name without the
+    `ERROR_REASON_` prefix (e.g. "CONTAINER_NOT_FOUND"). Switch on the reason,
+    never on the message text. INVALID_FIELD errors name the field in
+    ErrorInfo.metadata["field"]. Rate limits also carry google.rpc.RetryInfo.
+
+    Message sizes: requests and responses stay under gRPC's default 4 MiB
+    message limit; ListContainers pages (at most 1000 containers) may need a
+    larger receive limit when containers carry many labels.
     """
 
     @staticmethod
