@@ -22,8 +22,8 @@ from sandhub.pagination import page_size, paginate
 from orchestrator_service.selector import Selector, parse_selector
 from orchestrator_service.validation import RawCreate, build_spec, check_container_id, check_ttl
 from sandhub.config import OrchestratorConfig
-from sandhub.errors import (ContainerNotFound, ContainerNotRunning, InvalidField, InvalidPageToken, QuotaExceeded,
-                            RateLimited)
+from sandhub.errors import (BackendUnavailable, ContainerNotFound, ContainerNotRunning, InvalidField, InvalidPageToken,
+                            QuotaExceeded, RateLimited)
 
 log = structlog.get_logger("sandhub.orchestrator")
 
@@ -35,8 +35,12 @@ WATCH_QUEUE = 1024
 (it re-watches with send_initial) rather than growing memory without bound."""
 
 
-class WatchOverflow(Exception):
-    pass
+class WatchOverflow(BackendUnavailable):
+    """The watcher fell behind and events were dropped: its picture can no
+    longer be trusted. UNAVAILABLE (it was INTERNAL): watch again with send_initial."""
+
+    def __init__(self) -> None:
+        super().__init__("this watch fell behind and missed events; watch again with send_initial to resync")
 
 
 @dataclass(frozen=True)

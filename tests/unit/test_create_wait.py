@@ -131,3 +131,26 @@ async def test_nothing_is_left_waiting_when_the_container_settled_before_anyone_
     backend.containers[first.id] = backend.containers[first.id].with_state(State.RUNNING)
     again = await service.create(raw(request_id="r1"), tenant="t", wait_until_running=True)
     assert again.state is State.RUNNING and service._settling == {}
+
+
+async def test_a_watch_that_fell_behind_ends_unavailable_not_internal() -> None:
+    """It raised a bare exception (INTERNAL); a watcher that missed events is
+    told to watch again."""
+    import grpc
+    import pytest
+
+    from orchestrator_service import containers
+    from sandhub.errors import SandhubError
+
+    service, backend = wired(SlowBackend())
+    made = await service.create(raw(), tenant="t", wait_until_running=True)
+    watch = service.watch(tenant="t", label_selector="", send_initial=False, keepalive_s=5)
+    first = asyncio.ensure_future(watch.__anext__())
+    await asyncio.sleep(0.01)  # subscribed, waiting for an event
+    for _ in range(containers.WATCH_QUEUE + 10):  # nobody reads: the queue overflows
+        service.notify(Event(EventType.MODIFIED, made))
+    await first
+    with pytest.raises(SandhubError) as ended:
+        for _ in range(containers.WATCH_QUEUE + 10):
+            await watch.__anext__()
+    assert ended.value.code == grpc.StatusCode.UNAVAILABLE and ended.value.reason == "BACKEND_UNAVAILABLE"
