@@ -242,9 +242,15 @@ class ExecLimits:
     next upload into its directory removes it. An hour carries the largest
     upload at 300 KB/s."""
     default_output_bytes: int = 1 << 20
-    """Run: stdout and stderr kept per stream when the caller asks for no cap."""
-    max_output_bytes: int = 16 << 20
-    """Run: the largest per-stream cap a caller may ask for."""
+    """Run: stdout and stderr kept per stream when the caller asks for no cap
+    (bytes; the rest is dropped and the stream's ``*_truncated`` flag set)."""
+    max_output_bytes: int = (2 << 20) - (32 << 10)
+    """Run: the largest per-stream cap a caller may ask for, in bytes (2 MiB -
+    32 KiB = 2,064,384). A RunResponse carries both streams in one message, so
+    both at this cap are 4 MiB - 64 KiB, and the reply (with its status,
+    timestamps and framing, well under the 64 KiB left) fits every gRPC
+    client's default 4 MiB receive limit. Raising it means callers must raise
+    theirs."""
     default_run_timeout_s: float = 60.0
     max_run_timeout_s: float = 3600.0
     max_exec_timeout_s: float = 86400.0

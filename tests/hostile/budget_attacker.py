@@ -86,7 +86,9 @@ async def _runs(channel: grpc.aio.Channel, md: Any, n: int, size: int, counts: C
     created = await pb_grpc.OrchestratorServiceStub(channel).CreateContainer(
         pb.CreateContainerRequest(wait_until_running=True), metadata=md)
     cid = created.container.id
-    request = xpb.RunRequest(container_id=cid, command=xpb.Command(shell=f"head -c {size} /dev/zero"),
+    # The sleep keeps each Run's output held in the Hub a while, so the
+    # concurrent Runs' output piles up (a Run's cap is ~2 MiB per stream).
+    request = xpb.RunRequest(container_id=cid, command=xpb.Command(shell=f"head -c {size} /dev/zero; sleep 0.5"),
                              max_output_bytes=size)
     done = 0
 

@@ -147,7 +147,10 @@ async def test_big_run_outputs_are_bounded_per_tenant(services: Services) -> Non
     budget = services.hub.budgets.output
     base = rss_bytes()
     peak_rss, peak_held = base, 0
-    async with Attacker.running(services.hub.port, "run", 16, str(16 * MiB)) as attack:
+    # 48 Runs at the largest per-stream cap (2 MiB - 32 KiB, so a reply fits a
+    # default client) ask for ~94 MiB together, over the tenant's 64 MiB.
+    size = services.hub.config.exec.max_output_bytes
+    async with Attacker.running(services.hub.port, "run", 48, str(size)) as attack:
         sampling = True
 
         async def sample() -> None:
@@ -162,7 +165,7 @@ async def test_big_run_outputs_are_bounded_per_tenant(services: Services) -> Non
         await asyncio.sleep(2)  # a few more waves of the attack
         sampling = False
         await sampler
-    report("16 concurrent Runs of 16 MiB output", idle, attacked)
+    report(f"48 concurrent Runs of {size / MiB:.2f} MiB output", idle, attacked)
     print(f"attacker's runs: {attack.final}; Hub RSS +{(peak_rss - base) / MiB:.0f} MiB; "
           f"output held for tenant-a at most {peak_held / MiB:.1f} MiB")
     limit = services.hub.config.exec.max_held_output_bytes_per_tenant

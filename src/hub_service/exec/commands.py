@@ -42,9 +42,16 @@ def pty_size(size: pb.PtySize, *, field: str) -> PtySize:
     return PtySize(rows=size.rows, cols=size.cols)
 
 
+SIGTERM = 15
+
+
 def signal_number(value: int, *, field: str = "signal") -> int:
-    """The Linux number of a Signal enum value (the enum's numbers are Linux's)."""
-    if value == pb.SIGNAL_UNSPECIFIED or value not in pb.Signal.values():
+    """The Linux number of a Signal enum value (the enum's numbers are Linux's);
+    SIGNAL_UNSPECIFIED (a message that leaves the field unset) means SIGTERM,
+    as the contract says."""
+    if value == pb.SIGNAL_UNSPECIFIED:
+        return SIGTERM
+    if value not in pb.Signal.values():
         raise InvalidField(field, "name a signal, e.g. SIGNAL_SIGTERM")
     return int(value)
 

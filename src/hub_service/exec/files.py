@@ -27,6 +27,8 @@ log = structlog.get_logger("sandhub.hub.files")
 FILE_CHUNK = 1 << 20
 """Largest data message of a download (the contract allows 1 MiB)."""
 STDERR_KEPT = 4096
+TAR_SIZE = -1
+"""FileInfo.size of a download sent as a tar stream (its length is not known up front)."""
 
 # $1 path, $2 "tar" or "raw". Prints one header line "F <size> <mode>" or
 # "D 0 <mode>", then the content. Exit 20: no such path (or gone meanwhile),
@@ -150,7 +152,11 @@ async def get_files(
         is_dir = kind == "D"
         if is_dir and request.format == pb.ARCHIVE_FORMAT_RAW:
             raise InvalidField("format", f"{clip(path)} is a directory: ask for TAR (or leave format unspecified)")
-        yield pb.GetFilesResponse(info=pb.FileInfo(path=path, size=int(size), mode=int(mode, 8), is_dir=is_dir))
+        # A tar stream (a directory, or a file asked as TAR) has no size known
+        # before it ends: -1, as the contract says; raw bytes have the file's.
+        streamed_tar = is_dir or tar
+        yield pb.GetFilesResponse(info=pb.FileInfo(path=path, size=TAR_SIZE if streamed_tar else int(size),
+                                                   mode=int(mode, 8), is_dir=is_dir))
         if pending:
             yield pb.GetFilesResponse(data=pending)
         while (chunk := await proc.read(FILE_CHUNK)) is not None:

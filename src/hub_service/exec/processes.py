@@ -19,7 +19,9 @@ from sandhub.config import ExecLimits
 from sandhub.errors import InvalidField
 from sandhub.exec.v1 import exec_pb2 as pb
 
-PROCESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PROCESS_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+"""The contract's process id: 1-63 of [a-z0-9-], starting alphanumeric (a DNS
+label's alphabet, so every backend can name things after it)."""
 POLL_S = 0.05
 """How often a following attach looks for new output."""
 READ_BYTES = 256 * 1024
@@ -27,7 +29,7 @@ READ_BYTES = 256 * 1024
 
 def check_process_id(process_id: str) -> str:
     if not PROCESS_ID.match(process_id):
-        raise InvalidField("process_id", "1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit")
+        raise InvalidField("process_id", "1-63 characters of [a-z0-9-], starting with a lower-case letter or digit")
     return process_id
 
 

@@ -150,11 +150,20 @@ class ExecSession:
         try:
             async for request in requests:
                 await self._apply(request)
+            # The caller half-closed the stream (done writing): nothing more
+            # can come, so the command's stdin ends too, as with close_stdin.
+            await self._close_stdin()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bad message (InvalidStream, InvalidField) ends the stream with its error
             if not self._failure.done():
                 self._failure.set_result(e)
+
+    async def _close_stdin(self) -> None:
+        if self._stdin_open:
+            self._stdin_open = False
+            with contextlib.suppress(OSError):
+                await self._proc.close_stdin()
 
     async def _apply(self, request: pb.ExecRequest) -> None:
         kind = request.WhichOneof("msg")
@@ -167,10 +176,7 @@ class ExecSession:
             except (BrokenPipeError, ConnectionResetError):
                 self._stdin_open = False  # the program closed it; drop the rest
         elif kind == "close_stdin":
-            if self._stdin_open:
-                self._stdin_open = False
-                with contextlib.suppress(OSError):
-                    await proc.close_stdin()
+            await self._close_stdin()
         elif kind == "resize":
             await proc.resize(pty_size(request.resize, field="resize"))
         elif kind == "signal":

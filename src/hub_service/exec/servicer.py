@@ -32,6 +32,9 @@ async def _first(requests: AsyncIterator[pb.ExecRequest] | AsyncIterator[pb.PutF
 
 
 class ExecServicer(pb_grpc.ExecServiceServicer):
+    """Every handler authenticates before it looks at the request: a caller
+    without a valid key gets UNAUTHENTICATED, whatever else is wrong."""
+
     def __init__(self, auth: ApiKeyAuth, lookup: ContainerLookup, drivers: Drivers, limits: ExecLimits,
                  budgets: HubBudgets) -> None:
         self._auth = auth
@@ -61,13 +64,13 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
                 yield response
 
     async def Run(self, request: pb.RunRequest, context: rpc.Ctx) -> pb.RunResponse:
+        tenant = self._auth.tenant(context)  # first: an unknown caller learns nothing, not even a bad field
         limits = self._limits
         command = command_spec(request.command, limits)
         timeout = timeout_s(request.timeout, default=limits.default_run_timeout_s,
                             maximum=limits.max_run_timeout_s, field="timeout")
         if request.max_output_bytes < 0 or request.max_output_bytes > limits.max_output_bytes:
             raise InvalidField("max_output_bytes", f"0..{limits.max_output_bytes}")
-        tenant = self._auth.tenant(context)
         # The slot and the output stay taken until the reply has really gone
         # (or the call was cancelled), not until this returns: a client that
         # does not read would otherwise pile up replies the budget no longer counts.
@@ -112,9 +115,9 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
             yield response
 
     async def StartProcess(self, request: pb.StartProcessRequest, context: rpc.Ctx) -> pb.StartProcessResponse:
+        tenant = self._auth.tenant(context)
         pid = processes.check_process_id(request.process_id)
         command = command_spec(request.command, self._limits)
-        tenant = self._auth.tenant(context)
         async with self._calls.call(tenant):
             driver = await self._driver(request.container_id, tenant)
             info, created = await driver.start_background(container_id=request.container_id, process_id=pid,
@@ -122,16 +125,16 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         return pb.StartProcessResponse(process=processes.process_proto(request.container_id, info), created=created)
 
     async def GetProcess(self, request: pb.GetProcessRequest, context: rpc.Ctx) -> pb.GetProcessResponse:
-        pid = processes.check_process_id(request.process_id)
         tenant = self._auth.tenant(context)
+        pid = processes.check_process_id(request.process_id)
         async with self._calls.call(tenant):
             driver = await self._driver(request.container_id, tenant)
             info = await driver.get_background(container_id=request.container_id, process_id=pid)
         return pb.GetProcessResponse(process=processes.process_proto(request.container_id, info))
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: rpc.Ctx) -> pb.ListProcessesResponse:
-        size = pagination.page_size(request.page_size)
         tenant = self._auth.tenant(context)
+        size = pagination.page_size(request.page_size)
         async with self._calls.call(tenant):
             driver = await self._driver(request.container_id, tenant)
             found = [processes.process_proto(request.container_id, p)
@@ -145,9 +148,9 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         return pb.ListProcessesResponse(processes=page, next_page_token=token)
 
     async def SignalProcess(self, request: pb.SignalProcessRequest, context: rpc.Ctx) -> pb.SignalProcessResponse:
+        tenant = self._auth.tenant(context)
         pid = processes.check_process_id(request.process_id)
         signum = signal_number(request.signal)
-        tenant = self._auth.tenant(context)
         async with self._calls.call(tenant):
             driver = await self._driver(request.container_id, tenant)
             info = await driver.signal_background(container_id=request.container_id, process_id=pid, signum=signum)

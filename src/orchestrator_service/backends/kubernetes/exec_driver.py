@@ -26,7 +26,7 @@ from sandhub.errors import (
 )
 
 log = structlog.get_logger("sandhub.kubernetes.exec")
-PROCESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PROCESS_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NO_SUCH_PROCESS = 3
 START_TIMEOUT_S = 30.0
 MAX_SCRIPT_OUTPUT = 64 << 20
@@ -123,7 +123,7 @@ class KubernetesExecDriver:
     async def start_background(self, *, container_id: str, process_id: str,
                                command: CommandSpec) -> tuple[ProcessInfo, bool]:
         if not PROCESS_ID.match(process_id):
-            raise InvalidField("process_id", "1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit")
+            raise InvalidField("process_id", "1-63 characters of [a-z0-9-], starting with a lower-case letter or digit")
         command.check()
         await self._check_running(container_id)
         code, out = await self._run(container_id, scripts.start_argv(process_id, command))

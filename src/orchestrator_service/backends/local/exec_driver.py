@@ -56,7 +56,7 @@ from sandhub.errors import (
 
 log = structlog.get_logger("sandhub.local.exec")
 
-PROCESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PROCESS_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_BACKGROUND = 64
 """Background processes kept per container (running or finished; the oldest
 finished one makes room for a new one). Each keeps two rings on disk."""
@@ -344,7 +344,7 @@ class LocalExecDriver:
 
     async def start_background(self, *, container_id: str, process_id: str, command: CommandSpec) -> tuple[ProcessInfo, bool]:
         if not PROCESS_ID.match(process_id):
-            raise InvalidField("process_id", "1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit")
+            raise InvalidField("process_id", "1-63 characters of [a-z0-9-], starting with a lower-case letter or digit")
         request = self._request(container_id, command)
         cdir = self._exec_dir / container_id
         cdir.mkdir(parents=True, exist_ok=True, mode=0o700)
