@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,30 @@ def test_a_fresh_claim_is_never_stale(tmp_path: Path) -> None:
     a.claim("cnt-no-record-yet")  # its owner is about to write the record
     with pytest.raises(QuotaExceeded):
         b.claim("cnt-b")
+
+
+def test_a_uid_a_process_still_runs_as_is_never_taken_over(tmp_path: Path) -> None:
+    """Found in review: a FAILED or TERMINATING record whose teardown left
+    processes behind made the claim look stale, and its uid went to a new
+    container while the old processes still ran as it."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.fail("needs root and setpriv (CI runs as root)")
+    a, b = claims(tmp_path, "a", count=1), claims(tmp_path, "b", count=1)
+    uid = a.claim("cnt-left")
+    record(tmp_path / "a", "cnt-left", uid, State.FAILED)
+    age(a, uid)
+    leftover = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "30"])
+    try:
+        for _ in range(500):  # until it runs as uid
+            if uid in uids_mod.uids_running():
+                break
+            time.sleep(0.01)
+        with pytest.raises(QuotaExceeded):
+            b.claim("cnt-b")
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert b.claim("cnt-b") == uid  # gone: now it may be taken over

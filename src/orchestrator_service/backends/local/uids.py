@@ -141,12 +141,32 @@ class UidClaims:
     def _sweep_stale(self) -> int:
         """Removes claims whose owner no longer holds their uid; returns how many."""
         removed = 0
+        running = uids_running()
         for uid, (owner, container_id) in list(self._claims()):
-            if is_stale(self.path(uid), uid, owner, container_id):
+            # Whatever its record says, a uid some process still runs as is held:
+            # a teardown that left processes behind keeps it (TeardownIncomplete).
+            if uid not in running and is_stale(self.path(uid), uid, owner, container_id):
                 self.path(uid).unlink(missing_ok=True)
                 removed += 1
                 log.warning("uids.stale_claim_removed", uid=uid, owner=owner, container_id=container_id)
         return removed
+
+
+def uids_running(proc: Path = Path("/proc")) -> set[int]:
+    """Real uids of every process on the host (one pass over /proc)."""
+    found: set[int] = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(entry / "status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        found.add(int(line.split()[1]))
+                        break
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
 
 
 def is_stale(path: Path, uid: int, owner: str, container_id: str) -> bool:
