@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from hub_service.server import RunningHub, start_hub
+from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from sandhub import internal_auth
@@ -210,3 +211,15 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         await orch_channel.close()
         await orch.stop(0)
         await net.teardown()
+
+
+@pytest.fixture
+async def driver(services: Services) -> AsyncIterator[LocalExecDriver]:
+    """The local exec driver on the services' backend: commands entered the
+    way ExecService enters them, without going through gRPC."""
+    d = LocalExecDriver(services.orchestrator.config.local)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.close()

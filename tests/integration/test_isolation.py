@@ -28,16 +28,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 BB = "/.sandhub/busybox"
 
 
-@pytest.fixture
-async def driver(services: Services) -> AsyncIterator[LocalExecDriver]:
-    d = LocalExecDriver(services.orchestrator.config.local)
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.close()
-
-
 async def create(services: Services, **resources: int) -> pb.Container:
     response = await services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(resources=pb.Resources(**resources), ports=[pb.Port(port=8000)],

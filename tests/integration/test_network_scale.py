@@ -153,16 +153,6 @@ async def test_more_containers_than_a_bridge_has_ports(
     assert SUBNET.rsplit(".", 1)[0] not in ip("route")
 
 
-@pytest.fixture
-async def driver(services: Services) -> AsyncIterator[LocalExecDriver]:
-    d = LocalExecDriver(services.orchestrator.config.local)
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.close()
-
-
 async def create(services: Services, placement: str = "") -> pb.Container:
     response = await services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(placement=placement, ports=[pb.Port(port=8000)], wait_until_running=True),

@@ -15,9 +15,10 @@ from typing import Any
 
 import grpc
 
-MAX_RECEIVE_BYTES = 64 << 20
-"""Largest message a client accepts. gRPC's default is 4 MiB, and a Run may
-return up to its output cap (16 MiB per stream by default) in one message."""
+MAX_RECEIVE_BYTES = 4 << 20
+"""Largest message a client accepts: gRPC's default, which every reply of a
+Hub with the default limits fits (a Run at most 2 MiB - 32 KiB per stream).
+Raise it only for a Hub whose operator raised ExecLimits.max_output_bytes."""
 
 
 @dataclass(frozen=True)
