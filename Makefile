@@ -42,15 +42,25 @@ export SANDHUB_ETCD := $(ETCD)
 export SANDHUB_KWOK := $(KWOK)
 export SANDHUB_KWOK_STAGES := $(KWOK_STAGES)
 
+# sandhub-agent, the exec agent inside every container (agent/): a static Go
+# binary in a cache directory named by a hash of its inputs (every file's
+# path and content under agent/ and gen/go/, go.mod, go.sum), so a change
+# rebuilds it and nothing else does. Tests and services find it as
+# $$SANDHUB_AGENT.
+AGENT_HASH := $(shell { find agent gen/go -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; sha256sum go.mod go.sum; } | sha256sum | cut -c1-12)
+AGENT := $(TOOLS_CACHE)/sandhub-agent-$(AGENT_HASH)/sandhub-agent
+export SANDHUB_AGENT := $(AGENT)
+
 .PHONY: run test install system-deps tools gen check-gen lint clean
 
-run: install
+run: install $(AGENT)
 	$(VENV)/bin/sandhub serve --dev
 
 # docker-deps too: the bench-matrix tests (tests/integration/test_bench_matrix.py)
 # run the real Docker Engine, and fail, not skip, without it.
-test: install tools docker-deps
+test: install tools docker-deps $(AGENT)
 	$(MAKE) --no-print-directory lint
+	go test ./agent/...
 	$(VENV)/bin/pytest
 
 install: $(VENV)/.installed system-deps
@@ -122,6 +132,17 @@ $(BUF):
 	mkdir -p $(TOOLS_CACHE)/buf-$(BUF_VERSION)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS_CACHE)/buf-$(BUF_VERSION) @bufbuild/buf@$(BUF_VERSION)
 
+# Built into a temporary name and renamed, so an interrupted build leaves no
+# binary that looks finished. cgo off: the binary must start in any image
+# (distroless, alpine/musl, scratch).
+.PHONY: agent
+agent: $(AGENT)
+
+$(AGENT):
+	mkdir -p $(dir $@)
+	CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o $@.tmp ./agent/cmd/sandhub-agent
+	mv $@.tmp $@
+
 .PHONY: k8s-tools
 k8s-tools: $(KUBE_APISERVER) $(KUBE_SCHEDULER) $(ETCD) $(KWOK) $(KWOK_STAGES)
 
@@ -161,9 +182,13 @@ $(KWOK_STAGES):
 	mv $@.tmp $@
 
 # Regenerates the Python stubs under src/ so that their import path matches
-# the proto package (sandhub.orchestrator.v1 → src/sandhub/orchestrator/v1).
-gen: $(VENV)/.installed
+# the proto package (sandhub.orchestrator.v1 → src/sandhub/orchestrator/v1),
+# and the Go stubs under gen/go (the agent's and the Go interop client's;
+# plugins pinned as `tool` entries of go.mod). Both are committed; the drift
+# test (tests/test_codegen_drift.py) fails when either is stale.
+gen: $(VENV)/.installed $(BUF)
 	$(PY) -m sandhub.codegen src
+	rm -rf gen/go && $(BUF) generate proto --template proto/buf.gen.go.yaml
 
 check-gen: $(VENV)/.installed
 	$(PY) -m sandhub.codegen --check src

@@ -34,7 +34,7 @@ class FakeOrchestrator(pb_grpc.OrchestratorServiceServicer):
         self.creates += 1
         cid = f"cnt-fake{self.creates:08d}"
         now = time.time_ns()
-        c = pb.Container(id=cid, state=pb.CONTAINER_STATE_RUNNING, labels=dict(request.labels),
+        c = pb.Container(container_id=cid, state=pb.CONTAINER_STATE_RUNNING, labels=dict(request.labels),
                          network=pb.Network(ip_address=self._ip))
         c.create_time.FromNanoseconds(now)
         c.ready_time.FromNanoseconds(now + FAKE_CCT_NS)
@@ -45,7 +45,7 @@ class FakeOrchestrator(pb_grpc.OrchestratorServiceServicer):
         return pb.CreateContainerResponse(container=c)
 
     async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: Any) -> pb.DeleteContainerResponse:
-        c = self.containers.get(request.id)
+        c = self.containers.get(request.container_id)
         if c is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such container")
         c.state = pb.CONTAINER_STATE_TERMINATED
@@ -78,8 +78,8 @@ class FakeExec(exec_pb2_grpc.ExecServiceServicer):
         argv = list(request.command.argv)
         self.runs.append((request.container_id, argv))
         if argv == ["ls", "/"]:
-            return exec_pb2.RunResponse(status=exec_pb2.ExitStatus(exit_code=0), stdout=b"bin\netc\nusr\nwork\n")
-        return exec_pb2.RunResponse(status=exec_pb2.ExitStatus(exit_code=127), stderr=b"not found")
+            return exec_pb2.RunResponse(exit_status=exec_pb2.ExitStatus(exit_code=0), stdout=b"bin\netc\nusr\nwork\n")
+        return exec_pb2.RunResponse(exit_status=exec_pb2.ExitStatus(exit_code=127), stderr=b"not found")
 
     async def PutFiles(self, request_iterator: AsyncIterator[exec_pb2.PutFilesRequest], context: Any) -> exec_pb2.PutFilesResponse:
         cid, path, total = "", "", 0

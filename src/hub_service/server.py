@@ -10,7 +10,10 @@ import structlog
 from hub_service import transport
 from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
+from hub_service.exec.agent_servicer import AgentExecServicer
+from hub_service.exec.agents import AgentChannels, AgentDirectory
 from hub_service.exec.containers import ContainerLookup
+from hub_service.exec.relay import AgentRelay
 from hub_service.exec.drivers import Drivers
 from hub_service.exec.servicer import ExecServicer
 from hub_service.orchestrator_proxy import OrchestratorProxy
@@ -34,14 +37,24 @@ class RunningHub:
     drivers: Drivers
     config: HubConfig
     budgets: HubBudgets
+    agent_channels: AgentChannels
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
         await self.drivers.close()
+        await self.agent_channels.close()
         await self.channel.close()
 
 
-async def start_hub(config: HubConfig) -> RunningHub:
+PROOF_TIMEOUT_S = 10.0
+"""How long a relayed stream waits for the agent's header (connecting included)."""
+
+
+async def start_hub(config: HubConfig, *, exec_via_agent: bool = False) -> RunningHub:
+    """``exec_via_agent``: ExecService relays every call to the container's
+    agent (found through the Orchestrator's AgentDirectoryService) instead of
+    running it through the backend's exec driver. Off until every backend
+    runs the agent; then it is the only way and the drivers go."""
     if not config.api_keys:
         raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
     token = internal_auth.require_token(config.orchestrator_token, who="hub")
@@ -64,11 +77,18 @@ async def start_hub(config: HubConfig) -> RunningHub:
     )
     drivers = Drivers(config)
     lookup = ContainerLookup(stub, timeout_s=config.backend_timeout_s)
-    exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec, budgets), server)
+    agent_channels = AgentChannels()
+    if exec_via_agent:
+        directory = AgentDirectory(channel, agent_key=internal_auth.agent_key(token), timeout_s=config.backend_timeout_s)
+        relay = AgentRelay(directory, agent_channels, proof_timeout_s=PROOF_TIMEOUT_S)
+        exec_pb2_grpc.add_ExecServiceServicer_to_server(
+            AgentExecServicer(auth, relay, config.exec, budgets, call_timeout_s=config.backend_timeout_s), server)
+    else:
+        exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec, budgets), server)
     rpc.add_health_and_reflection(server, SERVICES)
     port = transport.bind(server, config.listen, server_credentials)
     await server.start()
     log.info("hub.serving", listen=config.listen, port=port, tls=server_credentials is not None,
              orchestrator=config.orchestrator,
              tenants=sorted(set(config.api_keys.values())))
-    return RunningHub(server, channel, port, drivers, config, budgets)
+    return RunningHub(server, channel, port, drivers, config, budgets, agent_channels)

@@ -20,8 +20,9 @@ from orchestrator_service.model import (CREATE_INTERRUPTED, Container, Container
 from orchestrator_service.rate import TokenBuckets
 from sandhub.pagination import page_size, paginate
 from orchestrator_service.selector import Selector, parse_selector
-from orchestrator_service.validation import RawCreate, build_spec, check_container_id, check_ttl
+from orchestrator_service.validation import RawCreate, build_spec, check_ttl
 from sandhub.config import OrchestratorConfig
+from sandhub.container_ids import check_container_id
 from sandhub.errors import (BackendUnavailable, ContainerNotFound, ContainerNotRunning, InvalidField, InvalidPageToken,
                             QuotaExceeded, RateLimited)
 

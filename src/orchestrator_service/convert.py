@@ -45,9 +45,9 @@ def state_from_pb(value: int) -> State | None:
 
 def raw_create(req: pb.CreateContainerRequest) -> RawCreate:
     ports = []
-    for p in req.ports:
+    for i, p in enumerate(req.ports):
         if p.protocol not in (pb.PROTOCOL_UNSPECIFIED, pb.PROTOCOL_TCP, pb.PROTOCOL_UDP):
-            raise InvalidField("ports", f"unknown protocol {p.protocol}")
+            raise InvalidField(f"ports[{i}].protocol", f"unknown protocol {p.protocol}")
         ports.append(Port(port=p.port, protocol="UDP" if p.protocol == pb.PROTOCOL_UDP else "TCP", name=p.name))
     r = req.resources
     return RawCreate(
@@ -76,7 +76,7 @@ def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def container_to_pb(c: Container) -> pb.Container:
     return pb.Container(
-        id=c.id,
+        container_id=c.id,
         tenant=c.tenant,
         image=c.image,
         resources=pb.Resources(

@@ -48,7 +48,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def GetContainer(self, request: pb.GetContainerRequest, context: rpc.Ctx) -> pb.GetContainerResponse:
         tenant = tenant_of(context)
         async with self._calls.call(tenant or OPERATOR_BUDGET):
-            container = await self._containers.get(request.id, tenant=tenant)
+            container = await self._containers.get(request.container_id, tenant=tenant)
         return pb.GetContainerResponse(container=convert.container_to_pb(container))
 
     async def ListContainers(self, request: pb.ListContainersRequest, context: rpc.Ctx) -> pb.ListContainersResponse:
@@ -70,7 +70,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         tenant = tenant_of(context)
         async with self._calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.delete(
-                request.id, tenant=tenant,
+                request.container_id, tenant=tenant,
                 grace_period_s=convert.seconds(request.grace_period, "grace_period"),
             )
         return pb.DeleteContainerResponse(container=convert.container_to_pb(container))
@@ -79,7 +79,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         tenant = tenant_of(context)
         async with self._calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.extend(
-                request.id, tenant=tenant, extend_by_s=convert.seconds(request.extend_by, "extend_by")
+                request.container_id, tenant=tenant, extend_by_s=convert.seconds(request.extend_by, "extend_by")
             )
         return pb.ExtendContainerResponse(container=convert.container_to_pb(container))
 

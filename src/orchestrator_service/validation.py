@@ -15,7 +15,6 @@ RESERVED_LABEL_PREFIX = "sandhub.dev/"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
-_CONTAINER_ID = re.compile(r"^cnt-[a-z0-9]{12}$")
 MAX_ENV_VALUE = 32 * 1024
 MAX_ENV_NAME = 256
 MAX_REQUEST_ID = 128
@@ -71,12 +70,6 @@ def check_label_value(key: str, value: str, field: str) -> None:
         )
 
 
-def check_container_id(container_id: str) -> None:
-    """A malformed id can't name a container: say so, as NOT_FOUND would mislead."""
-    if len(container_id) != 16 or not _CONTAINER_ID.match(container_id):
-        raise InvalidField("id", f"{shown(container_id)} is not a container id (cnt- and 12 characters of [a-z0-9])")
-
-
 def _bounded(field: str, value: int, default: int, maximum: int, minimum: int = 1) -> int:
     if value < 0:
         raise InvalidField(field, f"must not be negative (got {value})")
@@ -111,26 +104,26 @@ def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Seque
         raise InvalidField("env", f"at most {limits.max_env} variables")
     for key, value in raw.env.items():
         if len(key) > MAX_ENV_NAME or not ENV_NAME.match(key):
-            raise InvalidField("env", f"variable name {shown(key)} must be up to {MAX_ENV_NAME} characters of [A-Za-z_][A-Za-z0-9_]*")
+            raise InvalidField(f"env[{key}]", f"variable name {shown(key)} must be up to {MAX_ENV_NAME} characters of [A-Za-z_][A-Za-z0-9_]*")
         if len(value) > MAX_ENV_VALUE or "\x00" in value:
-            raise InvalidField("env", f"variable {shown(key)}: value too long or contains NUL")
+            raise InvalidField(f"env[{key}]", f"variable {shown(key)}: value too long or contains NUL")
     if len(raw.labels) > limits.max_labels:
         raise InvalidField("labels", f"at most {limits.max_labels} labels")
     for key, value in raw.labels.items():
-        check_label_key(key, "labels")
+        check_label_key(key, f"labels[{key}]")
         if key.startswith(RESERVED_LABEL_PREFIX):
-            raise InvalidField("labels", f"label key {key!r}: prefix {RESERVED_LABEL_PREFIX!r} is reserved")
-        check_label_value(key, value, "labels")
+            raise InvalidField(f"labels[{key}]", f"label key {key!r}: prefix {RESERVED_LABEL_PREFIX!r} is reserved")
+        check_label_value(key, value, f"labels[{key}]")
     if len(raw.ports) > limits.max_ports:
         raise InvalidField("ports", f"at most {limits.max_ports} ports")
     seen: set[tuple[int, str]] = set()
-    for port in raw.ports:
+    for i, port in enumerate(raw.ports):
         if not 1 <= port.port <= 65535:
-            raise InvalidField("ports", f"port {port.port} is not between 1 and 65535")
+            raise InvalidField(f"ports[{i}].port", f"port {port.port} is not between 1 and 65535")
         if port.name and (len(port.name) > 15 or not _PORT_NAME.match(port.name)):
-            raise InvalidField("ports", f"port name {shown(port.name)} must be up to 15 characters of [a-z0-9-]")
+            raise InvalidField(f"ports[{i}].name", f"port name {shown(port.name)} must be up to 15 characters of [a-z0-9-]")
         if (port.port, port.protocol) in seen:
-            raise InvalidField("ports", f"port {port.port}/{port.protocol} listed twice")
+            raise InvalidField(f"ports[{i}]", f"port {port.port}/{port.protocol} listed twice")
         seen.add((port.port, port.protocol))
     placement = raw.placement or placements[0]
     if len(placement) > MAX_LABEL_NAME:

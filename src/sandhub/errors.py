@@ -1,17 +1,28 @@
 """Domain errors, and their one mapping to gRPC status codes.
 
-Backends and domain code raise these; one server interceptor turns them into a
-status with a ``google.rpc.ErrorInfo`` detail (domain ``sandhub.dev``) whose
-reason is a ``sandhub.common.v1.ErrorReason`` name without its prefix.
+Backends and domain code raise these; one server interceptor
+(``rpc.error_status``) turns them into a status whose details are what
+``sandhub.common.v1.ErrorReason`` promises: a ``google.rpc.ErrorInfo`` (domain
+``sandhub.dev``, reason = the ErrorReason name without its prefix, metadata),
+the typed ``ErrorDetail``, a ``google.rpc.BadRequest`` when the error names a
+request field, and a ``google.rpc.RetryInfo`` when it says when to retry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
+from sandhub.common.v1 import errors_pb2
+
 ERROR_DOMAIN = "sandhub.dev"
+REASON_PREFIX = "ERROR_REASON_"
+"""ErrorInfo.reason is the ErrorReason value's name without this prefix."""
+METADATA_KEYS = frozenset({"field", "container_id", "process_id", "path", "state", "limit", "retry_after_s", "error"})
+"""The only ErrorInfo.metadata keys the contract knows (errors.proto): clients
+read these names, so no error sends another."""
 ECHO_CHARS = 256
 """How much of a caller's input an error repeats (a path, a label key, an id):
 enough to recognise it; a megabyte of it would overflow the reply's trailers."""
@@ -30,17 +41,33 @@ def clip(text: str, limit: int = ECHO_CHARS) -> str:
     return text[:limit] + CLIP_MARKER.format(len(text) - limit)
 
 
+def _utf8(text: str) -> str:
+    """``text`` as valid UTF-8 (a tar member's name may hold undecodable
+    bytes as surrogates, which a proto string can't carry)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class SandhubError(Exception):
-    """Base of every error a caller may see. ``message`` is shown to callers."""
+    """Base of every error a caller may see. ``message`` is shown to callers;
+    ``metadata`` uses only METADATA_KEYS; ``reason`` is an ErrorReason name
+    (checked when a subclass is defined)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if REASON_PREFIX + cls.reason not in errors_pb2.ErrorReason.keys():
+            raise TypeError(f"{cls.__name__}.reason {cls.reason!r} is not an ErrorReason of the contract")
+
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
-        message = clip(message, MESSAGE_CHARS)
+        message = clip(_utf8(message), MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        self.metadata: dict[str, str] = {clip(k): clip(v) for k, v in (metadata or {}).items()}
+        unknown = set(metadata or {}) - METADATA_KEYS
+        if unknown:
+            raise ValueError(f"ErrorInfo metadata keys {sorted(unknown)} are not in the contract's set")
+        self.metadata: dict[str, str] = {k: clip(_utf8(v)) for k, v in (metadata or {}).items()}
 
 
 class InvalidField(SandhubError):
@@ -49,7 +76,10 @@ class InvalidField(SandhubError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{clip(field)}: {message}", metadata={"field": field})
-        self.field = field
+        self.field = self.metadata["field"]
+        """The field path as sent (a huge map key in it is cut short)."""
+        self.description = message
+        """What is wrong with the field, without its name."""
 
 
 class UnknownImage(InvalidField):
@@ -90,9 +120,12 @@ class ContainerNotRunning(SandhubError):
     reason = "CONTAINER_NOT_RUNNING"
 
     def __init__(self, container_id: str, state: str) -> None:
+        """``state``: the short name ("PENDING", "TERMINATING", "FAILED"...);
+        metadata "state" gets the enum's full name, as the contract says."""
+        state = state.removeprefix("CONTAINER_STATE_")
         super().__init__(
             f"container {clip(container_id)!r} is {state}, not RUNNING",
-            metadata={"container_id": container_id, "state": state},
+            metadata={"container_id": container_id, "state": f"CONTAINER_STATE_{state}"},
         )
 
 
@@ -111,16 +144,24 @@ class PayloadTooLarge(SandhubError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "PAYLOAD_TOO_LARGE"
 
-    def __init__(self, message: str, *, limit: int) -> None:
-        super().__init__(message, metadata={"limit": str(limit)})
+    def __init__(self, message: str, *, limit: int | None = None, error: str = "") -> None:
+        """``limit``: the byte or file count that was passed; ``error``: the OS
+        error when the container's disk is what ran out (ENOSPC), not a limit."""
+        metadata = {"limit": str(limit)} if limit is not None else {}
+        if error:
+            metadata["error"] = error
+        super().__init__(message, metadata=metadata)
 
 
 class PathNotAllowed(SandhubError):
+    """A path the caller gave (in request field ``field``, named in the
+    message) that the container's files can't be reached by."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "PATH_NOT_ALLOWED"
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}", metadata={"field": field})
+    def __init__(self, field: str, path: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", metadata={"path": path})
 
 
 class PathNotFound(SandhubError):

@@ -75,6 +75,41 @@ def metadata(token: str) -> tuple[tuple[str, str]]:
     return ((TOKEN_KEY, token),)
 
 
+# -- per-container agent credentials ------------------------------------------------
+# The contract is in proto/sandhub/internal/v1/agents.proto (AgentDirectoryService's
+# comment); the agent (agent/) implements the other half.
+
+AGENT_TOKEN_KEY = "x-sandhub-agent-token"
+AGENT_NONCE_KEY = "x-sandhub-agent-nonce"
+AGENT_PROOF_KEY = "x-sandhub-agent-proof"
+_AGENT_KEY_LABEL = b"sandhub agent key v1"
+
+
+def agent_key(orchestrator_token: str) -> bytes:
+    """The key every agent credential derives from. Never leaves the Hub and the
+    Orchestrator: an agent gets only its own container's credential."""
+    return hmac.new(orchestrator_token.encode(), _AGENT_KEY_LABEL, "sha256").digest()
+
+
+def agent_token(key: bytes, container_id: str) -> str:
+    """The credential of one container's agent (what the agent is started with,
+    and what the Hub sends it)."""
+    return hmac.new(key, container_id.encode(), "sha256").hexdigest()
+
+
+def new_agent_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def agent_proof(token: str, nonce: str) -> str:
+    """What an agent holding ``token`` answers to ``nonce``."""
+    return hmac.new(token.encode(), nonce.encode(), "sha256").hexdigest()
+
+
+def proof_ok(token: str, nonce: str, proof: str) -> bool:
+    return hmac.compare_digest(agent_proof(token, nonce), proof)
+
+
 # -- the caller's side --------------------------------------------------------------
 
 

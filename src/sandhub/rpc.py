@@ -17,13 +17,14 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from sandhub.errors import ERROR_DOMAIN, MESSAGE_CHARS, MalformedRequest, SandhubError, clip
+from sandhub.common.v1 import errors_pb2
+from sandhub.errors import ERROR_DOMAIN, MESSAGE_CHARS, REASON_PREFIX, MalformedRequest, SandhubError, clip
 
 log = structlog.get_logger("sandhub.rpc")
 
@@ -59,26 +60,35 @@ def set_tenant(tenant: str) -> None:
 
 
 def error_status(err: SandhubError) -> grpc.Status:
-    """A status carrying code, message and an ErrorInfo detail."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    details = [detail]
+    """The status for ``err`` with the details ErrorReason's comment in
+    errors.proto promises: ErrorInfo, the typed ErrorDetail, a BadRequest when
+    the error names a request field, a RetryInfo when it says when to retry."""
+    messages: list[Message] = [
+        error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata),
+        errors_pb2.ErrorDetail(reason=REASON_PREFIX + err.reason),
+    ]
+    field = err.metadata.get("field")
+    if field is not None:  # the standard form every gRPC ecosystem can show
+        messages.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=getattr(err, "description", err.message))]))
     retry_after_s = getattr(err, "retry_after_s", None)
     if retry_after_s is not None:  # the standard retry advice gRPC clients know
-        retry = any_pb2.Any()
-        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+        messages.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(retry_after_s), nanos=int(retry_after_s % 1 * 1e9))))
-        details.append(retry)
+    details = []
+    for message in messages:
+        detail = any_pb2.Any()
+        detail.Pack(message)
+        details.append(detail)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 
 
 def internal_status(request_id: str) -> grpc.Status:
-    err = SandhubError(f"internal error; quote request id {request_id} to the operator")
-    err.metadata["request_id"] = request_id
-    return error_status(err)
+    """INTERNAL, naming the request id (also in the x-request-id trailer) the
+    operator finds the traceback under."""
+    return error_status(SandhubError(f"internal error; quote request id {request_id} to the operator"))
 
 
 def error_reason(err: grpc.aio.AioRpcError) -> str:

@@ -133,11 +133,11 @@ class Sandhub:
     def create(self, labels: dict[str, str]) -> dict[str, Any]:
         request = {"labels": labels, "waitUntilRunning": True}
         container: dict[str, Any] = self.call("CreateContainer", request)["container"]
-        self.created.append(container["id"])
+        self.created.append(container["containerId"])
         return container
 
     def get(self, container_id: str) -> dict[str, Any]:
-        container: dict[str, Any] = self.call("GetContainer", {"id": container_id})["container"]
+        container: dict[str, Any] = self.call("GetContainer", {"containerId": container_id})["container"]
         return container
 
     def terminated(self, container_id: str) -> bool:
@@ -175,7 +175,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 def cleanup_containers(hub: Sandhub) -> None:
     """Best effort after a failure: delete what the tests created, kill what remains."""
     for cid in hub.created:
-        hub.invoke("DeleteContainer", {"id": cid}, KEY_A)
+        hub.invoke("DeleteContainer", {"containerId": cid}, KEY_A)
     for cid in hub.created:
         if not wait_for(partial(no_sandbox_processes, cid), 5):
             for pid in sandbox_pids(cid):
@@ -250,11 +250,11 @@ def test_container_lifecycle(sandhub: Sandhub) -> None:
     for c in (*web, db):
         assert c["state"] == "CONTAINER_STATE_RUNNING", c
         assert c["tenant"] == "tenant-a"
-    web_ids = {c["id"] for c in web}
-    all_ids = web_ids | {db["id"]}
+    web_ids = {c["containerId"] for c in web}
+    all_ids = web_ids | {db["containerId"]}
 
-    got = sandhub.get(db["id"])
-    assert got["id"] == db["id"]
+    got = sandhub.get(db["containerId"])
+    assert got["containerId"] == db["containerId"]
     assert got["labels"] == {"app": "db"}
     assert got["state"] == "CONTAINER_STATE_RUNNING"
 
@@ -267,10 +267,10 @@ def test_container_lifecycle(sandhub: Sandhub) -> None:
     )
     assert len(second["containers"]) == 1
     assert not second.get("nextPageToken")
-    assert {c["id"] for c in first["containers"] + second["containers"]} == web_ids
+    assert {c["containerId"] for c in first["containers"] + second["containers"]} == web_ids
 
     everything = sandhub.call("ListContainers", {})
-    assert {c["id"] for c in everything["containers"]} == all_ids
+    assert {c["containerId"] for c in everything["containers"]} == all_ids
 
     # Each container's processes run on this host, in namespaces of their own.
     ours = namespace_inodes("self")
@@ -283,26 +283,49 @@ def test_container_lifecycle(sandhub: Sandhub) -> None:
             assert not shared, f"pid {pid} of {cid} shares the test's {shared} namespace(s)"
 
     # Another tenant cannot see them; no credentials is rejected.
-    out = sandhub.call_error("GetContainer", {"id": db["id"]}, key=KEY_B)
+    out = sandhub.call_error("GetContainer", {"containerId": db["containerId"]}, key=KEY_B)
     assert "Code: NotFound" in out
-    out = sandhub.call_error("GetContainer", {"id": db["id"]}, key=None)
+    out = sandhub.call_error("GetContainer", {"containerId": db["containerId"]}, key=None)
     assert "Code: Unauthenticated" in out
 
     # The Orchestrator: the operator with its token sees them (every tenant's);
     # no token, an API key or a forged tenant is Unauthenticated.
     proc = sandhub.invoke_orchestrator("ListContainers", {}, f"{TOKEN_HEADER}: {ORCHESTRATOR_TOKEN}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {c["id"] for c in json.loads(proc.stdout)["containers"]} == all_ids
+    assert {c["containerId"] for c in camelize(json.loads(proc.stdout))["containers"]} == all_ids
     for headers in ((), (f"authorization: Bearer {KEY_A}",), ("x-sandhub-tenant: tenant-a",)):
-        proc = sandhub.invoke_orchestrator("GetContainer", {"id": db["id"]}, *headers)
+        proc = sandhub.invoke_orchestrator("GetContainer", {"containerId": db["containerId"]}, *headers)
         assert proc.returncode != 0 and "Code: Unauthenticated" in proc.stdout + proc.stderr, (headers, proc)
     assert ORCHESTRATOR_TOKEN not in sandhub.log.read_text(errors="replace")
 
     # Delete: each ends TERMINATED, with no process left on the host.
     for cid in all_ids:
-        deleted = sandhub.call("DeleteContainer", {"id": cid})["container"]
+        deleted = sandhub.call("DeleteContainer", {"containerId": cid})["container"]
         assert deleted["state"] in ("CONTAINER_STATE_TERMINATING", "CONTAINER_STATE_TERMINATED"), deleted
     for cid in all_ids:
         assert wait_for(partial(sandhub.terminated, cid), 10), sandhub.get(cid)
         assert sandbox_pids(cid) == [], f"processes of deleted {cid} still run"
     assert sandhub.call("ListContainers", {}).get("containers", []) == []
+
+
+def test_errors_show_their_details_in_grpcurl(sandhub: Sandhub) -> None:
+    """What the README shows: `-format-error` prints the status as JSON with
+    its details, resolved by reflection: ErrorInfo, the typed ErrorDetail and,
+    for a bad field, a BadRequest naming it as a proto field path."""
+    headers = ("-format-error", "-H", f"authorization: Bearer {KEY_A}")
+    proc = sandhub.grpcurl(*headers, "-d", json.dumps({"containerId": "cnt-000000000000"}), sandhub.hub,
+                           f"{SERVICE}/GetContainer")
+    assert proc.returncode != 0
+    status = json.loads(proc.stderr)  # grpcurl prints the failed call's status there
+    types = {d["@type"].rsplit("/", 1)[1]: d for d in status["details"]}
+    assert types["google.rpc.ErrorInfo"]["reason"] == "CONTAINER_NOT_FOUND"
+    assert types["sandhub.common.v1.ErrorDetail"]["reason"] == "ERROR_REASON_CONTAINER_NOT_FOUND"
+    assert "google.rpc.BadRequest" not in types
+
+    proc = sandhub.grpcurl(*headers, "-d", json.dumps({"resources": {"memoryMib": 10**7}}), sandhub.hub,
+                           f"{SERVICE}/CreateContainer")
+    assert proc.returncode != 0
+    status = json.loads(proc.stderr)  # grpcurl prints the failed call's status there
+    types = {d["@type"].rsplit("/", 1)[1]: d for d in status["details"]}
+    assert types["sandhub.common.v1.ErrorDetail"]["reason"] == "ERROR_REASON_INVALID_FIELD"
+    assert camelize(types["google.rpc.BadRequest"])["fieldViolations"][0]["field"] == "resources.memory_mib"

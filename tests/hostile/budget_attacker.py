@@ -70,7 +70,7 @@ async def _watch(channel: grpc.aio.Channel, md: Any, n: int, churn: str, counts:
 
         async def extend() -> None:
             while True:
-                await ex.ExtendContainer(pb.ExtendContainerRequest(id=churn, extend_by=extend_by), metadata=md)
+                await ex.ExtendContainer(pb.ExtendContainerRequest(container_id=churn, extend_by=extend_by), metadata=md)
                 counts["events"] += 1
 
         tasks.append(asyncio.ensure_future(extend()))
@@ -85,7 +85,7 @@ async def _runs(channel: grpc.aio.Channel, md: Any, n: int, size: int, counts: C
     stub = xpb_grpc.ExecServiceStub(channel)
     created = await pb_grpc.OrchestratorServiceStub(channel).CreateContainer(
         pb.CreateContainerRequest(wait_until_running=True), metadata=md)
-    cid = created.container.id
+    cid = created.container.container_id
     # The sleep keeps each Run's output held in the Hub a while, so the
     # concurrent Runs' output piles up (a Run's cap is ~2 MiB per stream).
     request = xpb.RunRequest(container_id=cid, command=xpb.Command(shell=f"head -c {size} /dev/zero; sleep 0.5"),
@@ -117,7 +117,7 @@ async def _calls(channel: grpc.aio.Channel, md: Any, n: int, cid: str, counts: C
         nonlocal done
         while True:
             try:
-                await stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=md)
+                await stub.GetContainer(pb.GetContainerRequest(container_id=cid), metadata=md)
                 counts["OK"] += 1
             except grpc.aio.AioRpcError as e:
                 counts[_outcome(e)] += 1

@@ -99,12 +99,12 @@ class Victim:
         self._cid = cid
 
     async def get(self) -> None:
-        await self._stub.GetContainer(pb.GetContainerRequest(id=self._cid), metadata=B)
+        await self._stub.GetContainer(pb.GetContainerRequest(container_id=self._cid), metadata=B)
 
     async def ls(self) -> None:
         r = await self._ex.Run(xpb.RunRequest(container_id=self._cid, command=xpb.Command(argv=["ls", "/"])),
                                metadata=B)
-        assert r.status.exit_code == 0
+        assert r.exit_status.exit_code == 0
 
     async def p50s(self) -> tuple[float, float]:
         return await p50_ms(self.get), await p50_ms(self.ls)
@@ -124,14 +124,14 @@ def assert_fair(idle: tuple[float, float], attacked: tuple[float, float]) -> Non
 
 
 async def victim(s: Services) -> tuple[Victim, tuple[float, float]]:
-    v = Victim(s, (await create(s, md=B)).id)
+    v = Victim(s, (await create(s, md=B)).container_id)
     await v.p50s()  # warm up: first calls connect and load
     return v, await v.p50s()
 
 
 async def test_watch_streams_are_capped_per_tenant(services: Services) -> None:
     v, idle = await victim(services)
-    churn = (await create(services)).id
+    churn = (await create(services)).container_id
     async with Attacker.running(services.hub.port, "watch", 1000, churn) as attack:
         attacked = await v.p50s()
     report("1000 Watch streams, one container changing", idle, attacked)
@@ -181,7 +181,7 @@ async def test_big_run_outputs_are_bounded_per_tenant(services: Services) -> Non
 
 async def test_a_tenant_at_its_call_limit_leaves_others_their_turn(services: Services) -> None:
     v, idle = await victim(services)
-    cid = (await create(services)).id
+    cid = (await create(services)).container_id
     limit = services.hub.config.max_calls_per_tenant
     async with Attacker.running(services.hub.port, "calls", limit, cid) as attack:
         attacked = await v.p50s()
@@ -192,7 +192,7 @@ async def test_a_tenant_at_its_call_limit_leaves_others_their_turn(services: Ser
 
 async def test_calls_past_the_limit_are_refused(services: Services) -> None:
     v, idle = await victim(services)
-    cid = (await create(services)).id
+    cid = (await create(services)).container_id
     async with Attacker.running(services.hub.port, "calls", 400, cid) as attack:
         attacked = await v.p50s()
     report("400 concurrent GetContainer loops", idle, attacked)
@@ -221,7 +221,7 @@ async def test_budget_refusals_name_the_limit(services: Services) -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     try:
         stub = pb_grpc.OrchestratorServiceStub(channel)
-        cid = (await create(services)).id
+        cid = (await create(services)).container_id
         watch = stub.WatchContainers(pb.WatchContainersRequest(send_initial=True), metadata=A)
         while (await watch.read()).type != pb.WATCH_EVENT_TYPE_SYNCED:
             pass

@@ -46,8 +46,8 @@ async def _get(ex: xpb_grpc.ExecServiceStub, cid: str, path: str) -> int:
 
 async def _put(ex: xpb_grpc.ExecServiceStub, cid: str, path: str, data: bytes = b"x") -> xpb.PutFilesResponse:
     async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=cid))
-        yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=path, size=len(data)))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=cid))
+        yield xpb.PutFilesRequest(file=xpb.FileHeader(path=path, size=len(data)))
         yield xpb.PutFilesRequest(data=data)
 
     return await ex.PutFiles(requests(), metadata=A)
@@ -64,17 +64,17 @@ async def test_megabytes_of_input_get_short_errors(services: Services) -> None:
     c = await create(services)
     # A 3 MiB path and a 1 MiB label key answered RESOURCE_EXHAUSTED: the
     # error repeated them and the reply's trailers overflowed.
-    err = await _error(_get(ex, c.id, "/work/" + "p" * (3 * MiB)))
+    err = await _error(_get(ex, c.container_id, "/work/" + "p" * (3 * MiB)))
     assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED"), err.details()
     _small(err)
-    err = await _error(_put(ex, c.id, "q" * (2 * MiB)))
+    err = await _error(_put(ex, c.container_id, "q" * (2 * MiB)))
     assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED"), err.details()
     _small(err)
     err = await _error(services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(labels={"k" * MiB: "v"}), metadata=A))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
     _small(err)
-    err = await _error(services.hub_stub.GetContainer(pb.GetContainerRequest(id="c" * MiB), metadata=A))
+    err = await _error(services.hub_stub.GetContainer(pb.GetContainerRequest(container_id="c" * MiB), metadata=A))
     assert err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), err.details()
     _small(err)
 
@@ -85,14 +85,14 @@ async def test_get_files_racing_rm_is_never_internal(services: Services) -> None
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services)
     churn = "while true; do mkdir -p /work/t/a/b; echo x > /work/t/a/b/f; echo y > /work/t/g; rm -rf /work/t; done"
-    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="churn",
+    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="churn",
                                                   command=xpb.Command(shell=churn)), metadata=A)
     codes: dict[str, int] = {}
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
         for path in ("/work/t", "/work/t/g", "/work/t/a/b/f"):
             try:
-                await _get(ex, c.id, path)
+                await _get(ex, c.container_id, path)
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = f"{e.code().name}/{reason_of(e)[0] if e.code() is not grpc.StatusCode.UNKNOWN else ''}"
@@ -107,15 +107,15 @@ async def test_get_files_racing_rm_is_never_internal(services: Services) -> None
 async def test_unreadable_places_are_path_not_allowed(services: Services) -> None:
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services)
-    r = await _sh(ex, c.id, "mkdir -p /work/locked/in /work/open/shut && echo x > /work/locked/f && "
+    r = await _sh(ex, c.container_id, "mkdir -p /work/locked/in /work/open/shut && echo x > /work/locked/f && "
                             "chmod 000 /work/open/shut && chmod 000 /work/locked")
-    assert r.status.exit_code == 0, r.stderr
+    assert r.exit_status.exit_code == 0, r.stderr
     for path in ("/work/locked", "/work/locked/f", "/work/open"):
-        err = await _error(_get(ex, c.id, path))
+        err = await _error(_get(ex, c.container_id, path))
         assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED"), \
             (path, err.details())
     for path in ("/work/locked/new.txt", "/work/locked/in/new.txt", "/work/locked"):
-        err = await _error(_put(ex, c.id, path))
+        err = await _error(_put(ex, c.container_id, path))
         assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED"), \
             (path, err.details())
 
@@ -125,12 +125,12 @@ async def test_unreadable_places_are_path_not_allowed(services: Services) -> Non
 async def test_a_container_out_of_processes_is_resource_exhausted(services: Services) -> None:
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services, resources=pb.Resources(pids=16))
-    await _put(ex, c.id, "/work/before.txt")
+    await _put(ex, c.container_id, "/work/before.txt")
     fill = "i=0; while [ $i -lt 64 ]; do sleep 1000 & i=$((i+1)); done; wait"
-    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="fill",
+    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="fill",
                                                   command=xpb.Command(shell=fill)), metadata=A)
     await asyncio.sleep(1.0)
-    for call in (lambda: _put(ex, c.id, "/work/new.txt"), lambda: _get(ex, c.id, "/work/before.txt")):
+    for call in (lambda: _put(ex, c.container_id, "/work/new.txt"), lambda: _get(ex, c.container_id, "/work/before.txt")):
         err = await _error(call())
         assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"), \
             err.details()

@@ -39,7 +39,7 @@ def test_every_rpc_and_stream_strategy_is_generated() -> None:
 
 async def test_fuzz_fixed_seed(services: Services) -> None:
     own = await fuzz.prepare(services.hub_channel, A, containers=2)
-    foreign = (await create(services, md=B, labels={"fuzz": "1"})).id
+    foreign = (await create(services, md=B, labels={"fuzz": "1"})).container_id
     report = await fuzz.fuzz(services.hub_channel, A, tenant="tenant-a", aim=Aim(own=own, foreign=(foreign,)),
                              seed=SEED, requests=REQUESTS, concurrency=4)
     print(fuzz.text(report))

@@ -39,7 +39,7 @@ def server_secret(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 async def sh(ex: xpb_grpc.ExecServiceStub, cid: str, script: str) -> str:
     r = await ex.Run(xpb.RunRequest(container_id=cid, command=xpb.Command(argv=[BB, "sh", "-c", script])),
                      metadata=A)
-    assert r.status.exit_code == 0, r.stderr.decode()
+    assert r.exit_status.exit_code == 0, r.stderr.decode()
     return r.stdout.decode(errors="replace")
 
 
@@ -52,7 +52,7 @@ async def test_nothing_of_the_servers_is_visible_inside(services: Services, serv
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     # Every process the container can see: its environment and command line
     # (pid 1 is bwrap's init, forked from what the Orchestrator started).
-    dump = await sh(ex, c.id, "for d in /proc/[0-9]*; do echo \"== $d\"; "
+    dump = await sh(ex, c.container_id, "for d in /proc/[0-9]*; do echo \"== $d\"; "
                               "tr '\\0' '\\n' <$d/environ 2>/dev/null; tr '\\0' ' ' <$d/cmdline 2>/dev/null; echo; done")
     assert "== /proc/1" in dump
     assert server_secret not in dump
@@ -60,12 +60,12 @@ async def test_nothing_of_the_servers_is_visible_inside(services: Services, serv
     # No host path: not the state or image dirs (bwrap's binds), nor the env values.
     for host_path in {str(services.state_dir), str(services.orchestrator.config.local.images_dir)}:
         assert host_path not in dump, host_path
-    fds = await sh(ex, c.id, "for d in /proc/[0-9]*/fd/*; do echo \"$d $(readlink $d)\"; done")
+    fds = await sh(ex, c.container_id, "for d in /proc/[0-9]*/fd/*; do echo \"$d $(readlink $d)\"; done")
     assert "/proc/1/fd/" in fds and "sandhub-bwrap-args" not in fds  # bwrap closed the memfd
-    pid1 = await sh(ex, c.id, "tr '\\0' '\\n' </proc/1/environ")
-    assert pid1.split() == [f"SANDHUB_CONTAINER_ID={c.id}"]
+    pid1 = await sh(ex, c.container_id, "tr '\\0' '\\n' </proc/1/environ")
+    assert pid1.split() == [f"SANDHUB_CONTAINER_ID={c.container_id}"]
     # The container's own env is where it belongs, in its processes...
-    assert env_secret in await sh(ex, c.id, "echo $MY_TOKEN")
+    assert env_secret in await sh(ex, c.container_id, "echo $MY_TOKEN")
     # ...and on no command line on the host, where every user can read them.
     me = str(os.getpid())
     for name in os.listdir("/proc"):
@@ -82,7 +82,7 @@ async def test_nothing_of_the_servers_is_visible_inside(services: Services, serv
 async def test_a_command_sees_only_its_container_environment(services: Services, server_secret: str) -> None:
     created = await services.hub_stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True), metadata=A)
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
-    env = await sh(ex, created.container.id, "env")
+    env = await sh(ex, created.container.container_id, "env")
     names = {line.split("=", 1)[0] for line in env.splitlines() if "=" in line}
     assert server_secret not in env
     assert not any(n.startswith("SANDHUB_") and n != "SANDHUB_CONTAINER_ID" for n in names), names

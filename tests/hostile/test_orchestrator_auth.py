@@ -71,10 +71,10 @@ async def test_without_the_token_every_call_is_unauthenticated(
     stub, md = plain, ATTEMPTS[attempt]
     with capture_logs() as logs:
         await expect_refused(stub.ListContainers(pb.ListContainersRequest(), metadata=md), attempt)
-        await expect_refused(stub.GetContainer(pb.GetContainerRequest(id=mine.container.id), metadata=md), attempt)
+        await expect_refused(stub.GetContainer(pb.GetContainerRequest(container_id=mine.container.container_id), metadata=md), attempt)
         await expect_refused(stub.CreateContainer(pb.CreateContainerRequest(labels={"by": "attacker"}), metadata=md),
                              attempt)
-        await expect_refused(stub.DeleteContainer(pb.DeleteContainerRequest(id=mine.container.id), metadata=md),
+        await expect_refused(stub.DeleteContainer(pb.DeleteContainerRequest(container_id=mine.container.container_id), metadata=md),
                              attempt)
 
         async def watch() -> None:
@@ -84,7 +84,7 @@ async def test_without_the_token_every_call_is_unauthenticated(
         await expect_refused(watch(), attempt)
     # Nothing happened: no container made, the victim's still running.
     everything = await services.orchestrator_stub.ListContainers(pb.ListContainersRequest())
-    assert [c.id for c in everything.containers] == [mine.container.id]
+    assert [c.container_id for c in everything.containers] == [mine.container.container_id]
     assert everything.containers[0].state in (pb.CONTAINER_STATE_PENDING, pb.CONTAINER_STATE_RUNNING)
     # Each refusal is logged, with why, and no token (right or wrong) in any log event.
     refused = [e for e in logs if e["event"] == "orchestrator.call_refused"]
@@ -100,10 +100,10 @@ async def test_with_the_token_the_operator_sees_every_tenant(
     stub = plain
     md = internal_auth.metadata(ORCHESTRATOR_TOKEN)
     listed = await stub.ListContainers(pb.ListContainersRequest(), metadata=md)
-    assert {c.id for c in listed.containers} == {a.container.id, b.container.id}
+    assert {c.container_id for c in listed.containers} == {a.container.container_id, b.container.container_id}
     # The Hub's way: the token and the tenant.
     scoped = await stub.ListContainers(pb.ListContainersRequest(), metadata=(*md, (rpc.TENANT_KEY, "tenant-b")))
-    assert [c.id for c in scoped.containers] == [b.container.id]
+    assert [c.container_id for c in scoped.containers] == [b.container.container_id]
 
 
 async def test_health_and_reflection_stay_open(services: Services) -> None:
@@ -127,9 +127,9 @@ async def test_the_hub_works_and_forwards_no_callers_tenant_or_token(services: S
     a = await services.hub_stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True), metadata=forged)
     assert a.container.tenant == "tenant-a" and a.container.state == pb.CONTAINER_STATE_RUNNING
     listed = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=forged)
-    assert [c.id for c in listed.containers] == [a.container.id]
+    assert [c.container_id for c in listed.containers] == [a.container.container_id]
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await services.hub_stub.GetContainer(pb.GetContainerRequest(id=b.container.id), metadata=forged)
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=b.container.container_id), metadata=forged)
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
 
 
@@ -200,7 +200,7 @@ async def test_the_cli_reaches_the_orchestrator_only_with_the_token(services: Se
 
     ok = await cli(SANDHUB_ORCHESTRATOR_TOKEN_FILE=str(token_file))
     assert ok.returncode == 0, ok.stderr
-    assert [c["id"] for c in json.loads(ok.stdout)["containers"]] == [a.container.id]
+    assert [c["containerId"] for c in json.loads(ok.stdout)["containers"]] == [a.container.container_id]
     missing = await cli(SANDHUB_API_KEY="key-a")
     assert missing.returncode != 0 and "needs the token" in missing.stderr
     wrong = await cli(SANDHUB_ORCHESTRATOR_TOKEN=WRONG)

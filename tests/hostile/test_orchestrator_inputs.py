@@ -102,7 +102,7 @@ async def test_pathological_selectors_do_not_slow_another_tenant(services: Servi
                                                        metadata=B)).container
 
     async def get() -> None:
-        await services.hub_stub.GetContainer(pb.GetContainerRequest(id=victim.id), metadata=B)
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=victim.container_id), metadata=B)
 
     await p50_ms(get, 10)  # warm up
     idle = await p50_ms(get, 100, 0.02)  # ~2.5 s, as long as the attack below
@@ -173,7 +173,7 @@ async def test_failed_creates_count_toward_the_quota(services: Services, monkeyp
     # Tenant B has its own quota; deleting a failed container frees its place.
     ok = await services.hub_stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True), metadata=B)
     assert ok.container.state == pb.CONTAINER_STATE_RUNNING
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=listed.containers[0].id), metadata=A)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=listed.containers[0].container_id), metadata=A)
     again = await services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(labels={"ok": "1"}, wait_until_running=True), metadata=A)
     assert again.container.state == pb.CONTAINER_STATE_RUNNING
@@ -226,7 +226,7 @@ async def test_io_uring_is_refused_inside_a_container(services: Services) -> Non
     await driver.start()
     try:
         script = IO_URING.format(nr=syscall_number("io_uring_setup"))
-        proc = await driver.spawn(container_id=made.container.id,
+        proc = await driver.spawn(container_id=made.container.container_id,
                                   command=CommandSpec(argv=("/usr/bin/python3", "-c", script)))
         out = bytearray()
         async with asyncio.timeout(30):

@@ -49,7 +49,7 @@ async def run(ex: xpb_grpc.ExecServiceStub, cid: str, script: str, md: tuple[tup
 async def pty_exec(ex: xpb_grpc.ExecServiceStub, cid: str, md: tuple[tuple[str, str], ...]) -> bytes:
     """`tty` on a PTY; its output."""
     async def requests() -> AsyncIterator[xpb.ExecRequest]:
-        yield xpb.ExecRequest(start=xpb.ExecRequest.Start(
+        yield xpb.ExecRequest(start=xpb.ExecStart(
             container_id=cid, command=xpb.Command(argv=["tty"]), pty=xpb.PtySize(rows=24, cols=80)))
         await asyncio.sleep(30)  # stdin stays open until the command is done
 
@@ -57,8 +57,8 @@ async def pty_exec(ex: xpb_grpc.ExecServiceStub, cid: str, md: tuple[tuple[str, 
     call = ex.Exec(requests(), metadata=md)
     async for r in call:
         out += r.stdout
-        if r.HasField("exited"):
-            assert r.exited.exit_code == 0, bytes(out)
+        if r.HasField("exit_status"):
+            assert r.exit_status.exit_code == 0, bytes(out)
             break
     call.cancel()
     return bytes(out)
@@ -68,7 +68,7 @@ async def test_one_container_cannot_take_every_pty(services: Services) -> None:
     cap = services.orchestrator.config.local.max_ptys
     made = [await services.hub_stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True), metadata=md)
             for md in (A, B)]
-    a, b = (r.container.id for r in made)
+    a, b = (r.container.container_id for r in made)
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     # The pool leaves room for every container's cap (64 by default).
     assert int(Path("/proc/sys/kernel/pty/max").read_text()) >= 1024 + 1000 * cap

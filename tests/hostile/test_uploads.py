@@ -92,7 +92,7 @@ def tar_of(*members: tuple[str, bytes | str]) -> bytes:
 
 async def upload_tar(ex: xpb_grpc.ExecServiceStub, cid: str, data: bytes) -> xpb.PutFilesResponse:
     async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=cid, format=xpb.ARCHIVE_FORMAT_TAR))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=cid, format=xpb.ARCHIVE_FORMAT_TAR))
         for i in range(0, len(data), 1 << 20):
             yield xpb.PutFilesRequest(data=data[i:i + (1 << 20)])
 
@@ -136,7 +136,7 @@ async def test_hostile_archives_cost_the_hub_nothing_and_another_tenant_nothing(
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     a = await create(services)
     b = await create(services, md=B)
-    idle = await b_latencies(ex, b.id, 3)
+    idle = await b_latencies(ex, b.container_id, 3)
     rss_before = peak_rss_mib()
 
     stop = asyncio.Event()
@@ -146,14 +146,14 @@ async def test_hostile_archives_cost_the_hub_nothing_and_another_tenant_nothing(
         nonlocal rounds
         while not stop.is_set():
             for data in HOSTILE.values():
-                await refused(ex, a.id, data)
+                await refused(ex, a.container_id, data)
                 await asyncio.sleep(0.05)  # each archive's cost, not a call flood (that is item 7's budgets)
             rounds += 1
 
     attacker = asyncio.ensure_future(attack())
     try:
         await asyncio.sleep(0.2)
-        during = await b_latencies(ex, b.id, 6)
+        during = await b_latencies(ex, b.container_id, 6)
         # At least one full round of every hostile archive happened while B measured.
         while rounds < 1 and not attacker.done():
             await asyncio.sleep(0.05)
@@ -171,35 +171,35 @@ async def test_hostile_archives_cost_the_hub_nothing_and_another_tenant_nothing(
     assert during_p50 <= 5 * idle_p50 + 0.02
     assert rss_growth < 256
     # Nothing of any refused archive is in A's container.
-    assert await ls(ex, a.id, "ls", "-A", "/work") == b""
+    assert await ls(ex, a.container_id, "ls", "-A", "/work") == b""
 
 
 async def test_sparse_members_write_nothing(services: Services) -> None:
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services)
     for name in ("old GNU sparse, 500 MB of holes", "pax GNU.sparse keys"):
-        message = await refused(ex, c.id, HOSTILE[name])
+        message = await refused(ex, c.container_id, HOSTILE[name])
         assert "sparse" in message, message
-    assert await ls(ex, c.id, "du", "-s", "/work") == b"0\t/work\n"
+    assert await ls(ex, c.container_id, "du", "-s", "/work") == b"0\t/work\n"
 
 
 async def test_a_refused_member_leaves_nothing_of_the_upload(services: Services) -> None:
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services)
-    await upload_tar(ex, c.id, tar_of(("keep.txt", b"old")))
+    await upload_tar(ex, c.container_id, tar_of(("keep.txt", b"old")))
     # Files in new directories, an overwrite, then a refused member: all undone.
     bad = tar_of(("a/b/c.txt", b"1" * 3000), ("keep.txt", b"new"), ("x.txt", b"2"), ("evil", "/etc/passwd"))
-    message = await refused(ex, c.id, bad)
+    message = await refused(ex, c.container_id, bad)
     assert "evil" in message and "symbolic link" in message
-    assert await ls(ex, c.id, "ls", "-A", "/work") == b"keep.txt\n"
-    assert await ls(ex, c.id, "cat", "/work/keep.txt") == b"old"
+    assert await ls(ex, c.container_id, "ls", "-A", "/work") == b"keep.txt\n"
+    assert await ls(ex, c.container_id, "cat", "/work/keep.txt") == b"old"
     # The same without the bad member is taken whole.
-    got = await upload_tar(ex, c.id, tar_of(("a/b/c.txt", b"1" * 3000), ("keep.txt", b"new")))
+    got = await upload_tar(ex, c.container_id, tar_of(("a/b/c.txt", b"1" * 3000), ("keep.txt", b"new")))
     assert sorted(f.path for f in got.files) == ["/work/a/b/c.txt", "/work/keep.txt"]
-    assert await ls(ex, c.id, "cat", "/work/keep.txt") == b"new"
+    assert await ls(ex, c.container_id, "cat", "/work/keep.txt") == b"new"
     # Truncated mid-member: nothing of it either.
-    await refused(ex, c.id, tar_of(("t/big.bin", b"z" * 100_000))[:50_000])
-    assert await ls(ex, c.id, "ls", "-A", "/work") == b"a\nkeep.txt\n"
+    await refused(ex, c.container_id, tar_of(("t/big.bin", b"z" * 100_000))[:50_000])
+    assert await ls(ex, c.container_id, "ls", "-A", "/work") == b"a\nkeep.txt\n"
 
 
 async def test_tar_members_are_written_as_the_archive_arrives(services: Services) -> None:
@@ -212,7 +212,7 @@ async def test_tar_members_are_written_as_the_archive_arrives(services: Services
     go_on = asyncio.Event()
 
     async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id, format=xpb.ARCHIVE_FORMAT_TAR))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id, format=xpb.ARCHIVE_FORMAT_TAR))
         yield xpb.PutFilesRequest(data=data[:512 + 4096 + 512])  # first member and the second's header
         sent_first.set()
         await go_on.wait()
@@ -222,7 +222,7 @@ async def test_tar_members_are_written_as_the_archive_arrives(services: Services
     await sent_first.wait()
     listing = b""
     for _ in range(100):
-        listing = await ls(ex, c.id, "ls", "-A", "/work")
+        listing = await ls(ex, c.container_id, "ls", "-A", "/work")
         if listing.count(b".sandhub-put-") >= 1:
             break
         await asyncio.sleep(0.05)
@@ -230,4 +230,4 @@ async def test_tar_members_are_written_as_the_archive_arrives(services: Services
     got = await call
     assert b".sandhub-put-" in listing, listing
     assert sorted(f.path for f in got.files) == ["/work/first.bin", "/work/second.bin"]
-    assert await ls(ex, c.id, "ls", "-A", "/work") == b"first.bin\nsecond.bin\n"
+    assert await ls(ex, c.container_id, "ls", "-A", "/work") == b"first.bin\nsecond.bin\n"

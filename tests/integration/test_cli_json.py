@@ -42,7 +42,7 @@ async def json_lines(services: Services, *args: str, stdin: bytes = b"", code: i
 
 
 async def test_every_exec_verb_prints_json(services: Services, tmp_path: Path) -> None:
-    cid = (await as_json(services, "create", "--wait"))["id"]
+    cid = (await as_json(services, "create", "--wait"))["containerId"]
     app = tmp_path / "app"
     app.mkdir()
     (app / "hello.txt").write_bytes(b"hi\n")
@@ -56,11 +56,11 @@ async def test_every_exec_verb_prints_json(services: Services, tmp_path: Path) -
 
     run = await as_json(services, "run", "--shell", cid, "--", "cat app/hello.txt; printf '\\377' >&2; exit 3",
                         code=3)
-    assert run["exitCode"] == 3 and run["status"]["exitCode"] == 3
+    assert run["exitCode"] == 3 and run["exitStatus"]["exitCode"] == 3
     assert run["stdout"] == "hi\n" and base64.b64decode(run["stderrBase64"]) == b"\xff"
     assert run["stdoutTruncated"] is False and run["stderrTruncated"] is False and run["duration"].endswith("s")
     ok = await as_json(services, "run", cid, "--", "true")
-    assert ok["exitCode"] == 0 and ok["status"]["exitCode"] == 0 and ok["stdout"] == ""
+    assert ok["exitCode"] == 0 and ok["exitStatus"]["exitCode"] == 0 and ok["stdout"] == ""
     capped = await as_json(services, "run", "--shell", cid, "--", "head -c 20000000 /dev/zero", code=0)
     assert capped["stdoutTruncated"] is True
 
@@ -93,21 +93,21 @@ async def test_every_exec_verb_prints_json(services: Services, tmp_path: Path) -
     killed = await as_json(services, "kill", cid, "web", "-s", "KILL")
     assert killed["process"]["processId"] == "web"
     followed = await json_lines(services, "attach", cid, "web", "-f", code=128 + 9)
-    assert followed[-1]["exitCode"] == 128 + 9 and followed[-1]["exited"]["signal"] == "SIGNAL_SIGKILL"
+    assert followed[-1]["exitCode"] == 128 + 9 and followed[-1]["exitStatus"]["signal"] == "SIGNAL_SIGKILL"
 
     events = await json_lines(services, "exec", cid, "--", "sh", "-c", "cat; exit 4", stdin=b"piped in", code=4)
     assert events[0]["started"]["pid"] > 0
     assert "".join(e.get("data", "") for e in events if e.get("stream") == "stdout") == "piped in"
-    assert events[-1] == {"exited": events[-1]["exited"], "exitCode": 4}
+    assert events[-1] == {"exitStatus": events[-1]["exitStatus"], "exitCode": 4}
 
 
 async def test_lifecycle_verbs_still_print_json_and_errors_carry_the_reason(services: Services) -> None:
     made = await as_json(services, "create", "--wait", "--label", "app=web")
     assert made["state"] == "CONTAINER_STATE_RUNNING"
     listed = await as_json(services, "list", "-l", "app=web")
-    assert [c["id"] for c in listed["containers"]] == [made["id"]]
-    assert (await as_json(services, "get", made["id"]))["id"] == made["id"]
+    assert [c["containerId"] for c in listed["containers"]] == [made["containerId"]]
+    assert (await as_json(services, "get", made["containerId"]))["containerId"] == made["containerId"]
     missing = await sandhub(services, "ps", "cnt-000000000000", "--json")
     assert missing.returncode == 3 and b"CONTAINER_NOT_FOUND" in missing.stderr and missing.stdout == b""
-    deleted = await as_json(services, "delete", made["id"])
-    assert deleted["id"] == made["id"]
+    deleted = await as_json(services, "delete", made["containerId"])
+    assert deleted["containerId"] == made["containerId"]

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from sandhub.client import AsyncClient, Client, InvalidArgument, NotFound
+from sandhub.common.v1 import errors_pb2
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import Services
@@ -22,11 +23,11 @@ def target(services: Services) -> str:
 async def test_async_client_containers_exec_and_processes(services: Services) -> None:
     async with AsyncClient(target(services), api_key="key-a") as hub:
         made = [await hub.create_container(labels={"app": "t"}, wait_until_running=True) for _ in range(3)]
-        seen = [c.id async for c in hub.iter_containers(label_selector="app=t", page_size=2)]
-        assert sorted(seen) == sorted(c.id for c in made)
+        seen = [c.container_id async for c in hub.iter_containers(label_selector="app=t", page_size=2)]
+        assert sorted(seen) == sorted(c.container_id for c in made)
         page = await hub.list_containers(label_selector="app=t", page_size=2)
         assert len(page.containers) == 2 and page.next_page_token
-        cid = made[0].id
+        cid = made[0].container_id
         extended = await hub.extend_container(cid, by_s=600)
         assert extended.expire_time.ToNanoseconds() > made[0].expire_time.ToNanoseconds()
 
@@ -53,19 +54,20 @@ async def test_async_client_containers_exec_and_processes(services: Services) ->
         assert b"".join(r.stdout.data for r in chunks) == b"up\n"
         await hub.signal_process(cid, "web", "KILL")
         followed = [r async for r in hub.attach_process(cid, "web", stdout_offset=3, follow=True)]
-        assert followed[-1].exited.signal == xpb.SIGNAL_SIGKILL
+        assert followed[-1].exit_status.signal == xpb.SIGNAL_SIGKILL
 
         info, data = await hub.get_file(cid, "/etc/hostname")
         assert info.size == len(data) > 0
         deleted = await hub.delete_container(cid)
-        assert deleted.id == cid
+        assert deleted.container_id == cid
 
         with pytest.raises(NotFound) as nf:
-            await hub.get_process(made[1].id, "nope")
-        assert nf.value.reason == "PROCESS_NOT_FOUND" and nf.value.metadata["process_id"] == "nope"
+            await hub.get_process(made[1].container_id, "nope")
+        assert nf.value.reason == errors_pb2.ERROR_REASON_PROCESS_NOT_FOUND
+        assert nf.value.metadata["process_id"] == "nope" and "PROCESS_NOT_FOUND" in str(nf.value)
         with pytest.raises(InvalidArgument) as bad:
             await hub.list_containers(page_token="not-a-token")
-        assert bad.value.reason == "INVALID_PAGE_TOKEN" and bad.value.field == "page_token"
+        assert bad.value.reason == errors_pb2.ERROR_REASON_INVALID_PAGE_TOKEN and bad.value.field == "page_token"
 
 
 async def test_sync_client_files_pty_resize_and_watch(services: Services, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -78,15 +80,15 @@ async def test_sync_client_files_pty_resize_and_watch(services: Services, tmp_pa
             watch = hub.watch_containers(send_initial=True)
             assert next(watch).type == pb.WATCH_EVENT_TYPE_SYNCED
             c = hub.create_container(wait_until_running=True)
-            assert next(watch).container.id == c.id
-            put = hub.put_paths(c.id, [tmp_path / "d"], destination="/work/in")
+            assert next(watch).container.container_id == c.container_id
+            put = hub.put_paths(c.container_id, [tmp_path / "d"], destination="/work/in")
             assert [(f.path, f.mode) for f in put.files] == [("/work/in/d/sub/x.sh", 0o755)]
-            assert hub.run(c.id, ["/work/in/d/sub/x.sh"]).stdout == b"x\n"
-            with hub.exec(c.id, ["sh"], pty=(24, 80)) as s:
+            assert hub.run(c.container_id, ["/work/in/d/sub/x.sh"]).stdout == b"x\n"
+            with hub.exec(c.container_id, ["sh"], pty=(24, 80)) as s:
                 s.resize(40, 132)
                 s.write(b"sleep 0.2; stty size; exit 0\n")
                 out, _, status = s.wait()
             assert b"40 132" in out and status.exit_code == 0
-            hub.delete_container(c.id)
+            hub.delete_container(c.container_id)
 
     await asyncio.to_thread(walk)

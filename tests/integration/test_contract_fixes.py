@@ -1,5 +1,6 @@
 """The server does what the contract says (issue 13): SIGNAL_UNSPECIFIED is
-SIGTERM, a tar download's size is -1, process ids are [a-z0-9-], a Run reply
+SIGTERM, a tar download's size is -1, process ids are [a-z0-9-], a process's
+command comes back as it was asked for (`shell` stays `shell`), a Run reply
 fits a default client's 4 MiB receive limit, half-closing an Exec stream ends
 the command's stdin, and a caller without a key hears UNAUTHENTICATED before
 anything about its request.
@@ -46,13 +47,13 @@ async def _exited(ex: xpb_grpc.ExecServiceStub, cid: str, process_id: str) -> xp
 
 async def test_signal_unspecified_means_sigterm(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="sleeper",
+    await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="sleeper",
                                                   command=xpb.Command(argv=["sleep", "60"])), metadata=A)
-    await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.id, process_id="sleeper"), metadata=A)
-    p = await _exited(ex, c.id, "sleeper")
+    await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.container_id, process_id="sleeper"), metadata=A)
+    p = await _exited(ex, c.container_id, "sleeper")
     assert p.exit_status.signal == xpb.SIGNAL_SIGTERM and p.exit_status.signal_number == 15
 
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sleep", "60"])))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sleep", "60"])))
     s.send(signal=xpb.SIGNAL_UNSPECIFIED)  # the oneof's signal case, left at its zero value
     status = await s.exit()
     assert status.signal == xpb.SIGNAL_SIGTERM and not status.timed_out
@@ -60,15 +61,15 @@ async def test_signal_unspecified_means_sigterm(services: Services, ex: xpb_grpc
 
 async def test_get_files_size_is_minus_one_for_a_tar_stream(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    await run(ex, c.id, shell="mkdir -p /work/d && printf hello > /work/d/f.txt")
-    raw, data = await get(ex, c.id, "/work/d/f.txt")
+    await run(ex, c.container_id, shell="mkdir -p /work/d && printf hello > /work/d/f.txt")
+    raw, data = await get(ex, c.container_id, "/work/d/f.txt")
     assert (raw.size, data) == (5, b"hello")
-    as_tar, data = await get(ex, c.id, "/work/d/f.txt", xpb.ARCHIVE_FORMAT_TAR)
+    as_tar, data = await get(ex, c.container_id, "/work/d/f.txt", xpb.ARCHIVE_FORMAT_TAR)
     assert as_tar.size == -1 and not as_tar.is_dir
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         assert [m.name for m in t.getmembers()] == ["./f.txt"]
     for fmt in (xpb.ARCHIVE_FORMAT_UNSPECIFIED, xpb.ARCHIVE_FORMAT_TAR):
-        directory, data = await get(ex, c.id, "/work/d", fmt)
+        directory, data = await get(ex, c.container_id, "/work/d", fmt)
         assert directory.size == -1 and directory.is_dir and data
 
 
@@ -77,16 +78,41 @@ async def test_process_ids_are_lower_case_alphanumerics_and_dashes(services: Ser
     c = await create(services)
     for bad in ("Upper_Case.x", "UPPER", "under_score", "dot.ted", "-leading-dash", "a" * 64, ""):
         e = await expect_error(
-            ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id=bad,
+            ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id=bad,
                                                     command=xpb.Command(argv=["true"])), metadata=A),
             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
         assert reason_of(e)[1].get("field") == "process_id", bad
-        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id=bad), metadata=A),
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id=bad), metadata=A),
                            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
     for good in ("job-1", "0", "a" * 63):
-        started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id=good,
+        started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id=good,
                                                                 command=xpb.Command(argv=["true"])), metadata=A)
         assert started.process.process_id == good
+
+
+async def test_a_process_command_comes_back_as_it_was_asked_for(services: Services,
+                                                                ex: xpb_grpc.ExecServiceStub) -> None:
+    """A `shell` command stays `shell` (it came back as ["/bin/sh", "-c", ...]);
+    an argv stays that argv. Read back from the driver's record each time."""
+    c = await create(services)
+    shell = xpb.Command(shell="echo $((6 * 7)); sleep 60", env={"A": "1"}, cwd="/tmp")
+    argv = xpb.Command(argv=["sh", "-c", "sleep 60"])
+    for process_id, command in (("by-shell", shell), ("by-argv", argv)):
+        started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id=process_id,
+                                                                command=command), metadata=A)
+        assert started.created and started.process.command == command
+        again = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id=process_id,
+                                                              command=command), metadata=A)
+        assert not again.created and again.process.command == command
+        got = await ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id=process_id),
+                                  metadata=A)
+        assert got.process.command == command
+    listed = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id), metadata=A)
+    assert {p.process_id: p.command for p in listed.processes} == {"by-shell": shell, "by-argv": argv}
+    await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.container_id, process_id="by-shell",
+                                                    signal=xpb.SIGNAL_SIGKILL), metadata=A)
+    ended = await _exited(ex, c.container_id, "by-shell")
+    assert ended.command == shell  # an exited process keeps it too
 
 
 async def test_the_largest_run_reply_fits_a_default_clients_receive_limit(services: Services) -> None:
@@ -97,19 +123,19 @@ async def test_the_largest_run_reply_fits_a_default_clients_receive_limit(servic
         c = await create(services)
         over = limits.max_output_bytes + 1
         shell = f"head -c {over} /dev/zero; head -c {over} /dev/zero >&2"
-        r = await run(ex, c.id, shell=shell, max_output_bytes=limits.max_output_bytes)
+        r = await run(ex, c.container_id, shell=shell, max_output_bytes=limits.max_output_bytes)
         assert len(r.stdout) == len(r.stderr) == limits.max_output_bytes
-        assert r.stdout_truncated and r.stderr_truncated and r.status.exit_code == 0
+        assert r.stdout_truncated and r.stderr_truncated and r.exit_status.exit_code == 0
         assert r.ByteSize() < DEFAULT_RECEIVE_LIMIT
         # Whatever the output, the caps leave 64 KiB of the 4 MiB for the rest of the reply.
         assert 2 * limits.max_output_bytes + (64 << 10) <= DEFAULT_RECEIVE_LIMIT
         assert limits.default_output_bytes <= limits.max_output_bytes
-        r = await run(ex, c.id, shell=shell)  # no cap asked: the default per stream
+        r = await run(ex, c.container_id, shell=shell)  # no cap asked: the default per stream
         assert len(r.stdout) == len(r.stderr) == limits.default_output_bytes
         assert r.stdout_truncated and r.stderr_truncated
-        exact = await run(ex, c.id, shell="head -c 1000 /dev/zero", max_output_bytes=1000)
+        exact = await run(ex, c.container_id, shell="head -c 1000 /dev/zero", max_output_bytes=1000)
         assert len(exact.stdout) == 1000 and not exact.stdout_truncated  # the flag says only what was dropped
-        await expect_error(run(ex, c.id, "true", max_output_bytes=limits.max_output_bytes + 1),
+        await expect_error(run(ex, c.container_id, "true", max_output_bytes=limits.max_output_bytes + 1),
                            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
     finally:
         await channel.close()
@@ -117,16 +143,16 @@ async def test_the_largest_run_reply_fits_a_default_clients_receive_limit(servic
 
 async def test_half_closing_an_exec_stream_closes_stdin(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"])))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["cat"])))
     s.send(stdin=b"last words\n")
     s.queue.put_nowait(None)  # the request stream ends: the client's done_writing
     assert b"last words" in await s.read_until(b"last words")
     status = await s.exit(timeout=10)
     assert status.exit_code == 0 and not status.timed_out
 
-    explicit = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"])))
+    explicit = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["cat"])))
     explicit.send(stdin=b"x")
-    explicit.send(close_stdin=xpb.ExecRequest.CloseStdin())
+    explicit.send(close_stdin=xpb.CloseStdin())
     assert (await explicit.exit()).exit_code == 0
     explicit.queue.put_nowait(None)
 
@@ -136,28 +162,28 @@ async def test_an_unauthenticated_malformed_request_is_unauthenticated(services:
     c = await create(services)
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED
     for md in ((), (("authorization", "Bearer wrong-key"),)):
-        await expect_error(ex.Run(xpb.RunRequest(container_id=c.id), metadata=md), unauthenticated)
-        await expect_error(ex.Run(xpb.RunRequest(container_id=c.id, command=xpb.Command(argv=["true"]),
+        await expect_error(ex.Run(xpb.RunRequest(container_id=c.container_id), metadata=md), unauthenticated)
+        await expect_error(ex.Run(xpb.RunRequest(container_id=c.container_id, command=xpb.Command(argv=["true"]),
                                                  max_output_bytes=-1), metadata=md), unauthenticated)
-        await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="Bad_Id"),
+        await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="Bad_Id"),
                                            metadata=md), unauthenticated)
-        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="../x"), metadata=md),
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="../x"), metadata=md),
                            unauthenticated)
-        await expect_error(ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.id, process_id="../x",
+        await expect_error(ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.container_id, process_id="../x",
                                                                      signal=999), metadata=md), unauthenticated)  # type: ignore[arg-type]
-        await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_size=-1),
+        await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, page_size=-1),
                                             metadata=md), unauthenticated)
-        await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_token="junk"),
+        await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, page_token="junk"),
                                             metadata=md), unauthenticated)
-        await expect_error(ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.id, process_id="../x",
+        await expect_error(ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.container_id, process_id="../x",
                                                                      stdout_offset=-1), metadata=md).read(),
                            unauthenticated)
-        await expect_error(ex.GetFiles(xpb.GetFilesRequest(container_id=c.id, path="../../etc"),
+        await expect_error(ex.GetFiles(xpb.GetFilesRequest(container_id=c.container_id, path="../../etc"),
                                        metadata=md).read(), unauthenticated)
         await expect_error(ex.Exec(iter([xpb.ExecRequest(stdin=b"not a start")]), metadata=md).read(),
                            unauthenticated)
         await expect_error(services.hub_stub.CreateContainer(
             pb.CreateContainerRequest(ttl=duration_pb2.Duration(seconds=-5)), metadata=md),
             unauthenticated)
-        await expect_error(services.hub_stub.GetContainer(pb.GetContainerRequest(id="not an id"), metadata=md),
+        await expect_error(services.hub_stub.GetContainer(pb.GetContainerRequest(container_id="not an id"), metadata=md),
                            unauthenticated)

@@ -48,9 +48,9 @@ async def run(ex: xpb_grpc.ExecServiceStub, cid: str, *argv: str, shell: str = "
 async def put(ex: xpb_grpc.ExecServiceStub, cid: str, files: dict[str, bytes], *, destination: str = "",
               chunk: int = MiB, mode: int = 0, announce: bool = True) -> xpb.PutFilesResponse:
     async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=cid, destination=destination))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=cid, destination=destination))
         for path, data in files.items():
-            yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=path, mode=mode,
+            yield xpb.PutFilesRequest(file=xpb.FileHeader(path=path, mode=mode,
                                                                      size=len(data) if announce else 0))
             for i in range(0, len(data), chunk):
                 yield xpb.PutFilesRequest(data=data[i:i + chunk])
@@ -83,25 +83,25 @@ async def expect_error(coro, code: grpc.StatusCode, reason: str = "") -> grpc.ai
 
 async def test_the_seed_flow_put_a_file_then_cat_it(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    got = await put(ex, c.id, {"hello.txt": b"hello, student\n"}, mode=0o600)
+    got = await put(ex, c.container_id, {"hello.txt": b"hello, student\n"}, mode=0o600)
     assert [(f.path, f.size, f.mode) for f in got.files] == [("/work/hello.txt", 15, 0o600)]
     assert got.files[0].sha256 == hashlib.sha256(b"hello, student\n").hexdigest()
-    r = await run(ex, c.id, "cat", "hello.txt")
-    assert (r.status.exit_code, r.stdout) == (0, b"hello, student\n")
-    r = await run(ex, c.id, shell="stat -c '%a %u' /work/hello.txt")
+    r = await run(ex, c.container_id, "cat", "hello.txt")
+    assert (r.exit_status.exit_code, r.stdout) == (0, b"hello, student\n")
+    r = await run(ex, c.container_id, shell="stat -c '%a %u' /work/hello.txt")
     assert r.stdout.split() == [b"600", b"1000"]
 
 
 async def test_upload_100_mib_and_download_it_identical(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services, resources=pb.Resources(disk_mib=512))
     blob = os.urandom(MiB) * 100
-    got = await put(ex, c.id, {"big/blob.bin": blob})
+    got = await put(ex, c.container_id, {"big/blob.bin": blob})
     assert got.total_bytes == len(blob) and got.files[0].sha256 == hashlib.sha256(blob).hexdigest()
-    info, data = await get(ex, c.id, "/work/big/blob.bin")
+    info, data = await get(ex, c.container_id, "/work/big/blob.bin")
     assert info.size == len(blob) and not info.is_dir
     assert hashlib.sha256(data).digest() == hashlib.sha256(blob).digest()
     # A directory comes back as tar.
-    info, tar = await get(ex, c.id, "/work/big")
+    info, tar = await get(ex, c.container_id, "/work/big")
     assert info.is_dir and len(tar) > len(blob)
 
 
@@ -118,7 +118,7 @@ async def test_tar_upload_and_many_files(services: Services, ex: xpb_grpc.ExecSe
             t.addfile(ti, io.BytesIO(body))
 
     async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id, format=xpb.ARCHIVE_FORMAT_TAR))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id, format=xpb.ARCHIVE_FORMAT_TAR))
         yield xpb.PutFilesRequest(data=raw.getvalue())
 
     got = await ex.PutFiles(requests(), metadata=A)
@@ -126,7 +126,7 @@ async def test_tar_upload_and_many_files(services: Services, ex: xpb_grpc.ExecSe
 
     async def upload(data: bytes) -> xpb.PutFilesResponse:
         async def reqs() -> AsyncIterator[xpb.PutFilesRequest]:
-            yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id,
+            yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id,
                                                                       format=xpb.ARCHIVE_FORMAT_TAR))
             yield xpb.PutFilesRequest(data=data)
         return await ex.PutFiles(reqs(), metadata=A)
@@ -139,53 +139,53 @@ async def test_tar_upload_and_many_files(services: Services, ex: xpb_grpc.ExecSe
             ti.size = 1
             t.addfile(ti, io.BytesIO(b"x"))
     await expect_error(upload(bad.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
-    assert (await run(ex, c.id, "ls", "/work")).stdout.split() == [b"app"]
+    assert (await run(ex, c.container_id, "ls", "/work")).stdout.split() == [b"app"]
     gz = io.BytesIO()
     with tarfile.open(fileobj=gz, mode="w:gz") as t:
         t.addfile(tarfile.TarInfo("empty"), io.BytesIO(b""))
     await expect_error(upload(gz.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
-    r = await run(ex, c.id, "python3", "/work/app/main.py")
+    r = await run(ex, c.container_id, "python3", "/work/app/main.py")
     assert r.stdout == b"hi\n"
 
 
 async def test_path_escapes_are_refused(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
     for bad in ("../etc/passwd", "a/../../x", "/proc/1/root/etc/x", "/sys/x"):
-        await expect_error(put(ex, c.id, {bad: b"x"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
+        await expect_error(put(ex, c.container_id, {bad: b"x"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
     # A symlink planted by the container, pointing out of the work dir, is not followed.
-    await run(ex, c.id, "ln", "-s", "/etc", "/work/evil")
-    await expect_error(put(ex, c.id, {"evil/passwd": b"owned"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
+    await run(ex, c.container_id, "ln", "-s", "/etc", "/work/evil")
+    await expect_error(put(ex, c.container_id, {"evil/passwd": b"owned"}), grpc.StatusCode.INVALID_ARGUMENT, "PATH_NOT_ALLOWED")
     # Read-only places stay read-only.
-    err = await expect_error(put(ex, c.id, {"/etc/sandhub-x": b"x"}), grpc.StatusCode.INVALID_ARGUMENT,
+    err = await expect_error(put(ex, c.container_id, {"/etc/sandhub-x": b"x"}), grpc.StatusCode.INVALID_ARGUMENT,
                              "PATH_NOT_ALLOWED")
     assert "read-only" in err.details()
     # A symlink at the target itself is replaced, not followed into the directory it names.
-    await run(ex, c.id, shell="mkdir /work/dir && ln -s /work/dir /work/link")
-    await put(ex, c.id, {"link": b"plain file now"})
-    listing = await run(ex, c.id, shell="ls -A /work/dir; cat /work/link; test -L /work/link || echo not-a-link")
+    await run(ex, c.container_id, shell="mkdir /work/dir && ln -s /work/dir /work/link")
+    await put(ex, c.container_id, {"link": b"plain file now"})
+    listing = await run(ex, c.container_id, shell="ls -A /work/dir; cat /work/link; test -L /work/link || echo not-a-link")
     assert listing.stdout == b"plain file nownot-a-link\n"
     assert not os.path.exists("/etc/sandhub-x")
-    await expect_error(get(ex, c.id, "/work/nope"), grpc.StatusCode.NOT_FOUND, "PATH_NOT_FOUND")
+    await expect_error(get(ex, c.container_id, "/work/nope"), grpc.StatusCode.NOT_FOUND, "PATH_NOT_FOUND")
 
 
 async def test_oversized_and_aborted_uploads_leave_nothing(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services, resources=pb.Resources(disk_mib=64))
     # Announced too big: refused before a byte is written.
     limits = ExecLimits()
-    huge = xpb.PutFilesRequest.File(path="huge.bin", size=limits.max_upload_bytes + 1)
+    huge = xpb.FileHeader(path="huge.bin", size=limits.max_upload_bytes + 1)
 
     async def announce() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
         yield xpb.PutFilesRequest(file=huge)
 
     await expect_error(ex.PutFiles(announce(), metadata=A), grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE")
     # Bigger than the container's disk (32 MiB of /work): the disk is the limit.
-    await expect_error(put(ex, c.id, {"fill.bin": b"\0" * (40 * MiB)}, announce=False),
+    await expect_error(put(ex, c.container_id, {"fill.bin": b"\0" * (40 * MiB)}, announce=False),
                        grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE")
     # A stream that breaks off midway.
     async def broken() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
-        yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path="half.bin", size=4 * MiB))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
+        yield xpb.PutFilesRequest(file=xpb.FileHeader(path="half.bin", size=4 * MiB))
         yield xpb.PutFilesRequest(data=b"x" * MiB)
         raise RuntimeError("client crashed")
 
@@ -195,7 +195,7 @@ async def test_oversized_and_aborted_uploads_leave_nothing(services: Services, e
     # waited for, up to a deadline, rather than a fixed sleep.
     deadline = asyncio.get_running_loop().time() + 15
     while True:
-        listing = (await run(ex, c.id, "ls", "-a", "/work")).stdout.split()
+        listing = (await run(ex, c.container_id, "ls", "-a", "/work")).stdout.split()
         if sorted(listing) == [b".", b".."] or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.1)
@@ -209,11 +209,11 @@ async def test_malformed_streams_are_invalid(services: Services, ex: xpb_grpc.Ex
         yield xpb.PutFilesRequest(data=b"x")
 
     async def two_starts() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
 
     async def data_before_file() -> AsyncIterator[xpb.PutFilesRequest]:
-        yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id))
+        yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
         yield xpb.PutFilesRequest(data=b"x")
 
     for gen in (data_first, two_starts, data_before_file):
@@ -223,7 +223,7 @@ async def test_malformed_streams_are_invalid(services: Services, ex: xpb_grpc.Ex
         yield xpb.ExecRequest(stdin=b"x")
 
     async def exec_two_starts() -> AsyncIterator[xpb.ExecRequest]:
-        start = xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"]))
+        start = xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["cat"]))
         yield xpb.ExecRequest(start=start)
         yield xpb.ExecRequest(start=start)
 
@@ -242,42 +242,42 @@ async def _drain(call) -> list[xpb.ExecResponse]:  # type: ignore[no-untyped-def
 
 async def test_run_exit_codes_signals_timeouts_and_streams(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    r = await run(ex, c.id, "ls", "/")
-    assert r.status.exit_code == 0 and b"work" in r.stdout.split() and r.duration.ToNanoseconds() > 0
-    r = await run(ex, c.id, shell="echo out; echo err >&2; exit 3")
-    assert (r.status.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
-    r = await run(ex, c.id, shell="kill -TERM $$")
-    assert r.status.signal == xpb.SIGNAL_SIGTERM and r.status.signal_number == 15
-    r = await run(ex, c.id, "cat", stdin=b"from stdin")
+    r = await run(ex, c.container_id, "ls", "/")
+    assert r.exit_status.exit_code == 0 and b"work" in r.stdout.split() and r.duration.ToNanoseconds() > 0
+    r = await run(ex, c.container_id, shell="echo out; echo err >&2; exit 3")
+    assert (r.exit_status.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    r = await run(ex, c.container_id, shell="kill -TERM $$")
+    assert r.exit_status.signal == xpb.SIGNAL_SIGTERM and r.exit_status.signal_number == 15
+    r = await run(ex, c.container_id, "cat", stdin=b"from stdin")
     assert r.stdout == b"from stdin"
-    r = await run(ex, c.id, shell="sleep 30 & sleep 30; echo never", timeout=seconds(0.5))
-    assert r.status.timed_out and r.status.signal == xpb.SIGNAL_SIGKILL and b"never" not in r.stdout
-    ps = await run(ex, c.id, "ps", "-eo", "args")
+    r = await run(ex, c.container_id, shell="sleep 30 & sleep 30; echo never", timeout=seconds(0.5))
+    assert r.exit_status.timed_out and r.exit_status.signal == xpb.SIGNAL_SIGKILL and b"never" not in r.stdout
+    ps = await run(ex, c.container_id, "ps", "-eo", "args")
     assert b"sleep 30" not in ps.stdout and b"sleep inf" in ps.stdout  # the timed-out group is gone
-    r = await run(ex, c.id, "yes", timeout=seconds(1), max_output_bytes=1000)
-    assert r.stdout_truncated and len(r.stdout) == 1000 and r.status.timed_out
-    r = await run(ex, c.id, "env")
-    assert f"SANDHUB_CONTAINER_ID={c.id}".encode() in r.stdout
-    r = await ex.Run(xpb.RunRequest(container_id=c.id, command=xpb.Command(argv=["pwd"], cwd="/tmp",
+    r = await run(ex, c.container_id, "yes", timeout=seconds(1), max_output_bytes=1000)
+    assert r.stdout_truncated and len(r.stdout) == 1000 and r.exit_status.timed_out
+    r = await run(ex, c.container_id, "env")
+    assert f"SANDHUB_CONTAINER_ID={c.container_id}".encode() in r.stdout
+    r = await ex.Run(xpb.RunRequest(container_id=c.container_id, command=xpb.Command(argv=["pwd"], cwd="/tmp",
                                                                            env={"X": "1"})), metadata=A)
     assert r.stdout == b"/tmp\n"
-    await expect_error(run(ex, c.id, "no-such-program"), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_error(run(ex, c.container_id, "no-such-program"), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 async def test_run_bad_input_and_tenancy(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
     await expect_error(run(ex, "cnt-000000000000", "ls"), grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
-    await expect_error(run(ex, c.id, "ls", md=B), grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
-    await expect_error(run(ex, c.id, "ls", md=()), grpc.StatusCode.UNAUTHENTICATED)
-    await expect_error(ex.Run(xpb.RunRequest(container_id=c.id), metadata=A), grpc.StatusCode.INVALID_ARGUMENT)
-    await expect_error(run(ex, c.id, "ls", timeout=seconds(10**6)), grpc.StatusCode.INVALID_ARGUMENT)
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    await expect_error(run(ex, c.container_id, "ls", md=B), grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
+    await expect_error(run(ex, c.container_id, "ls", md=()), grpc.StatusCode.UNAUTHENTICATED)
+    await expect_error(ex.Run(xpb.RunRequest(container_id=c.container_id), metadata=A), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_error(run(ex, c.container_id, "ls", timeout=seconds(10**6)), grpc.StatusCode.INVALID_ARGUMENT)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)
     for _ in range(100):
-        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)).container
+        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id), metadata=A)).container
         if got.state == pb.CONTAINER_STATE_TERMINATED:
             break
         await asyncio.sleep(0.02)
-    await expect_error(run(ex, c.id, "ls"), grpc.StatusCode.FAILED_PRECONDITION, "CONTAINER_NOT_RUNNING")
+    await expect_error(run(ex, c.container_id, "ls"), grpc.StatusCode.FAILED_PRECONDITION, "CONTAINER_NOT_RUNNING")
 
 
 # -- Exec ----------------------------------------------------------------------------
@@ -286,7 +286,7 @@ async def test_run_bad_input_and_tenancy(services: Services, ex: xpb_grpc.ExecSe
 class Session:
     """Drives an Exec stream from the test: send requests, read responses."""
 
-    def __init__(self, ex: xpb_grpc.ExecServiceStub, start: xpb.ExecRequest.Start) -> None:
+    def __init__(self, ex: xpb_grpc.ExecServiceStub, start: xpb.ExecStart) -> None:
         self.queue: asyncio.Queue[xpb.ExecRequest | None] = asyncio.Queue()
         self.queue.put_nowait(xpb.ExecRequest(start=start))
         self.call = ex.Exec(self._requests(), metadata=A)
@@ -312,23 +312,23 @@ class Session:
             while True:
                 r = await self.call.read()
                 assert r is not grpc.aio.EOF
-                if r.HasField("exited"):
-                    return r.exited
+                if r.HasField("exit_status"):
+                    return r.exit_status
 
 
 async def test_interactive_shell_with_stdin_eof_and_pty(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sh"])))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sh"])))
     first = await s.call.read()
     assert first.started.pid > 1
     s.send(stdin=b"echo $((6*7))\n")
     assert b"42" in await s.read_until(b"42")
     s.send(stdin=b"echo err >&2\n")
     await s.read_until(b"err")
-    s.send(close_stdin=xpb.ExecRequest.CloseStdin())
+    s.send(close_stdin=xpb.CloseStdin())
     assert (await s.exit()).exit_code == 0
 
-    pty = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sh", "-i"]),
+    pty = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sh", "-i"]),
                                             pty=xpb.PtySize(rows=24, cols=80)))
     await pty.call.read()
     pty.send(stdin=b"stty size\n")
@@ -339,7 +339,7 @@ async def test_interactive_shell_with_stdin_eof_and_pty(services: Services, ex: 
     pty.send(stdin=b"exit 5\n")
     assert (await pty.exit()).exit_code == 5, out
 
-    sig = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sleep", "60"])))
+    sig = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sleep", "60"])))
     await sig.call.read()
     sig.send(signal=xpb.SIGNAL_SIGINT)
     assert (await sig.exit()).signal == xpb.SIGNAL_SIGINT
@@ -347,12 +347,12 @@ async def test_interactive_shell_with_stdin_eof_and_pty(services: Services, ex: 
 
 async def test_exec_caller_going_away_kills_the_process(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="sleep 77 & sleep 78")))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(shell="sleep 77 & sleep 78")))
     await s.call.read()
-    assert b"sleep 77" in (await run(ex, c.id, "ps", "-eo", "args")).stdout
+    assert b"sleep 77" in (await run(ex, c.container_id, "ps", "-eo", "args")).stdout
     s.call.cancel()
     for _ in range(100):
-        if b"sleep 7" not in (await run(ex, c.id, "ps", "-eo", "args")).stdout:
+        if b"sleep 7" not in (await run(ex, c.container_id, "ps", "-eo", "args")).stdout:
             break
         await asyncio.sleep(0.05)
     else:
@@ -361,16 +361,16 @@ async def test_exec_caller_going_away_kills_the_process(services: Services, ex: 
 
 async def test_slow_reader_does_not_make_the_hub_buffer(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="yes | head -c 200000000; echo done")))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(shell="yes | head -c 200000000; echo done")))
     await s.call.read()
     await asyncio.sleep(2)  # read nothing: the pipe and gRPC's windows fill, then yes waits
-    written = (await run(ex, c.id, shell="cat /proc/$(pidof yes)/io | grep wchar")).stdout
+    written = (await run(ex, c.container_id, shell="cat /proc/$(pidof yes)/io | grep wchar")).stdout
     assert int(written.split()[1]) < 50 * MiB, written  # far from all 200 MB
     got = 0
     async with asyncio.timeout(60):
         while True:
             r = await s.call.read()
-            if r.HasField("exited"):
+            if r.HasField("exit_status"):
                 break
             got += len(r.stdout)
     assert got == 200000000 + len(b"done\n")
@@ -382,11 +382,11 @@ async def test_slow_reader_does_not_make_the_hub_buffer(services: Services, ex: 
 async def test_background_web_server_survives_a_hub_restart(services: Services) -> None:
     c = await create(services, ports=[pb.Port(port=8000)])
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
-    await put(ex, c.id, {"site/index.html": b"<p>hello</p>\n"})
+    await put(ex, c.container_id, {"site/index.html": b"<p>hello</p>\n"})
     cmd = xpb.Command(shell="echo starting; exec /.sandhub/busybox httpd -f -vv -p 8000 -h /work/site")
-    started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="web", command=cmd), metadata=A)
+    started = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="web", command=cmd), metadata=A)
     assert started.created and started.process.state == xpb.PROCESS_STATE_RUNNING
-    again = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="web", command=cmd), metadata=A)
+    again = await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="web", command=cmd), metadata=A)
     assert not again.created and again.process.pid == started.process.pid
 
     url = f"http://{c.network.ip_address}:8000/index.html"
@@ -407,33 +407,33 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     ex = xpb_grpc.ExecServiceStub(channel)
     try:
-        listed = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id), metadata=A)
+        listed = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id), metadata=A)
         assert [p.process_id for p in listed.processes] == ["web"]
         assert listed.processes[0].state == xpb.PROCESS_STATE_RUNNING
         assert listed.processes[0].stdout_bytes == len(b"starting\n")
         out = bytearray()
-        async for r in ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.id, process_id="web",
+        async for r in ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.container_id, process_id="web",
                                                                  stdout_offset=2), metadata=A):
             out += r.stdout.data
-            assert not r.HasField("exited")
+            assert not r.HasField("exit_status")
         assert out == b"arting\n"
         await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read())
-        killed = await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.id, process_id="web",
+        killed = await ex.SignalProcess(xpb.SignalProcessRequest(container_id=c.container_id, process_id="web",
                                                                  signal=xpb.SIGNAL_SIGTERM), metadata=A)
         assert killed.process.process_id == "web"
-        follow = ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.id, process_id="web", follow=True,
+        follow = ex.AttachProcess(xpb.AttachProcessRequest(container_id=c.container_id, process_id="web", follow=True,
                                                            stdout_offset=0, stderr_offset=0), metadata=A)
         exited = None
         async with asyncio.timeout(10):
             async for r in follow:
-                if r.HasField("exited"):
-                    exited = r.exited
+                if r.HasField("exit_status"):
+                    exited = r.exit_status
         assert exited is not None and exited.signal == xpb.SIGNAL_SIGTERM
-        got = await ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="web"), metadata=A)
+        got = await ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="web"), metadata=A)
         assert got.process.state == xpb.PROCESS_STATE_EXITED
-        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="nope"), metadata=A),
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="nope"), metadata=A),
                            grpc.StatusCode.NOT_FOUND, "PROCESS_NOT_FOUND")
-        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="web"), metadata=B),
+        await expect_error(ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="web"), metadata=B),
                            grpc.StatusCode.NOT_FOUND, "CONTAINER_NOT_FOUND")
     finally:
         await channel.close()
@@ -449,7 +449,7 @@ async def test_output_is_batched_and_idle_streams_get_keepalives(services: Servi
     try:
         ex = xpb_grpc.ExecServiceStub(channel)
         c = await create(services)
-        start = xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(
+        start = xpb.ExecStart(container_id=c.container_id, command=xpb.Command(
             shell="i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done; sleep 1; echo end"))
 
         async def requests() -> AsyncIterator[xpb.ExecRequest]:
@@ -462,12 +462,12 @@ async def test_output_is_batched_and_idle_streams_get_keepalives(services: Servi
             async for r in ex.Exec(requests(), metadata=A):
                 kinds.append(r.WhichOneof("msg"))
                 out += r.stdout
-                if r.HasField("exited"):
+                if r.HasField("exit_status"):
                     break
         assert out.splitlines()[:2] == [b"line0", b"line1"] and out.endswith(b"line1999\nend\n")
         assert kinds.count("stdout") < 200, kinds.count("stdout")  # 2,001 writes, far fewer messages
         assert "keepalive" in kinds  # the idle second in the middle
-        assert kinds[0] == "started" and kinds[-1] == "exited"
+        assert kinds[0] == "started" and kinds[-1] == "exit_status"
     finally:
         await channel.close()
         await hub.stop(0)
@@ -476,25 +476,25 @@ async def test_output_is_batched_and_idle_streams_get_keepalives(services: Servi
 async def test_list_processes_pages_and_filters(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
     for pid, shell in (("a", "sleep 60"), ("b", "true"), ("c", "sleep 60")):
-        await ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id=pid,
+        await ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id=pid,
                                                       command=xpb.Command(shell=shell)), metadata=A)
     for _ in range(100):
-        b = (await ex.GetProcess(xpb.GetProcessRequest(container_id=c.id, process_id="b"), metadata=A)).process
+        b = (await ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="b"), metadata=A)).process
         if b.state == xpb.PROCESS_STATE_EXITED:
             break
         await asyncio.sleep(0.05)
     assert b.exit_status.exit_code == 0 and b.end_time.seconds > 0
-    first = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_size=2), metadata=A)
-    second = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_size=2,
+    first = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, page_size=2), metadata=A)
+    second = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, page_size=2,
                                                              page_token=first.next_page_token), metadata=A)
     assert [p.process_id for p in first.processes] + [p.process_id for p in second.processes] == ["a", "b", "c"]
     assert second.next_page_token == ""
-    running = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, state=xpb.PROCESS_STATE_RUNNING),
+    running = await ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, state=xpb.PROCESS_STATE_RUNNING),
                                      metadata=A)
     assert [p.process_id for p in running.processes] == ["a", "c"]
-    await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.id, page_token="junk"), metadata=A),
+    await expect_error(ex.ListProcesses(xpb.ListProcessesRequest(container_id=c.container_id, page_token="junk"), metadata=A),
                        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
-    await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.id, process_id="../x",
+    await expect_error(ex.StartProcess(xpb.StartProcessRequest(container_id=c.container_id, process_id="../x",
                                                                command=xpb.Command(argv=["true"])), metadata=A),
                        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
 
@@ -508,17 +508,17 @@ async def test_open_exec_calls_are_bounded_per_tenant(services: Services) -> Non
     try:
         ex = xpb_grpc.ExecServiceStub(channel)
         c = await create(services)
-        sessions = [Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["sleep", "60"])))
+        sessions = [Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sleep", "60"])))
                     for _ in range(2)]
         for s in sessions:
             assert (await s.call.read()).HasField("started")
-        await expect_error(run(ex, c.id, "true"), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+        await expect_error(run(ex, c.container_id, "true"), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
         # Another tenant is not held back by this one's calls.
-        await expect_error(run(ex, c.id, "true", md=B), grpc.StatusCode.NOT_FOUND)
+        await expect_error(run(ex, c.container_id, "true", md=B), grpc.StatusCode.NOT_FOUND)
         sessions[0].call.cancel()
         for _ in range(100):
             try:
-                assert (await run(ex, c.id, "true")).status.exit_code == 0
+                assert (await run(ex, c.container_id, "true")).exit_status.exit_code == 0
                 break
             except grpc.aio.AioRpcError as e:
                 assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -535,20 +535,20 @@ async def test_run_and_exec_end_with_the_command_not_with_what_it_left_running(
     services: Services, ex: xpb_grpc.ExecServiceStub
 ) -> None:
     c = await create(services)
-    r = await run(ex, c.id, shell="sleep 100 & echo hi", timeout=seconds(30))
-    assert (r.status.exit_code, r.stdout, r.status.timed_out) == (0, b"hi\n", False)
+    r = await run(ex, c.container_id, shell="sleep 100 & echo hi", timeout=seconds(30))
+    assert (r.exit_status.exit_code, r.stdout, r.exit_status.timed_out) == (0, b"hi\n", False)
     assert r.duration.ToNanoseconds() < 10e9  # not the 30 s timeout: the shell ended at once
-    assert b"sleep 100" not in (await run(ex, c.id, "ps", "-o", "args")).stdout  # its leftovers are gone
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(shell="sleep 100 & echo hey; exit 3")))
+    assert b"sleep 100" not in (await run(ex, c.container_id, "ps", "-o", "args")).stdout  # its leftovers are gone
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(shell="sleep 100 & echo hey; exit 3")))
     await s.read_until(b"hey")
     assert (await s.exit()).exit_code == 3
-    r = await run(ex, c.id, shell="kill -9 $$")
-    assert r.status.exit_code == -1 and r.status.signal == xpb.SIGNAL_SIGKILL
+    r = await run(ex, c.container_id, shell="kill -9 $$")
+    assert r.exit_status.exit_code == -1 and r.exit_status.signal == xpb.SIGNAL_SIGKILL
 
 
 async def test_a_bad_resize_ends_the_exec_stream_with_its_error(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
-    s = Session(ex, xpb.ExecRequest.Start(container_id=c.id, command=xpb.Command(argv=["cat"])))
+    s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["cat"])))
     await s.call.read()
     s.send(resize=xpb.PtySize(rows=0, cols=0))
     err = await expect_error(s.exit(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")

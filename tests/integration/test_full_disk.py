@@ -105,7 +105,7 @@ class Stack:
         return await self.start()
 
     async def get(self, cid: str) -> pb.Container:
-        return (await self.stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=A)).container
+        return (await self.stub.GetContainer(pb.GetContainerRequest(container_id=cid), metadata=A)).container
 
     async def wait_state(self, cid: str, state: int, timeout: float = 15.0) -> pb.Container:
         deadline = time.monotonic() + timeout
@@ -174,23 +174,23 @@ async def test_create_on_a_full_disk_is_refused_and_leaves_nothing(stack: Stack)
     free(stack.state)
     c = await create(stack, request_id="full-1")  # the same request_id: a fresh start, at once
     assert c.state == pb.CONTAINER_STATE_RUNNING
-    assert sandbox_pids(c.id)
+    assert sandbox_pids(c.container_id)
 
 
 async def test_delete_on_a_full_disk_tears_down_and_records_it(stack: Stack) -> None:
     c = await create(stack)
-    assert sandbox_pids(c.id)
+    assert sandbox_pids(c.container_id)
     fill(stack.state)
-    deleted = (await stack.stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)).container
+    deleted = (await stack.stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)).container
     assert deleted.state in (pb.CONTAINER_STATE_TERMINATING, pb.CONTAINER_STATE_TERMINATED)
-    done = await stack.wait_state(c.id, pb.CONTAINER_STATE_TERMINATED)
+    done = await stack.wait_state(c.container_id, pb.CONTAINER_STATE_TERMINATED)
     assert done.state == pb.CONTAINER_STATE_TERMINATED and done.state_reason == "Deleted"
-    assert sandbox_pids(c.id) == [] and leftovers(c.id) == []
+    assert sandbox_pids(c.container_id) == [] and leftovers(c.container_id) == []
     # Recorded although the disk is still full: a restart does not bring it back.
-    assert stack.record(c.id)["state"] == "TERMINATED"
+    assert stack.record(c.container_id)["state"] == "TERMINATED"
     await stack.restart()
-    assert (await stack.get(c.id)).state == pb.CONTAINER_STATE_TERMINATED
-    assert sandbox_pids(c.id) == []
+    assert (await stack.get(c.container_id)).state == pb.CONTAINER_STATE_TERMINATED
+    assert sandbox_pids(c.container_id) == []
 
 
 async def test_a_teardown_record_with_no_room_at_all_is_written_once_there_is(
@@ -200,31 +200,31 @@ async def test_a_teardown_record_with_no_room_at_all_is_written_once_there_is(
     c = await create(stack)
     monkeypatch.setattr(store, "_overwrite", lambda path, data: False)
     fill(stack.state)
-    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
-    assert (await stack.wait_state(c.id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
-    assert sandbox_pids(c.id) == [] and leftovers(c.id) == []
-    assert stack.record(c.id)["state"] == "RUNNING"  # not written yet
+    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)
+    assert (await stack.wait_state(c.container_id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
+    assert sandbox_pids(c.container_id) == [] and leftovers(c.container_id) == []
+    assert stack.record(c.container_id)["state"] == "RUNNING"  # not written yet
     free(stack.state)
     deadline = time.monotonic() + 10
-    while stack.record(c.id)["state"] != "TERMINATED" and time.monotonic() < deadline:
+    while stack.record(c.container_id)["state"] != "TERMINATED" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert stack.record(c.id)["state"] == "TERMINATED"
+    assert stack.record(c.container_id)["state"] == "TERMINATED"
 
 
 async def test_extend_on_a_full_disk_fails_cleanly_and_the_last_good_one_survives_a_restart(stack: Stack) -> None:
     c = await create(stack, ttl=duration_pb2.Duration(seconds=600))
     extended = (await stack.stub.ExtendContainer(pb.ExtendContainerRequest(
-        id=c.id, extend_by=duration_pb2.Duration(seconds=600)), metadata=A)).container
+        container_id=c.container_id, extend_by=duration_pb2.Duration(seconds=600)), metadata=A)).container
     assert extended.expire_time.seconds >= c.expire_time.seconds + 600
     fill(stack.state)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stack.stub.ExtendContainer(pb.ExtendContainerRequest(
-            id=c.id, extend_by=duration_pb2.Duration(seconds=600)), metadata=A)
+            container_id=c.container_id, extend_by=duration_pb2.Duration(seconds=600)), metadata=A)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert reason_of(e.value)[0] == "STATE_STORAGE_FULL"
-    assert (await stack.get(c.id)).expire_time == extended.expire_time  # memory unchanged
+    assert (await stack.get(c.container_id)).expire_time == extended.expire_time  # memory unchanged
     await stack.restart()  # on the full disk
-    got = await stack.get(c.id)
+    got = await stack.get(c.container_id)
     assert got.state == pb.CONTAINER_STATE_RUNNING and got.expire_time == extended.expire_time
 
 
@@ -233,24 +233,24 @@ async def test_the_reaper_expires_every_container_though_some_records_cannot_be_
     containers = [await create(stack) for _ in range(n)]
     backend = stack.orch.containers.backend  # type: ignore[union-attr]
     for c in containers:
-        await backend.set_expiry(container_id=c.id, expire_time=utcnow() - timedelta(seconds=1))
+        await backend.set_expiry(container_id=c.container_id, expire_time=utcnow() - timedelta(seconds=1))
     # The first records' writes fail (a directory where the temp file goes).
-    blocked = [stack.state / "containers" / f"{c.id}.tmp" for c in containers[:broken]]
+    blocked = [stack.state / "containers" / f"{c.container_id}.tmp" for c in containers[:broken]]
     for path in blocked:
         path.mkdir()
     reaped = await stack.orch.containers.reap_once()  # type: ignore[union-attr]
     assert reaped == n
     for c in containers:
-        got = await stack.wait_state(c.id, pb.CONTAINER_STATE_TERMINATED)
-        assert got.state == pb.CONTAINER_STATE_TERMINATED and got.state_reason == "Expired", c.id
-        assert sandbox_pids(c.id) == [], c.id
-    assert all(stack.record(c.id)["state"] == "RUNNING" for c in containers[:broken])
+        got = await stack.wait_state(c.container_id, pb.CONTAINER_STATE_TERMINATED)
+        assert got.state == pb.CONTAINER_STATE_TERMINATED and got.state_reason == "Expired", c.container_id
+        assert sandbox_pids(c.container_id) == [], c.container_id
+    assert all(stack.record(c.container_id)["state"] == "RUNNING" for c in containers[:broken])
     for path in blocked:
         path.rmdir()
     deadline = time.monotonic() + 10
-    while any(stack.record(c.id)["state"] != "TERMINATED" for c in containers) and time.monotonic() < deadline:
+    while any(stack.record(c.container_id)["state"] != "TERMINATED" for c in containers) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert [stack.record(c.id)["state"] for c in containers] == ["TERMINATED"] * n
+    assert [stack.record(c.container_id)["state"] for c in containers] == ["TERMINATED"] * n
 
 
 async def test_one_failing_container_does_not_stop_a_reaper_round(
@@ -258,42 +258,42 @@ async def test_one_failing_container_does_not_stop_a_reaper_round(
     containers = [await create(stack) for _ in range(3)]
     backend = stack.orch.containers.backend  # type: ignore[union-attr]
     for c in containers:
-        await backend.set_expiry(container_id=c.id, expire_time=utcnow() - timedelta(seconds=1))
+        await backend.set_expiry(container_id=c.container_id, expire_time=utcnow() - timedelta(seconds=1))
     delete = backend.delete
 
     async def flaky_delete(*, container_id: str, grace_period_s: float, reason: str):  # type: ignore[no-untyped-def]
-        if container_id == containers[0].id:
+        if container_id == containers[0].container_id:
             raise RuntimeError("a bug in one container's teardown")
         return await delete(container_id=container_id, grace_period_s=grace_period_s, reason=reason)
 
     monkeypatch.setattr(backend, "delete", flaky_delete)
     assert await stack.orch.containers.reap_once() == 2  # type: ignore[union-attr]
     for c in containers[1:]:
-        assert (await stack.wait_state(c.id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
+        assert (await stack.wait_state(c.container_id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
 
 
 async def test_the_orchestrator_starts_and_serves_on_a_full_disk(stack: Stack) -> None:
     running = await create(stack, labels={"keep": "yes"})
     deleted = await create(stack)
     lost = await create(stack)
-    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(id=deleted.id), metadata=A)
-    await stack.wait_state(deleted.id, pb.CONTAINER_STATE_TERMINATED)
+    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(container_id=deleted.container_id), metadata=A)
+    await stack.wait_state(deleted.container_id, pb.CONTAINER_STATE_TERMINATED)
     await stack.stop()
-    for pid in sandbox_pids(lost.id):  # dies while the orchestrator is down
+    for pid in sandbox_pids(lost.container_id):  # dies while the orchestrator is down
         os.kill(pid, signal.SIGKILL)
     fill(stack.state)
     await stack.start()
-    assert (await stack.get(running.id)).state == pb.CONTAINER_STATE_RUNNING
-    assert (await stack.get(deleted.id)).state == pb.CONTAINER_STATE_TERMINATED
-    got_lost = await stack.get(lost.id)
+    assert (await stack.get(running.container_id)).state == pb.CONTAINER_STATE_RUNNING
+    assert (await stack.get(deleted.container_id)).state == pb.CONTAINER_STATE_TERMINATED
+    got_lost = await stack.get(lost.container_id)
     assert got_lost.state == pb.CONTAINER_STATE_FAILED and got_lost.state_reason == "ProcessExited"
     listed = await stack.stub.ListContainers(pb.ListContainersRequest(label_selector="keep=yes"), metadata=A)
-    assert [c.id for c in listed.containers] == [running.id]
-    assert sandbox_pids(running.id)  # adopted, not killed
+    assert [c.container_id for c in listed.containers] == [running.container_id]
+    assert sandbox_pids(running.container_id)  # adopted, not killed
     # And it still tears down on the full disk.
-    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(id=running.id), metadata=A)
-    assert (await stack.wait_state(running.id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
-    assert leftovers(running.id) == []
+    await stack.stub.DeleteContainer(pb.DeleteContainerRequest(container_id=running.container_id), metadata=A)
+    assert (await stack.wait_state(running.container_id, pb.CONTAINER_STATE_TERMINATED)).state == pb.CONTAINER_STATE_TERMINATED
+    assert leftovers(running.container_id) == []
 
 
 def test_fill_leaves_no_room(tmp_path: Path) -> None:

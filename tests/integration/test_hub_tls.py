@@ -22,6 +22,7 @@ import pytest
 from hub_service.server import RunningHub, start_hub
 from hub_service.transport import is_loopback
 from sandhub.client import AsyncClient, Client, NotFound, Tls, Unauthenticated
+from sandhub.common.v1 import errors_pb2
 from sandhub.config import ConfigError, load_hub
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
@@ -84,10 +85,10 @@ async def test_standard_credentials_over_tls_create_run_delete(tls: TlsHub) -> N
         made = (await containers.CreateContainer(pb.CreateContainerRequest(wait_until_running=True))).container
         assert made.tenant == "tenant-a" and made.state == pb.CONTAINER_STATE_RUNNING
         run = await xpb_grpc.ExecServiceStub(channel).Run(xpb.RunRequest(
-            container_id=made.id, command=xpb.Command(argv=["echo", "over tls"])))
-        assert (run.status.exit_code, run.stdout) == (0, b"over tls\n")
-        gone = (await containers.DeleteContainer(pb.DeleteContainerRequest(id=made.id))).container
-        assert gone.id == made.id
+            container_id=made.container_id, command=xpb.Command(argv=["echo", "over tls"])))
+        assert (run.exit_status.exit_code, run.stdout) == (0, b"over tls\n")
+        gone = (await containers.DeleteContainer(pb.DeleteContainerRequest(container_id=made.container_id))).container
+        assert gone.container_id == made.container_id
     # The same key on a channel without it is refused, over TLS too.
     async with grpc.aio.secure_channel(tls.target, grpc.ssl_channel_credentials(tls.ca)) as bare:
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -99,21 +100,21 @@ async def test_sandhub_client_over_tls_sync_and_async(tls: TlsHub) -> None:
     def walk() -> tuple[bytes, str]:
         with Client(tls.target, api_key="key-b", tls=Tls(ca_cert=tls.ca)) as hub:
             c = hub.create_container(wait_until_running=True)
-            hub.put_files(c.id, {"hi.txt": b"hello"})
-            out = hub.run(c.id, ["cat", "hi.txt"]).stdout
-            hub.delete_container(c.id)
+            hub.put_files(c.container_id, {"hi.txt": b"hello"})
+            out = hub.run(c.container_id, ["cat", "hi.txt"]).stdout
+            hub.delete_container(c.container_id)
             return out, c.tenant
 
     assert await asyncio.to_thread(walk) == (b"hello", "tenant-b")
     async with AsyncClient(tls.target, api_key="key-a", tls=Tls(ca_cert=tls.ca)) as hub:
         with pytest.raises(NotFound) as nf:
             await hub.get_container("cnt-000000000000")
-        assert nf.value.reason == "CONTAINER_NOT_FOUND" and nf.value.metadata["container_id"] == "cnt-000000000000"
+        assert nf.value.reason == errors_pb2.ERROR_REASON_CONTAINER_NOT_FOUND and nf.value.metadata["container_id"] == "cnt-000000000000"
         assert nf.value.request_id
     async with AsyncClient(tls.target, api_key="wrong", tls=Tls(ca_cert=tls.ca)) as hub:
         with pytest.raises(Unauthenticated) as un:
             await hub.list_containers()
-        assert un.value.reason == "INVALID_CREDENTIALS"
+        assert un.value.reason == errors_pb2.ERROR_REASON_INVALID_CREDENTIALS
 
 
 async def test_a_plaintext_client_gets_nothing_from_the_tls_port(tls: TlsHub) -> None:

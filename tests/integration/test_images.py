@@ -87,8 +87,8 @@ async def test_imported_image_runs(services: Services, tmp_path: Path) -> None:
                                                  metadata=A)).container
     assert c.state == pb.CONTAINER_STATE_RUNNING, c.state_message
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
-    r = await ex.Run(xpb.RunRequest(container_id=c.id, command=xpb.Command(shell="cat /etc/motd; ls /")), metadata=A)
-    assert r.status.exit_code == 0, r.stderr
+    r = await ex.Run(xpb.RunRequest(container_id=c.container_id, command=xpb.Command(shell="cat /etc/motd; ls /")), metadata=A)
+    assert r.exit_status.exit_code == 0, r.stderr
     assert r.stdout.startswith(b"from the image\n")
     assert set(r.stdout.split()[3:]) >= {b"bin", b"etc", b"work", b"tmp"}
     assert b"usr" not in r.stdout.split()  # nothing of the host's

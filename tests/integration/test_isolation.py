@@ -72,25 +72,25 @@ def host_uid_of(pid: int) -> int:
 
 async def test_files_processes_and_signals_of_another_container(services: Services, driver: LocalExecDriver) -> None:
     a, b = await create(services), await create(services)
-    exit_a, _ = await sh(driver, a.id, "echo secret-of-a > /work/secret && chmod 600 /work/secret")
+    exit_a, _ = await sh(driver, a.container_id, "echo secret-of-a > /work/secret && chmod 600 /work/secret")
     assert exit_a.exit_code == 0
     # B has its own /work and /tmp, and sees no process but its own.
-    exit_b, out = await sh(driver, b.id, "cat /work/secret")
+    exit_b, out = await sh(driver, b.container_id, "cat /work/secret")
     assert "secret-of-a" not in out and exit_b.exit_code != 0
-    exit_b, out = await sh(driver, b.id, f"exec {BB} ps -o pid,args")
+    exit_b, out = await sh(driver, b.container_id, f"exec {BB} ps -o pid,args")
     rows = [line.split(None, 1)[1] for line in out.strip().splitlines()[1:]]
     # Its own init (bwrap's, then busybox sleep) and this ps: nothing of A's, nothing of the host's.
     assert len(rows) == 3 and "bwrap" in rows[0] and "sleep" in rows[1] and "ps" in rows[2], out
-    pid_ns_a = os.stat(f"/proc/{next(iter(host_pids_of_container(a.id)))}/ns/pid").st_ino
+    pid_ns_a = os.stat(f"/proc/{next(iter(host_pids_of_container(a.container_id)))}/ns/pid").st_ino
     a_host_pids = host_pids_of(pid_ns_a)
     assert a_host_pids
     # A's processes are invisible to B, by host pid and through /proc.
     for pid in a_host_pids:
-        exit_b, out = await sh(driver, b.id, f"kill -0 {pid} 2>&1; ls /proc/{pid}/root/work 2>&1")
+        exit_b, out = await sh(driver, b.container_id, f"kill -0 {pid} 2>&1; ls /proc/{pid}/root/work 2>&1")
         assert "secret" not in out
     # Each container has its own unprivileged host uid: even a process that
     # could see A's (a shared mount, a leaked pid) can neither signal nor read it.
-    uid_a, uid_b = host_uid_of(a_host_pids[0]), host_uid_of(host_pids_of_container(b.id)[0])
+    uid_a, uid_b = host_uid_of(a_host_pids[0]), host_uid_of(host_pids_of_container(b.container_id)[0])
     assert uid_a != uid_b and uid_a >= 200000 and uid_b >= 200000
     as_b = ["setpriv", f"--reuid={uid_b}", f"--regid={uid_b}", "--clear-groups", "--"]
     kill = subprocess.run([*as_b, "kill", "-0", str(a_host_pids[0])], capture_output=True, text=True)
@@ -108,7 +108,7 @@ async def test_network_other_container_and_host_loopback(services: Services, dri
     assert a.network.ip_address and b.network.ip_address and a.network.ip_address != b.network.ip_address
     assert [e.address for e in a.network.endpoints] == [f"{a.network.ip_address}:8000"]
     server, _ = await driver.start_background(
-        container_id=a.id, process_id="nc", command=CommandSpec(argv=(BB, "nc", "-ll", "-p", "8000", "-e", BB, "echo", "hi"))
+        container_id=a.container_id, process_id="nc", command=CommandSpec(argv=(BB, "nc", "-ll", "-p", "8000", "-e", BB, "echo", "hi"))
     )
     # The host reaches A at its address...
     for _ in range(100):
@@ -128,7 +128,7 @@ async def test_network_other_container_and_host_loopback(services: Services, dri
     gateway = a.network.ip_address.rsplit(".", 1)[0] + ".1"
     try:
         for target in (f"{a.network.ip_address} 8000", f"127.0.0.1 {host_port}", f"{gateway} {host_port}"):
-            exit_b, out = await sh(driver, b.id, f"{BB} nc -w 2 {target} </dev/null && echo CONNECTED")
+            exit_b, out = await sh(driver, b.container_id, f"{BB} nc -w 2 {target} </dev/null && echo CONNECTED")
             assert "CONNECTED" not in out and "hi" not in out, (target, out)
     finally:
         listener.close()
@@ -138,10 +138,10 @@ async def test_http_server_inside_is_reached_at_the_reported_address(
     services: Services, driver: LocalExecDriver
 ) -> None:
     c = await create(services)
-    exit_, _ = await sh(driver, c.id, "mkdir -p /work/site && echo '<h1>student app</h1>' > /work/site/index.html")
+    exit_, _ = await sh(driver, c.container_id, "mkdir -p /work/site && echo '<h1>student app</h1>' > /work/site/index.html")
     assert exit_.exit_code == 0
     await driver.start_background(
-        container_id=c.id, process_id="web", command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
+        container_id=c.container_id, process_id="web", command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
     )
     url = f"http://{c.network.endpoints[0].address}/index.html"
 
@@ -163,7 +163,7 @@ async def test_python_http_server_does_not_stall_on_dns(services: Services, driv
     """http.server looks up its own name at start; without egress that lookup
     must fail at once (rejected), not hang for the resolver's timeout."""
     c = await create(services)
-    await driver.start_background(container_id=c.id, process_id="py",
+    await driver.start_background(container_id=c.container_id, process_id="py",
                                   command=CommandSpec(argv=("python3", "-m", "http.server", "8000")))
     url = f"http://{c.network.ip_address}:8000/"
     for _ in range(60):  # 3 s; a stalled lookup takes 20
@@ -180,37 +180,37 @@ async def test_python_http_server_does_not_stall_on_dns(services: Services, driv
 async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, driver: LocalExecDriver) -> None:
     bomb, other = await create(services, pids=64), await create(services)
     exit_, out = await sh(
-        driver, bomb.id,
+        driver, bomb.container_id,
         # 200 background sleeps want 200 processes; the limit is 64.
         f"i=0; while [ $i -lt 200 ]; do {BB} sleep 30 >/dev/null 2>&1 & i=$((i+1)); done 2>&1; echo spawned",
     )
     assert "Resource temporarily unavailable" in out or "can't fork" in out, out
-    events = [*Path("/sys/fs/cgroup").glob(f"pids/sandhub/*/{bomb.id}/pids.events"),  # v1
-              *Path("/sys/fs/cgroup").glob(f"sandhub/*/{bomb.id}/pids.events")]  # v2
+    events = [*Path("/sys/fs/cgroup").glob(f"pids/sandhub/*/{bomb.container_id}/pids.events"),  # v1
+              *Path("/sys/fs/cgroup").glob(f"sandhub/*/{bomb.container_id}/pids.events")]  # v2
     assert len(events) == 1 and int(events[0].read_text().split()[1]) > 0
-    exit_o, out_o = await sh(driver, other.id, "echo still-fine")
+    exit_o, out_o = await sh(driver, other.container_id, "echo still-fine")
     assert exit_o.exit_code == 0 and out_o.strip() == "still-fine"
 
 
 async def test_memory_bomb_is_oom_killed_inside_and_reported(services: Services, driver: LocalExecDriver) -> None:
     bomb, other = await create(services, memory_mib=64), await create(services)
-    exit_, _ = await sh(driver, bomb.id, "python3 -c 'b = bytearray(256 * 1024 * 1024); print(len(b))'")
+    exit_, _ = await sh(driver, bomb.container_id, "python3 -c 'b = bytearray(256 * 1024 * 1024); print(len(b))'")
     assert exit_.signal == 9 or exit_.exit_code == 137, exit_
     for _ in range(100):  # the OOM watcher looks every second
-        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=bomb.id), metadata=auth("key-a"))).container
+        got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=bomb.container_id), metadata=auth("key-a"))).container
         if got.state_reason == "OOMKilled":
             break
         await asyncio.sleep(0.05)
     assert got.state_reason == "OOMKilled" and got.state == pb.CONTAINER_STATE_RUNNING, got
     assert "64 MiB" in got.state_message
     # The container itself, and its neighbour, go on.
-    assert (await sh(driver, bomb.id, "echo alive"))[1].strip() == "alive"
-    assert (await sh(driver, other.id, "echo alive"))[1].strip() == "alive"
+    assert (await sh(driver, bomb.container_id, "echo alive"))[1].strip() == "alive"
+    assert (await sh(driver, other.container_id, "echo alive"))[1].strip() == "alive"
 
 
 async def test_disk_fill_is_capped(services: Services, driver: LocalExecDriver) -> None:
     c = await create(services, disk_mib=64)
-    exit_, out = await sh(driver, c.id, f"{BB} dd if=/dev/zero of=/work/big bs=1M count=500 2>&1; {BB} du -m /work/big")
+    exit_, out = await sh(driver, c.container_id, f"{BB} dd if=/dev/zero of=/work/big bs=1M count=500 2>&1; {BB} du -m /work/big")
     assert exit_.exit_code == 0  # du ran
     assert "No space left on device" in out, out
     assert int(out.strip().splitlines()[-1].split()[0]) <= 32  # /work is half the disk
@@ -226,9 +226,9 @@ async def test_module_loading_mounting_and_privileges_are_refused(services: Serv
         "unshare": f"{BB} unshare -r true",
     }
     for name, cmd in attempts.items():
-        exit_, out = await sh(driver, c.id, f"{cmd} 2>&1")
+        exit_, out = await sh(driver, c.container_id, f"{cmd} 2>&1")
         assert exit_.exit_code != 0, (name, out)
-    status = (await sh(driver, c.id, "cat /proc/self/status"))[1]
+    status = (await sh(driver, c.container_id, "cat /proc/self/status"))[1]
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert fields["CapEff"].strip() == "0000000000000000"
     assert fields["CapBnd"].strip() == "0000000000000000"
@@ -244,15 +244,15 @@ async def test_egress_is_granted_per_placement_by_configuration(services: Servic
     plain = await create(services)
     online = (await services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(placement="internet", wait_until_running=True), metadata=auth("key-a"))).container
-    routes = {c.id: (await sh(driver, c.id, f"{BB} ip route"))[1] for c in (plain, online)}
-    assert "default via" not in routes[plain.id] and "default via" in routes[online.id], routes
+    routes = {c.container_id: (await sh(driver, c.container_id, f"{BB} ip route"))[1] for c in (plain, online)}
+    assert "default via" not in routes[plain.container_id] and "default via" in routes[online.container_id], routes
     table = f"sandhub_{services.network.bridge}"
     members = subprocess.run(["nft", "list", "set", "inet", table, "egress"], capture_output=True, text=True,
                              check=True, timeout=60).stdout
     assert online.network.ip_address in members and plain.network.ip_address not in members
-    _, out = await sh(driver, plain.id, f"{BB} nc -w 2 192.0.2.1 80 </dev/null 2>&1; echo rc=$?")
+    _, out = await sh(driver, plain.container_id, f"{BB} nc -w 2 192.0.2.1 80 </dev/null 2>&1; echo rc=$?")
     assert "unreachable" in out.lower(), out  # refused by the kernel at once: nothing left the host
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=online.id), metadata=auth("key-a"))
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=online.container_id), metadata=auth("key-a"))
     for _ in range(100):
         members = subprocess.run(["nft", "list", "set", "inet", table, "egress"], capture_output=True, text=True,
                                  check=True, timeout=60).stdout
@@ -274,8 +274,8 @@ async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
     finally:
         for fd in held:
             os.close(fd)
-    _, out = await sh(driver, c.id, "ulimit -n; ulimit -Hn")
+    _, out = await sh(driver, c.container_id, "ulimit -n; ulimit -Hn")
     assert out.split() == ["200", "200"]
     # The long-lived init, busybox sleep (pid 1 is bwrap's, whose command line names sleep too).
-    init = [p for p in host_pids_of_container(c.id) if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"sleep"]]
+    init = [p for p in host_pids_of_container(c.container_id) if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"sleep"]]
     assert "Max open files            200                  200" in Path(f"/proc/{init[0]}/limits").read_text()

@@ -96,7 +96,7 @@ async def test_a_temp_file_of_an_upload_cut_short_is_removed_by_the_next_upload(
     # A Hub dies mid-upload: its stage command is killed, nothing cleans up.
     hub = await env.new_driver()
     up = Uploader(hub, cid, limits, "/work")
-    await up.begin(pb.PutFilesRequest.File(path="big.bin", size=0))
+    await up.begin(pb.FileHeader(path="big.bin", size=0))
     await up.write(b"x" * 100_000)
 
     async def temps() -> list[str]:
@@ -113,9 +113,9 @@ async def test_a_temp_file_of_an_upload_cut_short_is_removed_by_the_next_upload(
     live = f"{TEMP_PREFIX}live"
     assert (await run(env.driver, cid, "touch", f"/work/{live}"))[0] == ExitInfo(0, 0)
 
-    start = pb.PutFilesRequest.Start(container_id=cid, destination="/work")
+    start = pb.PutFilesStart(container_id=cid, destination="/work")
     done = await put_files(env.driver, cid, start, _files(
-        pb.PutFilesRequest(file=pb.PutFilesRequest.File(path="next.txt", size=2)), pb.PutFilesRequest(data=b"hi")),
+        pb.PutFilesRequest(file=pb.FileHeader(path="next.txt", size=2)), pb.PutFilesRequest(data=b"hi")),
         limits)
     assert [f.path for f in done.files] == ["/work/next.txt"]
     listing = (await run(env.driver, cid, "ls", "-a", "/work"))[1].decode().split()

@@ -57,7 +57,7 @@ def sandbox_pids(container_id: str) -> list[int]:
 async def wait_state(s: Services, cid: str, state: int, timeout: float = 10.0) -> pb.Container:
     deadline = time.monotonic() + timeout
     while True:
-        c = (await s.hub_stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=A)).container
+        c = (await s.hub_stub.GetContainer(pb.GetContainerRequest(container_id=cid), metadata=A)).container
         if c.state == state or time.monotonic() > deadline:
             return c
         await asyncio.sleep(0.02)
@@ -70,21 +70,21 @@ async def test_create_get_list_delete(services: Services) -> None:
     assert c.ready_time.ToNanoseconds() >= c.create_time.ToNanoseconds() > 0
     assert c.expire_time.seconds - c.create_time.seconds == 3600
     assert c.resources.memory_mib == 512  # the default, never unlimited
-    pids = sandbox_pids(c.id)
+    pids = sandbox_pids(c.container_id)
     assert pids, "the container's processes run on the host"
     for ns in ("pid", "mnt", "ipc", "uts", "net"):
         assert os.stat(f"/proc/{pids[0]}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino, ns
 
-    got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)).container
-    assert got.id == c.id and got.labels["app"] == "web"
+    got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id), metadata=A)).container
+    assert got.container_id == c.container_id and got.labels["app"] == "web"
 
-    deleted = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)).container
+    deleted = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)).container
     assert deleted.state in (pb.CONTAINER_STATE_TERMINATING, pb.CONTAINER_STATE_TERMINATED)
-    final = await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED)
+    final = await wait_state(services, c.container_id, pb.CONTAINER_STATE_TERMINATED)
     assert final.state == pb.CONTAINER_STATE_TERMINATED and final.state_reason == "Deleted"
-    assert sandbox_pids(c.id) == []
+    assert sandbox_pids(c.container_id) == []
     # Delete is idempotent.
-    again = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    again = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)
     assert again.container.state == pb.CONTAINER_STATE_TERMINATED
 
 
@@ -98,11 +98,11 @@ async def test_list_with_selector_and_paging(services: Services) -> None:
             pb.ListContainersRequest(label_selector="app=web", page_size=2, page_token=token), metadata=A
         )
         assert len(resp.containers) <= 2
-        seen += [c.id for c in resp.containers]
+        seen += [c.container_id for c in resp.containers]
         token = resp.next_page_token
         if not token:
             break
-    assert seen == [c.id for c in web]  # oldest first, this tenant only
+    assert seen == [c.container_id for c in web]  # oldest first, this tenant only
     everything = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=A)
     assert len(everything.containers) == 4
     first = await services.hub_stub.ListContainers(pb.ListContainersRequest(label_selector="app=web", page_size=1), metadata=A)
@@ -117,20 +117,20 @@ async def test_list_with_selector_and_paging(services: Services) -> None:
 
 async def test_state_filter(services: Services) -> None:
     c = await create(services)
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
-    await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)
+    await wait_state(services, c.container_id, pb.CONTAINER_STATE_TERMINATED)
     running = await services.hub_stub.ListContainers(pb.ListContainersRequest(state=pb.CONTAINER_STATE_RUNNING), metadata=A)
     assert running.containers == []
     gone = await services.hub_stub.ListContainers(pb.ListContainersRequest(state=pb.CONTAINER_STATE_TERMINATED), metadata=A)
-    assert [x.id for x in gone.containers] == [c.id]
+    assert [x.container_id for x in gone.containers] == [c.container_id]
 
 
 async def test_tenant_isolation(services: Services) -> None:
     c = await create(services)
     for call, req in (
-        (services.hub_stub.GetContainer, pb.GetContainerRequest(id=c.id)),
-        (services.hub_stub.DeleteContainer, pb.DeleteContainerRequest(id=c.id)),
-        (services.hub_stub.ExtendContainer, pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=60))),
+        (services.hub_stub.GetContainer, pb.GetContainerRequest(container_id=c.container_id)),
+        (services.hub_stub.DeleteContainer, pb.DeleteContainerRequest(container_id=c.container_id)),
+        (services.hub_stub.ExtendContainer, pb.ExtendContainerRequest(container_id=c.container_id, extend_by=duration_pb2.Duration(seconds=60))),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call(req, metadata=B)
@@ -138,7 +138,7 @@ async def test_tenant_isolation(services: Services) -> None:
         assert reason_of(e.value)[0] == "CONTAINER_NOT_FOUND"
     listed = await services.hub_stub.ListContainers(pb.ListContainersRequest(), metadata=B)
     assert listed.containers == []
-    still = await services.hub_stub.GetContainer(pb.GetContainerRequest(id=c.id), metadata=A)
+    still = await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id), metadata=A)
     assert still.container.state == pb.CONTAINER_STATE_RUNNING
 
 
@@ -158,10 +158,10 @@ async def test_unauthenticated(services: Services, metadata, reason) -> None:  #
     [
         ({"resources": pb.Resources(cpu_millicores=-1)}, "resources.cpu_millicores"),
         ({"resources": pb.Resources(memory_mib=10_000_000)}, "resources.memory_mib"),
-        ({"labels": {"bad key": "x"}}, "labels"),
+        ({"labels": {"bad key": "x"}}, "labels[bad key]"),
         ({"image": "no-such-image"}, "image"),
         ({"ttl": duration_pb2.Duration(seconds=10**7)}, "ttl"),
-        ({"ports": [pb.Port(port=70000)]}, "ports"),
+        ({"ports": [pb.Port(port=70000)]}, "ports[0].port"),
         ({"placement": "moon"}, "placement"),
     ],
 )
@@ -177,18 +177,18 @@ async def test_invalid_create_names_the_field(services: Services, request_kwargs
 
 async def test_unknown_and_malformed_ids(services: Services) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await services.hub_stub.GetContainer(pb.GetContainerRequest(id="cnt-000000000000"), metadata=A)
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id="cnt-000000000000"), metadata=A)
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await services.hub_stub.GetContainer(pb.GetContainerRequest(id="../../etc"), metadata=A)
+        await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id="../../etc"), metadata=A)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_idempotent_create(services: Services) -> None:
     first, second = await asyncio.gather(create(services, request_id="req-1"), create(services, request_id="req-1"))
-    assert first.id == second.id
+    assert first.container_id == second.container_id
     other = await create(services, md=B, request_id="req-1")  # keys are per tenant
-    assert other.id != first.id
+    assert other.container_id != first.container_id
 
 
 async def test_create_cancelled_by_the_caller_still_finishes(services: Services) -> None:
@@ -204,35 +204,35 @@ async def test_create_cancelled_by_the_caller_still_finishes(services: Services)
     if found:  # the request reached the orchestrator before the cancel
         assert [c.state for c in found] == [pb.CONTAINER_STATE_RUNNING]
         again = await create(services, request_id="give-up-1")
-        assert again.id == found[0].id and sandbox_pids(again.id)
+        assert again.container_id == found[0].container_id and sandbox_pids(again.container_id)
 
 
 async def test_extend(services: Services) -> None:
     c = await create(services, ttl=duration_pb2.Duration(seconds=60))
     ext = await services.hub_stub.ExtendContainer(
-        pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=120)), metadata=A
+        pb.ExtendContainerRequest(container_id=c.container_id, extend_by=duration_pb2.Duration(seconds=120)), metadata=A
     )
     assert ext.container.expire_time.seconds - c.expire_time.seconds == 120
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await services.hub_stub.ExtendContainer(
-            pb.ExtendContainerRequest(id=c.id, extend_by=duration_pb2.Duration(seconds=86400)), metadata=A
+            pb.ExtendContainerRequest(container_id=c.container_id, extend_by=duration_pb2.Duration(seconds=86400)), metadata=A
         )
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_expiry_reaps(services: Services) -> None:
     c = await create(services, ttl=duration_pb2.Duration(seconds=1))
-    assert sandbox_pids(c.id)
-    final = await wait_state(services, c.id, pb.CONTAINER_STATE_TERMINATED, timeout=10)
+    assert sandbox_pids(c.container_id)
+    final = await wait_state(services, c.container_id, pb.CONTAINER_STATE_TERMINATED, timeout=10)
     assert final.state == pb.CONTAINER_STATE_TERMINATED and final.state_reason == "Expired"
-    assert c.network.ip_address and leftovers(c.id) == []  # processes, cgroups and veth all gone
+    assert c.network.ip_address and leftovers(c.container_id) == []  # processes, cgroups and veth all gone
 
 
 async def test_container_that_dies_is_failed(services: Services) -> None:
     c = await create(services)
-    for pid in sandbox_pids(c.id):
+    for pid in sandbox_pids(c.container_id):
         os.kill(pid, 9)
-    final = await wait_state(services, c.id, pb.CONTAINER_STATE_FAILED)
+    final = await wait_state(services, c.container_id, pb.CONTAINER_STATE_FAILED)
     assert final.state == pb.CONTAINER_STATE_FAILED and final.state_reason == "ProcessExited"
 
 
@@ -243,19 +243,19 @@ async def test_watch_reports_changes(services: Services) -> None:
     c = await create(services, labels={"app": "w"})
     await create(services, labels={"app": "other"})  # filtered out
     await create(services, md=B, labels={"app": "w"})  # another tenant's: never shown
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id), metadata=A)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id), metadata=A)
     seen = []
     async with asyncio.timeout(10):
         while True:
             ev = await call.read()
-            seen.append((ev.type, ev.container.id, ev.container.state))
+            seen.append((ev.type, ev.container.container_id, ev.container.state))
             if ev.type == pb.WATCH_EVENT_TYPE_DELETED:
                 break
     call.cancel()
-    assert seen[0][:2] == (pb.WATCH_EVENT_TYPE_ADDED, c.id)
-    assert (pb.WATCH_EVENT_TYPE_MODIFIED, c.id, pb.CONTAINER_STATE_RUNNING) in seen
-    assert all(cid == c.id for _, cid, _ in seen)
-    assert seen[-1] == (pb.WATCH_EVENT_TYPE_DELETED, c.id, pb.CONTAINER_STATE_TERMINATED)
+    assert seen[0][:2] == (pb.WATCH_EVENT_TYPE_ADDED, c.container_id)
+    assert (pb.WATCH_EVENT_TYPE_MODIFIED, c.container_id, pb.CONTAINER_STATE_RUNNING) in seen
+    assert all(cid == c.container_id for _, cid, _ in seen)
+    assert seen[-1] == (pb.WATCH_EVENT_TYPE_DELETED, c.container_id, pb.CONTAINER_STATE_TERMINATED)
 
 
 async def test_orchestrator_down_is_unavailable_promptly(services: Services) -> None:
@@ -279,14 +279,14 @@ async def test_delete_while_starting_leaves_nothing(services: Services) -> None:
             break
         await asyncio.sleep(0.0005)
     assert pending is not None, "never saw the container PENDING"
-    deleted = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=pending.id), metadata=A)
+    deleted = await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=pending.id), metadata=A)
     assert deleted.container.state == pb.CONTAINER_STATE_TERMINATING
     made = await creating
-    assert made.id == pending.id
-    final = await wait_state(services, made.id, pb.CONTAINER_STATE_TERMINATED)
+    assert made.container_id == pending.id
+    final = await wait_state(services, made.container_id, pb.CONTAINER_STATE_TERMINATED)
     assert final.state == pb.CONTAINER_STATE_TERMINATED
     for _ in range(100):
-        if leftovers(made.id) == []:
+        if leftovers(made.container_id) == []:
             break
         await asyncio.sleep(0.05)
-    assert leftovers(made.id) == []
+    assert leftovers(made.container_id) == []

@@ -165,15 +165,15 @@ async def create(services: Services, placement: str = "") -> pb.Container:
 
 async def serve(driver: LocalExecDriver, c: pb.Container) -> None:
     """busybox httpd inside ``c`` answering with its id, reached from the host."""
-    exit_, _ = await sh(driver, c.id, f"mkdir -p /work/site && echo {c.id} > /work/site/index.html")
+    exit_, _ = await sh(driver, c.container_id, f"mkdir -p /work/site && echo {c.container_id} > /work/site/index.html")
     assert exit_.exit_code == 0
-    await driver.start_background(container_id=c.id, process_id="web",
+    await driver.start_background(container_id=c.container_id, process_id="web",
                                   command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site")))
     for _ in range(100):
-        if await http_get(c.network.ip_address) == c.id:
+        if await http_get(c.network.ip_address) == c.container_id:
             return
         await asyncio.sleep(0.05)
-    pytest.fail(f"the host could not reach {c.id} at {c.network.ip_address}:8000")
+    pytest.fail(f"the host could not reach {c.container_id} at {c.network.ip_address}:8000")
 
 
 async def http_get(address: str) -> str:
@@ -196,25 +196,25 @@ async def test_containers_through_the_hub_are_routed_reachable_and_isolated(
             await create(services, "internet")]
     for c in made:
         await serve(driver, c)
-        veth = veth_name(c.id)
+        veth = veth_name(c.container_id)
         assert not os.path.exists(f"/sys/class/net/{veth}/master")  # no bridge port: routed
         assert veth in ip("route", "show", f"{c.network.ip_address}/32")
     # No container reaches another, egress placements (default route via the host) included.
     for c in made:
-        targets = " ".join(o.network.ip_address for o in made if o.id != c.id)
-        _, out = await sh(driver, c.id, f"for t in {targets}; do {BB} nc -w 2 $t 8000 </dev/null && echo REACHED $t; "
+        targets = " ".join(o.network.ip_address for o in made if o.container_id != c.container_id)
+        _, out = await sh(driver, c.container_id, f"for t in {targets}; do {BB} nc -w 2 $t 8000 </dev/null && echo REACHED $t; "
                                         f"{BB} wget -q -T 2 -O - http://$t:8000/index.html && echo REACHED $t; done; true")
-        assert "REACHED" not in out and not any(o.id in out for o in made), (c.id, out)
+        assert "REACHED" not in out and not any(o.container_id in out for o in made), (c.container_id, out)
 
     # A delete releases the veth, its route and the address; the next container gets it and works.
     gone = made[1]
-    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=gone.id), metadata=auth("key-a"))
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=gone.container_id), metadata=auth("key-a"))
     for _ in range(200):
-        got = await services.hub_stub.GetContainer(pb.GetContainerRequest(id=gone.id), metadata=auth("key-a"))
+        got = await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=gone.container_id), metadata=auth("key-a"))
         if got.container.state == pb.CONTAINER_STATE_TERMINATED:
             break
         await asyncio.sleep(0.05)
-    assert not os.path.exists(f"/sys/class/net/{veth_name(gone.id)}")
+    assert not os.path.exists(f"/sys/class/net/{veth_name(gone.container_id)}")
     assert ip("route", "show", f"{gone.network.ip_address}/32").strip() == ""
     again = await create(services)
     assert again.network.ip_address == gone.network.ip_address
@@ -242,15 +242,15 @@ async def test_a_restarted_orchestrator_adopts_routed_containers(tmp_path: Path)
         channel = orchestrator_channel(orch.port)
         stub = pb_grpc.OrchestratorServiceStub(channel)
         for c in made:
-            got = (await stub.GetContainer(pb.GetContainerRequest(id=c.id))).container
+            got = (await stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id))).container
             assert got.state == pb.CONTAINER_STATE_RUNNING and got.network.ip_address == c.network.ip_address
             assert await reached(c.network.ip_address)
-            assert veth_name(c.id) in ip("route", "show", f"{c.network.ip_address}/32")
+            assert veth_name(c.container_id) in ip("route", "show", f"{c.network.ip_address}/32")
         fresh = (await stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True))).container
         assert fresh.network.ip_address not in {c.network.ip_address for c in made}
         assert await reached(fresh.network.ip_address)
         for c in [*made, fresh]:
-            await stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id))
+            await stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id))
         for _ in range(200):
             listed = (await stub.ListContainers(pb.ListContainersRequest(page_size=100))).containers
             if all(c.state == pb.CONTAINER_STATE_TERMINATED for c in listed):

@@ -97,29 +97,29 @@ def test_sigkill_restart_adopts_and_cleans(orchestrator: Orchestrator) -> None:
     orchestrator.kill(signal.SIGKILL)
     # While it is down: one container's processes die.
     victim = made[2]
-    for pid in sandbox_pids(victim.id):
+    for pid in sandbox_pids(victim.container_id):
         os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: sandbox_pids(victim.id) == [])
+    assert wait_for(lambda: sandbox_pids(victim.container_id) == [])
 
     stub = orchestrator.start()
-    listed = {c.id: c for c in stub.ListContainers(pb.ListContainersRequest(state=0)).containers}
+    listed = {c.container_id: c for c in stub.ListContainers(pb.ListContainersRequest(state=0)).containers}
     for c in made[:2]:
-        assert listed[c.id].state == pb.CONTAINER_STATE_RUNNING
-        assert listed[c.id].labels == c.labels and listed[c.id].expire_time == c.expire_time
-        assert sandbox_pids(c.id)
-    assert listed[victim.id].state == pb.CONTAINER_STATE_FAILED
-    assert listed[victim.id].state_reason == "ProcessExited"
+        assert listed[c.container_id].state == pb.CONTAINER_STATE_RUNNING
+        assert listed[c.container_id].labels == c.labels and listed[c.container_id].expire_time == c.expire_time
+        assert sandbox_pids(c.container_id)
+    assert listed[victim.container_id].state == pb.CONTAINER_STATE_FAILED
+    assert listed[victim.container_id].state_reason == "ProcessExited"
 
     # Adopted containers are still watched: one dying now is noticed.
-    for pid in sandbox_pids(made[1].id):
+    for pid in sandbox_pids(made[1].container_id):
         os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(id=made[1].id)).container.state == pb.CONTAINER_STATE_FAILED)
+    assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(container_id=made[1].container_id)).container.state == pb.CONTAINER_STATE_FAILED)
 
-    stub.DeleteContainer(pb.DeleteContainerRequest(id=made[0].id))
-    assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(id=made[0].id)).container.state == pb.CONTAINER_STATE_TERMINATED)
-    assert wait_for(lambda: all(leftovers(c.id) == [] for c in made)), [leftovers(c.id) for c in made]
+    stub.DeleteContainer(pb.DeleteContainerRequest(container_id=made[0].container_id))
+    assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(container_id=made[0].container_id)).container.state == pb.CONTAINER_STATE_TERMINATED)
+    assert wait_for(lambda: all(leftovers(c.container_id) == [] for c in made)), [leftovers(c.container_id) for c in made]
     # Adopted containers kept their address and answer on it.
-    assert listed[made[0].id].network.ip_address == made[0].network.ip_address != ""
+    assert listed[made[0].container_id].network.ip_address == made[0].network.ip_address != ""
 
 
 def test_graceful_stop_leaves_containers_running(orchestrator: Orchestrator) -> None:
@@ -127,8 +127,8 @@ def test_graceful_stop_leaves_containers_running(orchestrator: Orchestrator) -> 
     c = stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True)).container
     orchestrator.kill(signal.SIGTERM)
     assert orchestrator.proc is not None and orchestrator.proc.returncode == 0
-    assert sandbox_pids(c.id)
+    assert sandbox_pids(c.container_id)
     stub = orchestrator.start()
-    assert stub.GetContainer(pb.GetContainerRequest(id=c.id)).container.state == pb.CONTAINER_STATE_RUNNING
-    stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id))
-    assert wait_for(lambda: leftovers(c.id) == []), leftovers(c.id)
+    assert stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id)).container.state == pb.CONTAINER_STATE_RUNNING
+    stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id))
+    assert wait_for(lambda: leftovers(c.container_id) == []), leftovers(c.container_id)

@@ -81,8 +81,8 @@ def test_containers_run_without_root_and_the_log_says_what_is_off(shared_tmp: Pa
         assert "NOT enforced" in started["cgroups"]
         assert started["network"].startswith("off (not root)")
         assert "share it" in started["users"]
-        stub.DeleteContainer(pb.DeleteContainerRequest(id=c.id))
-        assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(id=c.id)).container.state
+        stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id))
+        assert wait_for(lambda: stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id)).container.state
                         == pb.CONTAINER_STATE_TERMINATED)
         channel.close()
     finally:

@@ -34,7 +34,7 @@ def uid_claimed_by(services: Services, container_id: str) -> int | None:
 
 
 async def get(services: Services, cid: str) -> pb.Container:
-    return (await services.hub_stub.GetContainer(pb.GetContainerRequest(id=cid), metadata=A)).container
+    return (await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=cid), metadata=A)).container
 
 
 async def wait_for(services: Services, cid: str, done, timeout: float = 20.0) -> pb.Container:  # type: ignore[no-untyped-def]
@@ -48,36 +48,36 @@ async def wait_for(services: Services, cid: str, done, timeout: float = 20.0) ->
 
 async def test_a_container_is_terminated_only_when_nothing_of_it_is_left(services: Services) -> None:
     x = await create(services)
-    uid = uid_claimed_by(services, x.id)
+    uid = uid_claimed_by(services, x.container_id)
     assert uid is not None and x.network.ip_address
     groups = cgroups.Cgroups(cgroups.detect(), parent=cgroups.parent_for(services.state_dir / "local"))
-    assert groups.dirs(x.id), "cgroups are needed for this test"
+    assert groups.dirs(x.container_id), "cgroups are needed for this test"
     blocker = subprocess.Popen(["sleep", "600"])
     try:
-        for d in groups.dirs(x.id):
+        for d in groups.dirs(x.container_id):
             (d / "cgroup.procs").write_text(str(blocker.pid))
-        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)
+        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=x.container_id), metadata=A)
 
-        stuck = await wait_for(services, x.id, lambda c: c.state_reason == "TeardownIncomplete")
+        stuck = await wait_for(services, x.container_id, lambda c: c.state_reason == "TeardownIncomplete")
         assert stuck.state == pb.CONTAINER_STATE_TERMINATING, stuck
         assert stuck.state_reason == "TeardownIncomplete" and "cgroup" in stuck.state_message, stuck
-        assert sandbox_pids(x.id) == []  # its own processes are gone; the cgroup is not
+        assert sandbox_pids(x.container_id) == []  # its own processes are gone; the cgroup is not
         await asyncio.sleep(2.5)  # a retry or two later: still not gone, still not TERMINATED
-        again = await get(services, x.id)
+        again = await get(services, x.container_id)
         assert again.state == pb.CONTAINER_STATE_TERMINATING and again.state_reason == "TeardownIncomplete"
         # Its uid and address stay its own meanwhile.
-        assert uid_claimed_by(services, x.id) == uid
+        assert uid_claimed_by(services, x.container_id) == uid
         y = await create(services)
         assert y.network.ip_address != x.network.ip_address
-        assert uid_claimed_by(services, y.id) != uid
+        assert uid_claimed_by(services, y.container_id) != uid
 
         blocker.kill()
         blocker.wait()
-        done = await wait_for(services, x.id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
+        done = await wait_for(services, x.container_id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
         assert done.state == pb.CONTAINER_STATE_TERMINATED, done
         assert done.state_reason == "Deleted" and done.state_message == ""
-        assert uid_claimed_by(services, x.id) is None
-        assert leftovers(x.id) == []
+        assert uid_claimed_by(services, x.container_id) is None
+        assert leftovers(x.container_id) == []
     finally:
         if blocker.poll() is None:
             blocker.kill()
@@ -89,15 +89,15 @@ async def test_delete_of_a_stuck_container_is_idempotent_and_keeps_its_reason(se
     groups = cgroups.Cgroups(cgroups.detect(), parent=cgroups.parent_for(services.state_dir / "local"))
     blocker = subprocess.Popen(["sleep", "600"])
     try:
-        for d in groups.dirs(x.id):
+        for d in groups.dirs(x.container_id):
             (d / "cgroup.procs").write_text(str(blocker.pid))
-        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)
-        await wait_for(services, x.id, lambda c: c.state_reason == "TeardownIncomplete")
-        again = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(id=x.id), metadata=A)).container
+        await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=x.container_id), metadata=A)
+        await wait_for(services, x.container_id, lambda c: c.state_reason == "TeardownIncomplete")
+        again = (await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=x.container_id), metadata=A)).container
         assert again.state == pb.CONTAINER_STATE_TERMINATING
         blocker.kill()
         blocker.wait()
-        done = await wait_for(services, x.id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
+        done = await wait_for(services, x.container_id, lambda c: c.state == pb.CONTAINER_STATE_TERMINATED)
         assert done.state == pb.CONTAINER_STATE_TERMINATED and done.state_reason == "Deleted"
     finally:
         if blocker.poll() is None:

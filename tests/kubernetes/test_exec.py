@@ -127,7 +127,8 @@ async def test_pty_and_resize(driver: KubernetesExecDriver) -> None:
 
 
 async def test_background_process(driver: KubernetesExecDriver) -> None:
-    cmd = sh("echo one; sleep 0.5; echo two; echo oops >&2; exit 4")
+    # Asked for as a shell line, kept as one (the record is read back below).
+    cmd = CommandSpec.from_shell("echo one; sleep 0.5; echo two; echo oops >&2; exit 4", env={"A": "1"})
     info, created = await driver.start_background(container_id=CID, process_id="job-1", command=cmd)
     assert created and info.pid > 1 and info.command == cmd and info.exit is None
     again, created = await driver.start_background(container_id=CID, process_id="job-1", command=cmd)
@@ -135,11 +136,12 @@ async def test_background_process(driver: KubernetesExecDriver) -> None:
     info = await eventually(lambda: driver.get_background(container_id=CID, process_id="job-1"),
                             lambda i: i.exit is not None)
     assert info.exit == ExitInfo(exit_code=4) and (info.stdout_bytes, info.stderr_bytes) == (8, 5)
+    assert info.command == cmd and info.command.shell == cmd.shell
     read = await driver.read_output(container_id=CID, process_id="job-1", stream="stdout", offset=4, max_bytes=100)
     assert (read.offset, read.data, read.dropped_before) == (4, b"two\n", False)
     read = await driver.read_output(container_id=CID, process_id="job-1", stream="stderr", offset=0, max_bytes=3)
     assert read.data == b"oop"
-    assert [p.process_id for p in await driver.list_background(container_id=CID)] == ["job-1"]
+    assert [(p.process_id, p.command) for p in await driver.list_background(container_id=CID)] == [("job-1", cmd)]
     with pytest.raises(ProcessNotFound):
         await driver.get_background(container_id=CID, process_id="job-2")
 

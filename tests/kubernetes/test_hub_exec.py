@@ -43,11 +43,11 @@ async def hub(control_plane: ControlPlane, namespace: str) -> AsyncIterator[grpc
 async def test_run_put_and_get_files_through_the_hub(hub: grpc.aio.Channel, control_plane: ControlPlane) -> None:
     created = await pb_grpc.OrchestratorServiceStub(hub).CreateContainer(
         pb.CreateContainerRequest(wait_until_running=True, labels={"app": "web"}), metadata=A)
-    cid = created.container.id
+    cid = created.container.container_id
     assert created.container.state == pb.CONTAINER_STATE_RUNNING
     ex = xpb_grpc.ExecServiceStub(hub)
     r = await run(ex, cid, shell="echo hi; echo err >&2; exit 3")
-    assert (r.status.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"err\n")
+    assert (r.exit_status.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"err\n")
     assert control_plane.exec_dir is not None
     dest = str(control_plane.exec_dir / "tmp" / cid)
     blob = os.urandom(3 << 20)

@@ -123,7 +123,7 @@ def test_labels_that_would_move_or_hide_the_pod_are_refused(key: str) -> None:
     with pytest.raises(InvalidField) as e:
         o.make_pod(spec(placement="fargate", labels={key: "x"}), container_id=CID, config=CONFIG,
                    create_time=T0, expire_time=T0)
-    assert e.value.field == "labels"
+    assert e.value.field == f"labels[{key}]"
 
 
 def test_network_policy_admits_the_hub_on_its_ports_and_egress_outside_private_ranges() -> None:

@@ -1,7 +1,8 @@
 import pytest
 
 from orchestrator_service.model import Port
-from orchestrator_service.validation import RawCreate, build_spec, check_container_id
+from orchestrator_service.validation import RawCreate, build_spec
+from sandhub.container_ids import check_container_id
 from sandhub.config import Limits
 from sandhub.errors import InvalidField, UnknownPlacement
 
@@ -41,14 +42,16 @@ def test_defaults_fill_in_never_unlimited() -> None:
         ({"pids": 2}, "resources.pids"),
         ({"ttl_s": 10**7}, "ttl"),
         ({"ttl_s": -1}, "ttl"),
-        ({"labels": {"bad key": "x"}}, "labels"),
-        ({"labels": {"-a": "x"}}, "labels"),
-        ({"labels": {"a": "has space"}}, "labels"),
-        ({"labels": {"sandhub.dev/tenant": "x"}}, "labels"),
-        ({"labels": {"Bad_Prefix/a": "x"}}, "labels"),
-        ({"env": {"1X": "y"}}, "env"),
-        ({"ports": [Port(0)]}, "ports"),
-        ({"ports": [Port(80), Port(80)]}, "ports"),
+        ({"labels": {"bad key": "x"}}, "labels[bad key]"),
+        ({"labels": {"-a": "x"}}, "labels[-a]"),
+        ({"labels": {"a": "has space"}}, "labels[a]"),
+        ({"labels": {"sandhub.dev/tenant": "x"}}, "labels[sandhub.dev/tenant]"),
+        ({"labels": {"Bad_Prefix/a": "x"}}, "labels[Bad_Prefix/a]"),
+        ({"labels": {f"k{i}": "v" for i in range(1000)}}, "labels"),
+        ({"env": {"1X": "y"}}, "env[1X]"),
+        ({"ports": [Port(0)]}, "ports[0].port"),
+        ({"ports": [Port(80, name="Web")]}, "ports[0].name"),
+        ({"ports": [Port(80), Port(80)]}, "ports[1]"),
         ({"request_id": "x" * 200}, "request_id"),
     ],
 )

@@ -9,7 +9,6 @@ from sandhub.config import ExecLimits
 from sandhub.errors import InvalidField
 from sandhub.exec.v1 import exec_pb2 as pb
 
-SHELL = "/bin/sh"
 MAX_PTY = 1000
 
 
@@ -18,14 +17,13 @@ def command_spec(command: pb.Command, limits: ExecLimits, *, field: str = "comma
     if command.argv and command.shell:
         raise InvalidField(field, "give either argv or shell, not both")
     if command.shell:
-        argv: tuple[str, ...] = (SHELL, "-c", command.shell)
+        spec = CommandSpec.from_shell(command.shell, env=command.env, cwd=command.cwd)
     elif command.argv:
-        argv = tuple(command.argv)
+        spec = CommandSpec(argv=tuple(command.argv), env=dict(command.env), cwd=command.cwd)
     else:
         raise InvalidField(f"{field}.argv", "is empty: give argv or shell")
-    spec = CommandSpec(argv=argv, env=dict(command.env), cwd=command.cwd)
     spec.check(field)
-    size = sum(len(a.encode()) + 1 for a in argv) + len(command.cwd.encode())
+    size = sum(len(a.encode()) + 1 for a in spec.argv) + len(command.cwd.encode())
     size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in command.env.items())
     if size > limits.max_command_bytes:
         raise InvalidField(field, f"is {size} bytes; at most {limits.max_command_bytes}")
@@ -33,6 +31,9 @@ def command_spec(command: pb.Command, limits: ExecLimits, *, field: str = "comma
 
 
 def command_proto(spec: CommandSpec) -> pb.Command:
+    """The command as it was asked for: a ``shell`` line stays one."""
+    if spec.shell:
+        return pb.Command(shell=spec.shell, env=spec.env, cwd=spec.cwd)
     return pb.Command(argv=list(spec.argv), env=spec.env, cwd=spec.cwd)
 
 

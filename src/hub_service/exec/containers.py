@@ -12,7 +12,8 @@ import grpc
 
 from hub_service.orchestrator_proxy import translate
 from sandhub import rpc
-from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField
+from sandhub.container_ids import check_container_id
+from sandhub.errors import ContainerNotFound, ContainerNotRunning
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
@@ -26,9 +27,9 @@ class ContainerLookup:
         self._timeout_s = timeout_s
         self._known: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (tenant, backend)
 
-    async def backend_of(self, container_id: str, *, tenant: str) -> str:
-        if not container_id:
-            raise InvalidField("container_id", "is required")
+    async def backend_of(self, container_id: str, *, tenant: str, field: str = "container_id") -> str:
+        """``field``: where the request holds the id, for the error a malformed one gets."""
+        check_container_id(container_id, field=field)
         known = self._known.get(container_id)
         if known is not None:
             if known[0] != tenant:
@@ -41,7 +42,7 @@ class ContainerLookup:
             metadata.append((rpc.REQUEST_ID_KEY, info.request_id))
         try:
             got = await self._stub.GetContainer(
-                pb.GetContainerRequest(id=container_id), metadata=metadata, timeout=self._timeout_s
+                pb.GetContainerRequest(container_id=container_id), metadata=metadata, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as e:
             raise translate(e) from None

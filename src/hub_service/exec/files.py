@@ -56,7 +56,7 @@ fi
 
 
 async def put_files(
-    driver: ExecDriver, container_id: str, start: pb.PutFilesRequest.Start,
+    driver: ExecDriver, container_id: str, start: pb.PutFilesStart,
     requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
 ) -> pb.PutFilesResponse:
     """Bounded by max_upload_s, which also tells the next upload when a
@@ -73,7 +73,7 @@ async def put_files(
 
 
 async def _put_files(
-    driver: ExecDriver, container_id: str, start: pb.PutFilesRequest.Start,
+    driver: ExecDriver, container_id: str, start: pb.PutFilesStart,
     requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
 ) -> pb.PutFilesResponse:
     if start.format == pb.ARCHIVE_FORMAT_TAR:
@@ -102,15 +102,15 @@ async def _read_failed(
 ) -> SandhubError:
     """The error for a GET_SCRIPT that failed, before or after its header."""
     if signal == 9:
-        return ContainerNotRunning(container_id, "stopping")
+        return ContainerNotRunning(container_id, "TERMINATING")
     if fork_failed(err):
         return pids_exhausted(container_id)
     if code == 20 or b"No such file" in err:
         return PathNotFound(path)
     if code == 21 or b"Permission denied" in err:
-        return PathNotAllowed("path", f"{clip(path)} (or something in it) is not readable by the container's user")
+        return PathNotAllowed("path", path, f"{clip(path)} (or something in it) is not readable by the container's user")
     if code == 22:
-        return PathNotAllowed("path", f"{clip(path)} is neither a regular file nor a directory")
+        return PathNotAllowed("path", path, f"{clip(path)} is neither a regular file nor a directory")
     if await driver.out_of_pids(container_id=container_id):  # its shell could not even say so
         return pids_exhausted(container_id)
     log.warning("files.read_failed", container_id=container_id, exit_code=code, signal=signal,

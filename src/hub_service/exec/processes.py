@@ -59,8 +59,9 @@ async def attach(
 ) -> AsyncIterator[pb.AttachProcessResponse]:
     """Output from the asked offsets; with ``follow``, new output until the
     process exits, then its exit status."""
-    if request.stdout_offset < 0 or request.stderr_offset < 0:
-        raise InvalidField("stdout_offset", "offsets must not be negative")
+    for field, offset in (("stdout_offset", request.stdout_offset), ("stderr_offset", request.stderr_offset)):
+        if offset < 0:
+            raise InvalidField(field, "must not be negative")
     pid = check_process_id(request.process_id)
     offsets: dict[Stream, int] = {"stdout": request.stdout_offset, "stderr": request.stderr_offset}
     loop = asyncio.get_running_loop()
@@ -81,13 +82,13 @@ async def attach(
                 sent = True
         if info.exit is not None:
             # Output read after the exit was seen is complete.
-            yield pb.AttachProcessResponse(exited=exit_status(info.exit))
+            yield pb.AttachProcessResponse(exit_status=exit_status(info.exit))
             return
         if not request.follow:
             return
         if sent:
             last_sent = loop.time()
         elif loop.time() - last_sent >= limits.keepalive_s:
-            yield pb.AttachProcessResponse(keepalive=pb.AttachProcessResponse.Keepalive())
+            yield pb.AttachProcessResponse(keepalive=pb.Keepalive())
             last_sent = loop.time()
         await asyncio.sleep(POLL_S)

@@ -129,7 +129,7 @@ async def run_once(
     started = timestamp_pb2.Timestamp()
     started.FromNanoseconds(int(start_wall * 1e9))
     return pb.RunResponse(
-        status=exit_status(info, timed_out=timed_out),
+        exit_status=exit_status(info, timed_out=timed_out),
         stdout=out.take(), stderr=err.take(),
         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
         start_time=started, duration=duration,
@@ -197,7 +197,7 @@ class ExecSession:
         exit_deadline = float("inf")
         nxt: asyncio.Future[Any] | None = None
         try:
-            yield pb.ExecResponse(started=pb.ExecResponse.Started(pid=proc.pid))
+            yield pb.ExecResponse(started=pb.ExecStarted(pid=proc.pid))
             leftovers_killed = False
             while True:
                 now = loop.time()
@@ -233,13 +233,13 @@ class ExecSession:
                     break
                 if not isinstance(batch, OutputChunk):
                     if loop.time() < deadline:
-                        yield pb.ExecResponse(keepalive=pb.ExecResponse.Keepalive())
+                        yield pb.ExecResponse(keepalive=pb.Keepalive())
                 elif batch.stream == "stdout":
                     yield pb.ExecResponse(stdout=batch.data)
                 else:
                     yield pb.ExecResponse(stderr=batch.data)
             info: ExitInfo = await proc.wait()
-            yield pb.ExecResponse(exited=exit_status(info, timed_out=timed_out))
+            yield pb.ExecResponse(exit_status=exit_status(info, timed_out=timed_out))
         finally:
             # Normal end, error, or the caller went away (cancelled): in every
             # case the process and its children go.

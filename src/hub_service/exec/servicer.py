@@ -45,15 +45,15 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         self._slots = budgets.exec_calls
         self._calls = budgets.calls
 
-    async def _driver(self, container_id: str, tenant: str) -> ExecDriver:
-        backend = await self._lookup.backend_of(container_id, tenant=tenant)
+    async def _driver(self, container_id: str, tenant: str, *, field: str = "container_id") -> ExecDriver:
+        backend = await self._lookup.backend_of(container_id, tenant=tenant, field=field)
         return await self._drivers.get(backend)
 
     async def PutFiles(self, request_iterator: AsyncIterator[pb.PutFilesRequest], context: rpc.Ctx) -> pb.PutFilesResponse:
         tenant = self._auth.tenant(context)
         with self._slots.hold(tenant):
             start = await _first(request_iterator, "start")
-            driver = await self._driver(start.container_id, tenant)
+            driver = await self._driver(start.container_id, tenant, field="start.container_id")
             return await files.put_files(driver, start.container_id, start, request_iterator, self._limits)
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
@@ -108,8 +108,15 @@ class ExecServicer(pb_grpc.ExecServiceServicer):
         pty = pty_size(start.pty, field="start.pty") if start.HasField("pty") else None
         timeout = timeout_s(start.timeout, default=self._limits.max_exec_timeout_s,
                             maximum=self._limits.max_exec_timeout_s, field="start.timeout")
-        driver = await self._driver(start.container_id, tenant)
-        proc = await driver.spawn(container_id=start.container_id, command=command, pty=pty)
+        driver = await self._driver(start.container_id, tenant, field="start.container_id")
+        try:
+            proc = await driver.spawn(container_id=start.container_id, command=command, pty=pty)
+        except InvalidField as e:
+            # Drivers name the field as Run and StartProcess hold it ("command.argv");
+            # an Exec stream holds it under `start`.
+            if e.field.split(".")[0] in pb.ExecStart.DESCRIPTOR.fields_by_name:
+                raise InvalidField(f"start.{e.field}", e.description) from None
+            raise
         session = ExecSession(proc, self._limits, timeout_s=timeout)
         async for response in session.run(request_iterator):
             yield response

@@ -40,14 +40,14 @@ async def _feed(up: Uploader, reader: TarReader, data: bytes) -> int:
         members += 1
         path = check_path(item.name.lstrip("/") or ".", field="data", base=up.destination)
         if item.kind == "file":
-            await up.begin(pb.PutFilesRequest.File(path=path, mode=item.mode, size=item.size), field="data")
+            await up.begin(pb.FileHeader(path=path, mode=item.mode, size=item.size), field="data")
         else:
             await up.finish()
     return members
 
 
 async def put_tar(
-    driver: ExecDriver, container_id: str, start: pb.PutFilesRequest.Start,
+    driver: ExecDriver, container_id: str, start: pb.PutFilesStart,
     requests: AsyncIterator[pb.PutFilesRequest], limits: ExecLimits,
 ) -> pb.PutFilesResponse:
     up = Uploader(driver, container_id, limits, start.destination)

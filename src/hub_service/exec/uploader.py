@@ -112,16 +112,16 @@ def check_path(path: str, *, field: str, base: str = WORK_DIR) -> str:
     if not path:
         raise InvalidField(field, "is empty")
     if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise PathNotAllowed(field, f"{clip(path)} is longer than {MAX_PATH_BYTES} bytes")
+        raise PathNotAllowed(field, path, f"{clip(path)} is longer than {MAX_PATH_BYTES} bytes")
     if "\0" in path:
-        raise PathNotAllowed(field, "contains a NUL character")
+        raise PathNotAllowed(field, path, "contains a NUL character")
     if ".." in path.split("/"):
-        raise PathNotAllowed(field, f"{clip(path)} must not contain '..'")
+        raise PathNotAllowed(field, path, f"{clip(path)} must not contain '..'")
     full = posixpath.normpath(path if path.startswith("/") else posixpath.join(base, path))
     if full.startswith("//"):
         full = "/" + full.lstrip("/")
     if any(full == r or full.startswith(r + "/") for r in FORBIDDEN_ROOTS):
-        raise PathNotAllowed(field, f"{clip(full)} is a kernel filesystem, not the container's files")
+        raise PathNotAllowed(field, full, f"{clip(full)} is a kernel filesystem, not the container's files")
     return full
 
 
@@ -213,7 +213,7 @@ class Uploader:
     def destination(self) -> str:
         return self._dest
 
-    async def begin(self, f: pb.PutFilesRequest.File, *, field: str = "file.path") -> None:
+    async def begin(self, f: pb.FileHeader, *, field: str = "file.path") -> None:
         await self.finish()
         if len(self.files) >= self._limits.max_upload_files:
             raise PayloadTooLarge(f"at most {self._limits.max_upload_files} files per upload",
@@ -268,17 +268,17 @@ class Uploader:
     async def _failed(self, path: str, code: int, signal: int, err: bytes, *, size: int = 0, announced: int = 0) -> None:
         shown = clip(path)
         if signal == 9:
-            raise ContainerNotRunning(self._cid, "stopping")
+            raise ContainerNotRunning(self._cid, "TERMINATING")
         if fork_failed(err):
             raise pids_exhausted(self._cid)
         if code == 14:
             raise InvalidStream(f"{shown}: {size} bytes arrived, {announced} were announced")
         if code == 13 and b"No space left" in err:
-            raise PayloadTooLarge(f"{shown}: no space left in the container", limit=0)
+            raise PayloadTooLarge(f"{shown}: no space left in the container", error="ENOSPC")
         if code in PUT_ERRORS:
             # The caller's path can't be written (a link, a directory in the
             # way, a read-only place): theirs to change, not an internal fault.
-            raise PathNotAllowed("file.path", f"{shown}: {PUT_ERRORS[code]}")
+            raise PathNotAllowed("file.path", path, f"{shown}: {PUT_ERRORS[code]}")
         if await self._driver.out_of_pids(container_id=self._cid):  # its shell could not even say so
             raise pids_exhausted(self._cid)
         log.warning("files.write_failed", container_id=self._cid, exit_code=code, signal=signal,

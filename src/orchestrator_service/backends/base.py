@@ -49,5 +49,12 @@ class Backend(Protocol):
     async def forget(self, *, container_id: str) -> None:
         """Drops the record of a TERMINATED or FAILED container whose tombstone time is over."""
 
+    def agent_target(self, container: Container) -> str:
+        """The gRPC target of ``container``'s exec agent (sandhub-agent, its
+        init): "unix:/path" on this host, "ip:port" on a cluster. Called for
+        RUNNING containers only; served to the Hub by AgentDirectoryService
+        (proto/sandhub/internal/v1/agents.proto). Raises NotSupported while the
+        backend has no agent."""
+
     def status(self) -> dict[str, str]:
         """What isolation and features are active, for logs and `sandhub doctor`."""

@@ -10,8 +10,9 @@ the Hub. Inputs and outputs are plain dataclasses; no generated ``_pb2`` here.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from sandhub.errors import InvalidField
 
@@ -19,6 +20,8 @@ Stream = Literal["stdout", "stderr"]
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 """Variable names every backend can pass on (a shell `export` included)."""
+SHELL = "/bin/sh"
+"""What runs a command asked for as a ``shell`` line (``SHELL -c line``)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,29 @@ class CommandSpec:
     """Added to (and overriding) the container's own environment."""
     cwd: str = ""
     """Working directory inside the container; "" means the container's work dir."""
+    shell: str = ""
+    """The caller's text when the command was asked for as a ``shell`` line
+    (argv is then the shell running it): kept so that a background process's
+    command comes back as it was asked for, not as the argv that ran it."""
+
+    @classmethod
+    def from_shell(cls, line: str, *, env: Mapping[str, str] | None = None, cwd: str = "") -> CommandSpec:
+        """A command asked for as a shell line: SHELL runs it."""
+        return cls(argv=(SHELL, "-c", line), env=dict(env or {}), cwd=cwd, shell=line)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form a backend keeps with a background process: the shell
+        line or the argv (not both: a long line would be kept twice)."""
+        what: dict[str, Any] = {"shell": self.shell} if self.shell else {"argv": list(self.argv)}
+        return {**what, "env": dict(self.env), "cwd": self.cwd}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CommandSpec:
+        """The inverse of ``to_record``."""
+        env, cwd = dict(record.get("env", {})), str(record.get("cwd", ""))
+        if record.get("shell"):
+            return cls.from_shell(str(record["shell"]), env=env, cwd=cwd)
+        return cls(argv=tuple(record.get("argv", ())), env=env, cwd=cwd)
 
     def check(self, field: str = "command") -> None:
         """InvalidField (naming ``field``'s part) unless every backend can run
@@ -37,11 +63,16 @@ class CommandSpec:
         drivers again, for callers that reach them directly."""
         if not self.argv or not self.argv[0]:
             raise InvalidField(f"{field}.argv", "must name a program (argv[0] is empty)")
-        if any("\0" in t for t in (*self.argv, self.cwd, *self.env, *self.env.values())):
-            raise InvalidField(field, "contains a NUL character")
-        for key in self.env:
+        what = "shell" if self.shell else "argv"
+        if any("\0" in t for t in self.argv):
+            raise InvalidField(f"{field}.{what}", "contains a NUL character")
+        if "\0" in self.cwd:
+            raise InvalidField(f"{field}.cwd", "contains a NUL character")
+        for key, value in self.env.items():
+            if "\0" in key or "\0" in value:
+                raise InvalidField(f"{field}.env[{key}]", "contains a NUL character")
             if not ENV_NAME.match(key):
-                raise InvalidField(f"{field}.env", f"{key!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")
+                raise InvalidField(f"{field}.env[{key}]", f"{key!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")
         if self.cwd and not self.cwd.startswith("/"):
             raise InvalidField(f"{field}.cwd", "must be an absolute path")
 

@@ -161,15 +161,15 @@ class Clients:
 
     def answered(self, key: str, request_id: str, c: pb.Container) -> pb.Container:
         before = self.created.get(request_id)
-        if before is not None and before[0] != c.id:
-            self.result.violate("no duplicate", f"request {request_id}: {before[0]}, then {c.id}")
+        if before is not None and before[0] != c.container_id:
+            self.result.violate("no duplicate", f"request {request_id}: {before[0]}, then {c.container_id}")
         if before is None:
-            self.created[request_id] = (c.id, key)
+            self.created[request_id] = (c.container_id, key)
             self.result.creates += 1
             if c.state != pb.CONTAINER_STATE_RUNNING:
                 self.result.creates_failed_state += 1
                 if not c.state_reason:
-                    self.result.violate("no lost container", f"{c.id} answered {pb.ContainerState.Name(c.state)} "
+                    self.result.violate("no lost container", f"{c.container_id} answered {pb.ContainerState.Name(c.state)} "
                                                              "without a reason")
         return c
 
@@ -178,9 +178,9 @@ class Clients:
 
         async def put() -> exec_pb2.PutFilesResponse:
             async def messages() -> AsyncIterator[exec_pb2.PutFilesRequest]:
-                yield exec_pb2.PutFilesRequest(start=exec_pb2.PutFilesRequest.Start(
-                    container_id=c.id, format=exec_pb2.ARCHIVE_FORMAT_RAW))
-                yield exec_pb2.PutFilesRequest(file=exec_pb2.PutFilesRequest.File(path="chaos.bin", mode=0o644,
+                yield exec_pb2.PutFilesRequest(start=exec_pb2.PutFilesStart(
+                    container_id=c.container_id, format=exec_pb2.ARCHIVE_FORMAT_RAW))
+                yield exec_pb2.PutFilesRequest(file=exec_pb2.FileHeader(path="chaos.bin", mode=0o644,
                                                                                   size=len(data)))
                 for i in range(0, len(data), 16 * 1024):
                     yield exec_pb2.PutFilesRequest(data=data[i:i + 16 * 1024])
@@ -192,14 +192,14 @@ class Clients:
         uploaded = not isinstance(await self.call("PutFiles", put), grpc.aio.AioRpcError)
         self.result.uploads += uploaded
         for argv in (["cat", "/work/chaos.bin"], ["ls", "/"]):
-            run = exec_pb2.RunRequest(container_id=c.id, command=exec_pb2.Command(argv=argv))
+            run = exec_pb2.RunRequest(container_id=c.container_id, command=exec_pb2.Command(argv=argv))
             got = await self.call("Run", lambda: self.exec.Run(run, metadata=self.md(key),
                                                                timeout=self.options.call_timeout_s))
             if isinstance(got, grpc.aio.AioRpcError):
                 continue
             self.result.execs += 1
             if argv[0] == "cat" and uploaded and got.stdout != data:
-                self.result.violate("no lost container", f"{c.id}: the uploaded file read back differently")
+                self.result.violate("no lost container", f"{c.container_id}: the uploaded file read back differently")
 
     async def client(self, n: int) -> None:
         rng = random.Random(self.options.seed * 1000 + n)
@@ -218,9 +218,9 @@ class Clients:
             await self.work(key, c, rng)
             if rng.random() < 0.3:
                 got = await self.call("DeleteContainer", lambda: self.containers.DeleteContainer(
-                    pb.DeleteContainerRequest(id=c.id), metadata=self.md(key), timeout=self.options.call_timeout_s))
+                    pb.DeleteContainerRequest(container_id=c.container_id), metadata=self.md(key), timeout=self.options.call_timeout_s))
                 if not isinstance(got, grpc.aio.AioRpcError):
-                    self.deleted.add(c.id)
+                    self.deleted.add(c.container_id)
                     self.result.deletes += 1
 
     # -- what the Orchestrator knows --------------------------------------------------
@@ -240,7 +240,7 @@ class Clients:
                     raise
                 await asyncio.sleep(0.5)
                 continue
-            found.update((c.id, c) for c in resp.containers)
+            found.update((c.container_id, c) for c in resp.containers)
             if not resp.next_page_token:
                 return found
             req.page_token = resp.next_page_token
@@ -285,12 +285,12 @@ async def full_disk_phase(services: ChaosServices, clients: Clients, result: Cha
             clients.answered(key, request_id, got.container)
     if victim is not None:
         got = await clients.call("DeleteContainer (disk full)", lambda: clients.containers.DeleteContainer(
-            pb.DeleteContainerRequest(id=victim.id), metadata=clients.md(key), timeout=20))
+            pb.DeleteContainerRequest(container_id=victim.container_id), metadata=clients.md(key), timeout=20))
         if isinstance(got, grpc.aio.AioRpcError):
             result.disk.append(f"delete: {got.code().name} {rpc.error_reason(got)}")
             result.violate("full disk", f"delete on a full disk: {got.code().name} (teardown needs no space)")
         else:
-            clients.deleted.add(victim.id)
+            clients.deleted.add(victim.container_id)
             result.disk.append(f"delete: OK {pb.ContainerState.Name(got.container.state)}")
     try:
         await services.restart("orchestrator")
@@ -348,8 +348,8 @@ async def still_runs(clients: Clients, cid: str, key: str, result: ChaosResult) 
         got = await clients.call("Run (after the restarts)", lambda: clients.exec.Run(
             req, metadata=clients.md(key), timeout=clients.options.call_timeout_s))
         if not isinstance(got, grpc.aio.AioRpcError):
-            if got.status.exit_code != 0:
-                result.violate("no lost container", f"{cid}: `ls /work` exits {got.status.exit_code} after the "
+            if got.exit_status.exit_code != 0:
+                result.violate("no lost container", f"{cid}: `ls /work` exits {got.exit_status.exit_code} after the "
                                                     f"restarts: {got.stderr[:120]!r}")
             return
         if got.code() not in RETRYABLE or loop.time() > deadline:
@@ -366,7 +366,7 @@ async def delete_everything(services: ChaosServices, clients: Clients, result: C
     for cid, c in known.items():
         if c.state in (*LIVE, pb.CONTAINER_STATE_FAILED):
             await clients.call("DeleteContainer", lambda: clients.containers.DeleteContainer(
-                pb.DeleteContainerRequest(id=cid), metadata=clients.md(keys[c.tenant]), timeout=30))
+                pb.DeleteContainerRequest(container_id=cid), metadata=clients.md(keys[c.tenant]), timeout=30))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while True:

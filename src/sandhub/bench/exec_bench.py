@@ -134,11 +134,11 @@ async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
         ex = xpb_grpc.ExecServiceStub(channel)
         c = (await containers.CreateContainer(
             pb.CreateContainerRequest(wait_until_running=True, labels={"bench": "exec"}), metadata=md)).container
-        init_pid = _init_pid(services, c.id)
-        ls = xpb.RunRequest(container_id=c.id, command=xpb.Command(argv=["ls", "/"]))
+        init_pid = _init_pid(services, c.container_id)
+        ls = xpb.RunRequest(container_id=c.container_id, command=xpb.Command(argv=["ls", "/"]))
 
         async def via_driver() -> None:
-            proc = await driver.spawn(container_id=c.id, command=CommandSpec(("ls", "/")))
+            proc = await driver.spawn(container_id=c.container_id, command=CommandSpec(("ls", "/")))
             while await proc.read() is not None:
                 pass
             await proc.wait()
@@ -155,7 +155,7 @@ async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
         # Transfers are driven from a process of their own, as a caller's are.
         for name, rates in (await _client("sink", f"127.0.0.1:{sink.port}", upload_mib)).items():
             results.upload_mb_s[name] = rates
-        hub_rates = await _client("hub", services.hub_address, upload_mib, c.id, API_KEY)
+        hub_rates = await _client("hub", services.hub_address, upload_mib, c.container_id, API_KEY)
         results.upload_mb_s.update(hub_rates)
     except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
         results.failures.append(str(e))

@@ -153,11 +153,11 @@ async def prepare(channel: grpc.aio.Channel, metadata: Iterable[tuple[str, str]]
         req = opb.CreateContainerRequest(labels=dict([LABEL]), wait_until_running=True)
         c = (await create(req, metadata=md, timeout=60)).container
         if c.state != opb.CONTAINER_STATE_RUNNING:
-            raise RuntimeError(f"fuzz target container {c.id} is {opb.ContainerState.Name(c.state)}: {c.state_message}")
-        ids.append(c.id)
-        files = [xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=c.id, destination=READ_DIR))]
+            raise RuntimeError(f"fuzz target container {c.container_id} is {opb.ContainerState.Name(c.state)}: {c.state_message}")
+        ids.append(c.container_id)
+        files = [xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id, destination=READ_DIR))]
         for name, content in (("a.txt", b"a" * 100), ("sub/b.bin", bytes(range(256)) * 64)):
-            files += [xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=name, size=len(content))),
+            files += [xpb.PutFilesRequest(file=xpb.FileHeader(path=name, size=len(content))),
                       xpb.PutFilesRequest(data=content)]
         await put(iter(files), metadata=md, timeout=30)
     for pid, argv in ((DONE_PROCESS, ["echo", "done"]), (LIVE_PROCESS, ["sleep", "3600"])) if processes else ():
@@ -171,7 +171,7 @@ async def tenant_of(channel: grpc.aio.Channel, metadata: Iterable[tuple[str, str
     get = channel.unary_unary("/sandhub.orchestrator.v1.OrchestratorService/GetContainer",
                               request_serializer=opb.GetContainerRequest.SerializeToString,
                               response_deserializer=opb.GetContainerResponse.FromString)
-    resp = await get(opb.GetContainerRequest(id=container_id), metadata=tuple(metadata), timeout=30)
+    resp = await get(opb.GetContainerRequest(container_id=container_id), metadata=tuple(metadata), timeout=30)
     return str(resp.container.tenant)
 
 
@@ -181,7 +181,7 @@ async def delete_quietly(channel: grpc.aio.Channel, metadata: Iterable[tuple[str
                                  request_serializer=opb.DeleteContainerRequest.SerializeToString,
                                  response_deserializer=opb.DeleteContainerResponse.FromString)
     with contextlib.suppress(grpc.aio.AioRpcError):
-        await delete(opb.DeleteContainerRequest(id=container_id), metadata=tuple(metadata), timeout=30)
+        await delete(opb.DeleteContainerRequest(container_id=container_id), metadata=tuple(metadata), timeout=30)
 
 
 # Making one call -------------------------------------------------------------
@@ -436,7 +436,7 @@ def _record(report: Report, c: Call, o: Outcome, *, tenant: str, deadline_s: flo
     report.by_rpc_code[(c.rpc, code)] += 1
     report.slowest_s[c.rpc] = max(report.slowest_s.get(c.rpc, 0.0), o.elapsed_s)
     if c.method == "CreateContainer":
-        report.created.update(r.container.id for r in o.responses if r.container.id)  # type: ignore[attr-defined]
+        report.created.update(r.container.container_id for r in o.responses if r.container.container_id)  # type: ignore[attr-defined]
     for what in judge(c, o, tenant=tenant, deadline_s=deadline_s):
         request = " | ".join(compact(m, limit=300) for m in c.messages[:6])
         if c.raw is not None:
@@ -453,7 +453,7 @@ async def _cleanup(channel: grpc.aio.Channel, caller: Caller, report: Report) ->
     """Deletes the containers the fuzzer's creates made."""
     for cid in sorted(report.created):
         c = Call(index=-1, service="OrchestratorService", method="DeleteContainer", client_streaming=False,
-                 server_streaming=False, strategy="cleanup", messages=[opb.DeleteContainerRequest(id=cid)])
+                 server_streaming=False, strategy="cleanup", messages=[opb.DeleteContainerRequest(container_id=cid)])
         await caller.call(c)
 
 
@@ -461,7 +461,7 @@ async def _liveness(caller: Caller, aim: Aim, report: Report) -> None:
     """The Hub and the Orchestrator behind it still answer plain calls quickly."""
     own = aim.own[0]
     plain = [
-        ("OrchestratorService", "GetContainer", opb.GetContainerRequest(id=own)),
+        ("OrchestratorService", "GetContainer", opb.GetContainerRequest(container_id=own)),
         ("ExecService", "Run", xpb.RunRequest(container_id=own, command=xpb.Command(argv=["true"]))),
     ]
     for service, method, msg in plain:

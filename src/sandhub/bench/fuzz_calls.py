@@ -202,13 +202,13 @@ def _baseline(method: str, rng: random.Random, aim: Aim) -> Message:
         return opb.CreateContainerRequest(labels=dict([LABEL]), ttl=_dur(120), wait_until_running=rng.random() < 0.5,
                                           resources=opb.Resources(memory_mib=64, pids=64))
     if method == "GetContainer":
-        return opb.GetContainerRequest(id=own)
+        return opb.GetContainerRequest(container_id=own)
     if method == "ListContainers":
         return opb.ListContainersRequest(label_selector=label_selector, page_size=5)
     if method == "DeleteContainer":
-        return opb.DeleteContainerRequest(id=rng.choice((*aim.foreign, "cnt-000000000000")), grace_period=_dur(0))
+        return opb.DeleteContainerRequest(container_id=rng.choice((*aim.foreign, "cnt-000000000000")), grace_period=_dur(0))
     if method == "ExtendContainer":
-        return opb.ExtendContainerRequest(id=own, extend_by=_dur(10))
+        return opb.ExtendContainerRequest(container_id=own, extend_by=_dur(10))
     if method == "WatchContainers":
         return opb.WatchContainersRequest(label_selector=label_selector, send_initial=rng.random() < 0.7)
     if method == "GetFiles":
@@ -246,7 +246,7 @@ def _stream(call: Call, values: Values, aim: Aim, r: float) -> None:
 
 
 def file(path: str, size: int, mode: int = 0o644) -> xpb.PutFilesRequest:
-    return xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=path, mode=mode, size=size))
+    return xpb.PutFilesRequest(file=xpb.FileHeader(path=path, mode=mode, size=size))
 
 
 def data(chunk: bytes) -> xpb.PutFilesRequest:
@@ -258,7 +258,7 @@ def stdin(chunk: bytes) -> xpb.ExecRequest:
 
 
 def _put_start(aim: Aim, rng: random.Random, fmt: int) -> xpb.PutFilesRequest:
-    return xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(
+    return xpb.PutFilesRequest(start=xpb.PutFilesStart(
         container_id=rng.choice(aim.own), destination=rng.choice(("fuzz", "/tmp/fuzz", "")), format=fmt))  # type: ignore[arg-type]
 
 
@@ -318,7 +318,7 @@ def _put_files(call: Call, values: Values, aim: Aim, r: float) -> None:
 
 
 def _exec_start(aim: Aim, rng: random.Random, argv: list[str], *, pty: bool = False) -> xpb.ExecRequest:
-    start = xpb.ExecRequest.Start(container_id=rng.choice(aim.own), command=xpb.Command(argv=argv), timeout=_dur(5))
+    start = xpb.ExecStart(container_id=rng.choice(aim.own), command=xpb.Command(argv=argv), timeout=_dur(5))
     if pty:
         start.pty.rows, start.pty.cols = 24, 80
     return xpb.ExecRequest(start=start)
@@ -326,7 +326,7 @@ def _exec_start(aim: Aim, rng: random.Random, argv: list[str], *, pty: bool = Fa
 
 def _exec(call: Call, values: Values, aim: Aim, r: float) -> None:
     rng = values.rng
-    close = xpb.ExecRequest(close_stdin=xpb.ExecRequest.CloseStdin())
+    close = xpb.ExecRequest(close_stdin=xpb.CloseStdin())
     strategies = ["random", "mutated", "mutated", "baseline", "stdin-first", "two-starts", "resize", "signals",
                   "many-stdin", "huge-stdin", "pty", "no-close", "empty", "cancel"]
     call.strategy = s = rng.choice(strategies)
@@ -414,12 +414,12 @@ def fuzz_tar(rng: random.Random) -> bytes:
 def _ids_named(call: Call) -> list[str]:
     found = []
     for msg in call.messages:
-        for holder in (msg, getattr(msg, "start", None)):
+        holders: tuple[Any, ...] = (msg, getattr(msg, "start", None))
+        for holder in holders:
             if holder is None or (holder is not msg and not msg.HasField("start")):
                 continue
-            for name in ("id", "container_id"):
-                if name in holder.DESCRIPTOR.fields_by_name:
-                    found.append(getattr(holder, name))
+            if "container_id" in holder.DESCRIPTOR.fields_by_name:
+                found.append(holder.container_id)
     return found
 
 
@@ -428,8 +428,8 @@ def _aim_rules(call: Call, aim: Aim, rng: random.Random) -> None:
     would then stop at NOT_FOUND), and marks calls aimed at another tenant's."""
     if call.method == "DeleteContainer":
         for msg in call.messages:
-            if getattr(msg, "id", "") in aim.own:
-                msg.id = "cnt-000000000000"  # type: ignore[attr-defined]
+            if getattr(msg, "container_id", "") in aim.own:
+                msg.container_id = "cnt-000000000000"  # type: ignore[attr-defined]
     if call.method == "SignalProcess":
         for msg in call.messages:  # keep the live process alive for attach
             if getattr(msg, "process_id", "") == LIVE_PROCESS and msg.signal in (  # type: ignore[attr-defined]

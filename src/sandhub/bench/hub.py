@@ -81,19 +81,19 @@ class HubTarget:
         c = (await self._call(self._containers.CreateContainer, req)).container
         if c.state != pb.CONTAINER_STATE_RUNNING:
             state = pb.ContainerState.Name(c.state).removeprefix("CONTAINER_STATE_")
-            raise TargetError(not_running(state, c.state_reason, c.state_message), container_id=c.id)
+            raise TargetError(not_running(state, c.state_reason, c.state_message), container_id=c.container_id)
         cct = None
         if c.HasField("ready_time") and c.HasField("create_time"):
             cct = (c.ready_time.ToNanoseconds() - c.create_time.ToNanoseconds()) / 1e6
-        return Created(container_id=c.id, cct_ms=cct, ip_address=c.network.ip_address)
+        return Created(container_id=c.container_id, cct_ms=cct, ip_address=c.network.ip_address)
 
     async def put_files(self, container_id: str, files: Sequence[FileToPut]) -> None:
         async def messages() -> AsyncIterator[exec_pb2.PutFilesRequest]:
             yield exec_pb2.PutFilesRequest(
-                start=exec_pb2.PutFilesRequest.Start(container_id=container_id, format=exec_pb2.ARCHIVE_FORMAT_RAW)
+                start=exec_pb2.PutFilesStart(container_id=container_id, format=exec_pb2.ARCHIVE_FORMAT_RAW)
             )
             for f in files:
-                yield exec_pb2.PutFilesRequest(file=exec_pb2.PutFilesRequest.File(path=f.path, mode=f.mode, size=len(f.data)))
+                yield exec_pb2.PutFilesRequest(file=exec_pb2.FileHeader(path=f.path, mode=f.mode, size=len(f.data)))
                 for i in range(0, len(f.data), CHUNK):
                     yield exec_pb2.PutFilesRequest(data=f.data[i : i + CHUNK])
 
@@ -105,7 +105,7 @@ class HubTarget:
     async def run(self, container_id: str, argv: Sequence[str]) -> RunResult:
         req = exec_pb2.RunRequest(container_id=container_id, command=exec_pb2.Command(argv=list(argv)))
         resp = await self._call(self._exec.Run, req)
-        return RunResult(exit_code=resp.status.exit_code, stdout=resp.stdout, stderr=resp.stderr)
+        return RunResult(exit_code=resp.exit_status.exit_code, stdout=resp.stdout, stderr=resp.stderr)
 
     async def start_process(self, container_id: str, process_id: str, argv: Sequence[str]) -> None:
         req = exec_pb2.StartProcessRequest(
@@ -116,7 +116,7 @@ class HubTarget:
     async def delete(self, container_id: str) -> None:
         try:
             await self._containers.DeleteContainer(
-                pb.DeleteContainerRequest(id=container_id), metadata=self._metadata, timeout=self._timeout_s
+                pb.DeleteContainerRequest(container_id=container_id), metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as e:
             if e.code() is not grpc.StatusCode.NOT_FOUND:
@@ -128,7 +128,7 @@ class HubTarget:
         found: list[str] = []
         while True:
             resp = await self._call(self._containers.ListContainers, req)
-            found.extend(c.id for c in resp.containers if c.state != pb.CONTAINER_STATE_TERMINATED)
+            found.extend(c.container_id for c in resp.containers if c.state != pb.CONTAINER_STATE_TERMINATED)
             if not resp.next_page_token:
                 return found
             req.page_token = resp.next_page_token

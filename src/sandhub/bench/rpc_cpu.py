@@ -250,7 +250,7 @@ async def measure(*, calls: int = 1000, concurrency: int = 4, warmup: int = 100,
 
         async def get() -> bool:
             try:
-                await stub.GetContainer(pb.GetContainerRequest(id=c.container_id), metadata=meta, timeout=30)
+                await stub.GetContainer(pb.GetContainerRequest(container_id=c.container_id), metadata=meta, timeout=30)
                 return True
             except grpc.aio.AioRpcError:
                 return False

@@ -2,7 +2,7 @@
 own (as a real caller is): in the bench's process it would share the GIL with
 the servers it measures. Prints one JSON line: MB/s per repetition.
 
-    python -m sandhub.bench.upload_client HUB|SINK ADDRESS MIB REPEATS [CONTAINER API_KEY]
+    python -m sandhub.bench.upload_client HUB|SINK ADDRESS MIB REPEATS [CONTAINER API_KEY [DOWNLOAD_PATH]]
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ def main(argv: list[str]) -> int:
             timed("plain_grpc", lambda: put(raw()))
     else:
         container_id, api_key = argv[4], argv[5]
+        path = argv[6] if len(argv) > 6 else "/work/blob.bin"  # where PutFiles puts blob.bin
         md = (("authorization", f"Bearer {api_key}"),)
         ex = xpb_grpc.ExecServiceStub(channel)
 
         def requests() -> Iterator[xpb.PutFilesRequest]:
-            yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=container_id))
-            yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path="blob.bin", size=len(payload)))
+            yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=container_id))
+            yield xpb.PutFilesRequest(file=xpb.FileHeader(path="blob.bin", size=len(payload)))
             for i in range(0, len(payload), CHUNK):
                 yield xpb.PutFilesRequest(data=payload[i:i + CHUNK])
 
         def download() -> None:
-            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path="/work/blob.bin"), metadata=md):
+            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path=path), metadata=md):
                 pass
 
         for _ in range(repeats):

@@ -43,7 +43,7 @@ def _exit_code(status: pb.ExitStatus) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     try:
-        resp = connect(args).put_paths(args.id, args.files, destination=args.dest)
+        resp = connect(args).put_paths(args.container_id, args.files, destination=args.dest)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,7 +62,7 @@ def cmd_get_file(args: argparse.Namespace) -> int:
     fmt = pb.ARCHIVE_FORMAT_TAR if args.tar else pb.ARCHIVE_FORMAT_UNSPECIFIED
     out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
     try:
-        info = connect(args).download(args.id, args.path, out, archive_format=fmt)
+        info = connect(args).download(args.container_id, args.path, out, archive_format=fmt)
     finally:
         if out is not sys.stdout.buffer:
             out.close()
@@ -76,12 +76,12 @@ def cmd_get_file(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     stdin = b"" if sys.stdin.isatty() or args.no_stdin else sys.stdin.buffer.read()
-    r = connect(args).run(args.id, _argv(args), stdin=stdin, env=_env(args), cwd=args.cwd,
+    r = connect(args).run(args.container_id, _argv(args), stdin=stdin, env=_env(args), cwd=args.cwd,
                           timeout_s=args.run_timeout)
     if args.json:
         print_json({
-            "exitCode": _exit_code(r.status),
-            "status": message_dict(r.status),
+            "exitCode": _exit_code(r.exit_status),
+            "exitStatus": message_dict(r.exit_status),
             **output_fields("stdout", r.stdout),
             **output_fields("stderr", r.stderr),
             "stdoutTruncated": r.stdout_truncated,
@@ -89,15 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             "startTime": json_format.MessageToDict(r)["startTime"] if r.HasField("start_time") else None,
             "duration": json_format.MessageToDict(r)["duration"] if r.HasField("duration") else None,
         })
-        return _exit_code(r.status)
+        return _exit_code(r.exit_status)
     sys.stdout.buffer.write(r.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(r.stderr)
-    if r.status.timed_out:
+    if r.exit_status.timed_out:
         print(f"sandhub: timed out after {args.run_timeout:g}s; the command was killed", file=sys.stderr)
     if r.stdout_truncated or r.stderr_truncated:
         print("sandhub: output was truncated", file=sys.stderr)
-    return _exit_code(r.status)
+    return _exit_code(r.exit_status)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -108,7 +108,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if tty:
         size = shutil.get_terminal_size()
         pty = (size.lines, size.columns)
-    session = connect(args).exec(args.id, _argv(args), env=_env(args), cwd=args.cwd, pty=pty)
+    session = connect(args).exec(args.container_id, _argv(args), env=_env(args), cwd=args.cwd, pty=pty)
 
     def pump_stdin() -> None:
         fd = sys.stdin.fileno()
@@ -139,17 +139,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
                     json_line({"started": {"pid": r.started.pid}})
                 elif kind in ("stdout", "stderr"):
                     json_line({"stream": kind, **output_fields("data", getattr(r, kind))})
-                elif kind == "exited":
-                    code = _exit_code(r.exited)
-                    json_line({"exited": message_dict(r.exited), "exitCode": code})
+                elif kind == "exit_status":
+                    code = _exit_code(r.exit_status)
+                    json_line({"exitStatus": message_dict(r.exit_status), "exitCode": code})
             elif kind == "stdout":
                 sys.stdout.buffer.write(r.stdout)
                 sys.stdout.flush()
             elif kind == "stderr":
                 sys.stderr.buffer.write(r.stderr)
                 sys.stderr.flush()
-            elif kind == "exited":
-                code = _exit_code(r.exited)
+            elif kind == "exit_status":
+                code = _exit_code(r.exit_status)
     finally:
         session.close()
         if saved is not None:
@@ -168,7 +168,7 @@ def _process_line(p: pb.Process) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    r = connect(args).start_process(args.id, args.process_id, _argv(args), env=_env(args), cwd=args.cwd)
+    r = connect(args).start_process(args.container_id, args.process_id, _argv(args), env=_env(args), cwd=args.cwd)
     if args.json:
         print_json({"process": message_dict(r.process), "created": r.created})
     else:
@@ -177,7 +177,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    processes = connect(args).iter_processes(args.id)
+    processes = connect(args).iter_processes(args.container_id)
     if args.json:
         print_json({"processes": [message_dict(p) for p in processes]})
         return 0
@@ -190,7 +190,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     """Without --json, stdout and stderr as they were; with it, one JSON line
     per chunk (stream, offset, data, droppedBefore) and one for the exit."""
     code = 0
-    chunks = connect(args).attach_process(args.id, args.process_id, stdout_offset=args.offset,
+    chunks = connect(args).attach_process(args.container_id, args.process_id, stdout_offset=args.offset,
                                           stderr_offset=args.offset, follow=args.follow)
     for r in chunks:
         kind = r.WhichOneof("msg")
@@ -205,16 +205,16 @@ def cmd_attach(args: argparse.Namespace) -> int:
             stream = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
             stream.write(chunk.data)
             stream.flush()
-        elif kind == "exited":
-            code = _exit_code(r.exited)
+        elif kind == "exit_status":
+            code = _exit_code(r.exit_status)
             if args.json:
-                json_line({"exited": message_dict(r.exited), "exitCode": code})
+                json_line({"exitStatus": message_dict(r.exit_status), "exitCode": code})
     return code
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     try:
-        p = connect(args).signal_process(args.id, args.process_id, args.signal)
+        p = connect(args).signal_process(args.container_id, args.process_id, args.signal)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
@@ -231,50 +231,50 @@ def add_parsers(sub: Any, client: argparse.ArgumentParser) -> None:
     command.add_argument("--shell", action="store_true", help="run the words as one /bin/sh -c string")
 
     p = sub.add_parser("put", parents=[client], help="upload files or directories into a container")
-    p.add_argument("id")
+    p.add_argument("container_id")
     p.add_argument("files", nargs="+")
     p.add_argument("--dest", default="", help="directory in the container (default: its work dir)")
     p.set_defaults(func=cmd_put)
 
     g = sub.add_parser("get-file", parents=[client], help="download a file (or a directory, as tar)")
-    g.add_argument("id")
+    g.add_argument("container_id")
     g.add_argument("path")
     g.add_argument("-o", "--output", default="-", help="local file (default: stdout)")
     g.add_argument("--tar", action="store_true", help="always as a tar archive")
     g.set_defaults(func=cmd_get_file)
 
     r = sub.add_parser("run", parents=[client, command], help="run a command once; exits with its exit code")
-    r.add_argument("id")
+    r.add_argument("container_id")
     r.add_argument("argv", nargs=argparse.REMAINDER)
     r.add_argument("--run-timeout", type=float, default=0.0, help="seconds; then the command is killed")
     r.add_argument("--no-stdin", action="store_true")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("exec", parents=[client, command], help="run a command interactively (a PTY on a terminal)")
-    e.add_argument("id")
+    e.add_argument("container_id")
     e.add_argument("argv", nargs=argparse.REMAINDER)
     e.add_argument("--no-tty", action="store_true")
     e.set_defaults(func=cmd_exec)
 
     s = sub.add_parser("start", parents=[client, command], help="start a background process")
-    s.add_argument("id")
+    s.add_argument("container_id")
     s.add_argument("process_id")
     s.add_argument("argv", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_start)
 
     ps = sub.add_parser("ps", parents=[client], help="list a container's background processes")
-    ps.add_argument("id")
+    ps.add_argument("container_id")
     ps.set_defaults(func=cmd_ps)
 
     a = sub.add_parser("attach", parents=[client], help="print a background process's output")
-    a.add_argument("id")
+    a.add_argument("container_id")
     a.add_argument("process_id")
     a.add_argument("--offset", type=int, default=0, help="from this byte of each stream")
     a.add_argument("-f", "--follow", action="store_true", help="keep printing until it exits")
     a.set_defaults(func=cmd_attach)
 
     k = sub.add_parser("kill", parents=[client], help="signal a background process")
-    k.add_argument("id")
+    k.add_argument("container_id")
     k.add_argument("process_id")
     k.add_argument("-s", "--signal", default="TERM")
     k.set_defaults(func=cmd_kill)

@@ -202,7 +202,7 @@ def _container_line(c: Any) -> str:
     state = pb.ContainerState.Name(c.state).removeprefix("CONTAINER_STATE_")
     labels = ",".join(f"{k}={v}" for k, v in sorted(c.labels.items()))
     reason = f" ({c.state_reason})" if c.state_reason else ""
-    return f"{c.id}\t{state}{reason}\t{c.image}\t{c.network.ip_address or '-'}\t{labels or '-'}"
+    return f"{c.container_id}\t{state}{reason}\t{c.image}\t{c.network.ip_address or '-'}\t{labels or '-'}"
 
 
 def _container_detail(c: Any) -> str:
@@ -226,7 +226,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    _print(connect(args).get_container(args.id), args, _container_detail)
+    _print(connect(args).get_container(args.container_id), args, _container_detail)
     return 0
 
 
@@ -256,13 +256,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     client = connect(args)
-    for cid in args.ids:
+    for cid in args.container_ids:
         _print(client.delete_container(cid, grace_period_s=args.grace), args, _container_line)
     return 0
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    _print(connect(args).extend_container(args.id, by_s=args.by), args, _container_detail)
+    _print(connect(args).extend_container(args.container_id, by_s=args.by), args, _container_detail)
     return 0
 
 
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_create)
 
     g = sub.add_parser("get", parents=[lifecycle], help="show a container")
-    g.add_argument("id")
+    g.add_argument("container_id")
     g.set_defaults(func=cmd_get)
 
     ls = sub.add_parser("list", parents=[lifecycle], help="list containers (all pages)")
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_list)
 
     d = sub.add_parser("delete", parents=[lifecycle], help="delete containers")
-    d.add_argument("ids", nargs="+")
+    d.add_argument("container_ids", nargs="+")
     d.add_argument("--grace", type=parse_duration, default=0.0)
     d.set_defaults(func=cmd_delete)
 
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_verbs.add_parsers(sub, client)
 
     e = sub.add_parser("extend", parents=[lifecycle], help="push back a container's expiry")
-    e.add_argument("id")
+    e.add_argument("container_id")
     e.add_argument("--by", type=parse_duration, required=True, help="e.g. 30m")
     e.set_defaults(func=cmd_extend)
     from sandhub.bench.cli import add_parser as add_bench_parser
@@ -375,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise from_rpc_error(e) from e
     except ApiError as e:
         code = e.code
-        reason = f" {e.reason}" if e.reason else ""
-        print(f"error: {e.message} [{code.name}{reason}]", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # message [CODE REASON]
         if e.retry_after_s is not None:
             print(f"hint: retry in {e.retry_after_s:g}s", file=sys.stderr)
         if code is grpc.StatusCode.UNAUTHENTICATED:

@@ -4,9 +4,9 @@
 
     with Client("hub.example:50051", api_key=KEY, tls=Tls.from_files("ca.crt")) as hub:
         c = hub.create_container(image="python", wait_until_running=True)
-        hub.put_files(c.id, {"main.py": b"print(6 * 7)"})
-        print(hub.run(c.id, ["python", "main.py"]).stdout)
-        hub.delete_container(c.id)
+        hub.put_files(c.container_id, {"main.py": b"print(6 * 7)"})
+        print(hub.run(c.container_id, ["python", "main.py"]).stdout)
+        hub.delete_container(c.container_id)
 
 Requests are the generated messages of ``sandhub.orchestrator.v1`` and
 ``sandhub.exec.v1``, built from plain arguments; answers are those messages.

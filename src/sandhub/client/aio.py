@@ -76,7 +76,7 @@ class AsyncClient:
         return (await self._call(pb.CreateContainerResponse, self.containers.CreateContainer, req)).container
 
     async def get_container(self, container_id: str) -> pb.Container:
-        req = pb.GetContainerRequest(id=container_id)
+        req = pb.GetContainerRequest(container_id=container_id)
         return (await self._call(pb.GetContainerResponse, self.containers.GetContainer, req)).container
 
     async def list_containers(
@@ -99,11 +99,11 @@ class AsyncClient:
                 return
 
     async def delete_container(self, container_id: str, *, grace_period_s: float = 0.0) -> pb.Container:
-        req = pb.DeleteContainerRequest(id=container_id, grace_period=build.duration(grace_period_s))
+        req = pb.DeleteContainerRequest(container_id=container_id, grace_period=build.duration(grace_period_s))
         return (await self._call(pb.DeleteContainerResponse, self.containers.DeleteContainer, req)).container
 
     async def extend_container(self, container_id: str, *, by_s: float) -> pb.Container:
-        req = pb.ExtendContainerRequest(id=container_id, extend_by=build.duration(by_s))
+        req = pb.ExtendContainerRequest(container_id=container_id, extend_by=build.duration(by_s))
         return (await self._call(pb.ExtendContainerResponse, self.containers.ExtendContainer, req)).container
 
     def watch_containers(
@@ -238,7 +238,7 @@ class AsyncExecSession:
         await self.send(xpb.ExecRequest(stdin=data))
 
     async def close_stdin(self) -> None:
-        await self.send(xpb.ExecRequest(close_stdin=xpb.ExecRequest.CloseStdin()))
+        await self.send(xpb.ExecRequest(close_stdin=xpb.CloseStdin()))
 
     async def resize(self, rows: int, cols: int) -> None:
         await self.send(xpb.ExecRequest(resize=xpb.PtySize(rows=rows, cols=cols)))
@@ -252,8 +252,8 @@ class AsyncExecSession:
                 kind = r.WhichOneof("msg")
                 if kind == "started":
                     self.pid = r.started.pid
-                elif kind == "exited":
-                    self.exit_status = r.exited
+                elif kind == "exit_status":
+                    self.exit_status = r.exit_status
                 yield r
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e

@@ -1,13 +1,18 @@
 """Errors a sandhub server answered, as exceptions.
 
-Every error status sandhub sends carries a ``google.rpc.ErrorInfo`` detail in
-the ``grpc-status-details-bin`` trailer: a machine-readable ``reason`` (an
-``ErrorReason`` name without its ``ERROR_REASON_`` prefix, e.g.
-``CONTAINER_NOT_FOUND``) and ``metadata`` (e.g. ``field``, ``container_id``,
-``limit``). A RATE_LIMITED error also carries a ``google.rpc.RetryInfo``.
-:func:`from_rpc_error` decodes them (with ``grpc_status.rpc_status``) into one
-exception class per group of codes, so callers write ``except NotFound`` and
-switch on ``err.reason`` when they need the detail.
+Every error status sandhub sends carries, in the ``grpc-status-details-bin``
+trailer, a ``google.rpc.ErrorInfo`` (a ``reason`` string, e.g.
+``CONTAINER_NOT_FOUND``, and ``metadata`` such as ``container_id`` or
+``limit``) and its typed twin ``sandhub.common.v1.ErrorDetail``; an error about
+a request field also a ``google.rpc.BadRequest``, and RATE_LIMITED a
+``google.rpc.RetryInfo``. :func:`from_rpc_error` decodes them (with
+``grpc_status.rpc_status``) into one exception class per group of codes, so
+callers write ``except NotFound`` and compare ``err.reason`` with an
+``ErrorReason`` constant when they need the detail::
+
+    from sandhub.common.v1.errors_pb2 import ERROR_REASON_PROCESS_NOT_FOUND
+    except NotFound as e:
+        if e.reason == ERROR_REASON_PROCESS_NOT_FOUND: ...
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from sandhub.common.v1 import errors_pb2
+from sandhub.errors import REASON_PREFIX
+
 REQUEST_ID_KEY = "x-request-id"
 """The trailer that names the call in the server's log (quote it to an operator)."""
 
@@ -25,34 +33,43 @@ REQUEST_ID_KEY = "x-request-id"
 class ApiError(Exception):
     """An error status from sandhub (or from gRPC before sandhub saw the call).
 
-    ``reason`` and ``metadata`` come from the ErrorInfo detail ("" and {} when
-    there is none, e.g. a connection failure); ``retry_after_s`` from a
-    RetryInfo detail (None when there is none)."""
+    ``reason`` is an ``ErrorReason`` value (from the ErrorDetail, else from the
+    ErrorInfo's reason string; ERROR_REASON_UNSPECIFIED when there is neither,
+    e.g. a connection failure); ``metadata`` is the ErrorInfo's; ``field`` the
+    request field a BadRequest names ("" when none); ``retry_after_s`` comes
+    from a RetryInfo (None when there is none)."""
 
     def __init__(
         self,
         code: grpc.StatusCode,
         message: str,
         *,
-        reason: str = "",
-        domain: str = "",
+        reason: int = errors_pb2.ERROR_REASON_UNSPECIFIED,
         metadata: Mapping[str, str] | None = None,
+        field: str = "",
         request_id: str = "",
         retry_after_s: float | None = None,
     ) -> None:
-        super().__init__(f"{message} [{code.name}{' ' + reason if reason else ''}]")
+        name = _reason_name(reason)
+        super().__init__(f"{message} [{code.name}{' ' + name if name else ''}]")
         self.code = code
         self.message = message
         self.reason = reason
-        self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.field = field
         self.request_id = request_id
         self.retry_after_s = retry_after_s
 
-    @property
-    def field(self) -> str:
-        """The request field the error is about (metadata "field"), or ""."""
-        return self.metadata.get("field", "")
+
+def _reason_name(reason: int) -> str:
+    """An ErrorReason value's name as ErrorInfo spells it ("CONTAINER_NOT_FOUND");
+    "" for UNSPECIFIED, the number for one newer than this client."""
+    if reason == errors_pb2.ERROR_REASON_UNSPECIFIED:
+        return ""
+    try:
+        return errors_pb2.ErrorReason.Name(reason).removeprefix(REASON_PREFIX)
+    except ValueError:
+        return str(reason)
 
 
 class Unauthenticated(ApiError):
@@ -130,10 +147,10 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.CANCELLED: Cancelled,
 }
-_BY_REASON: dict[str, type[ApiError]] = {
-    "QUOTA_EXCEEDED": QuotaExceeded,
-    "RATE_LIMITED": RateLimited,
-    "PAYLOAD_TOO_LARGE": PayloadTooLarge,
+_BY_REASON: dict[int, type[ApiError]] = {
+    errors_pb2.ERROR_REASON_QUOTA_EXCEEDED: QuotaExceeded,
+    errors_pb2.ERROR_REASON_RATE_LIMITED: RateLimited,
+    errors_pb2.ERROR_REASON_PAYLOAD_TOO_LARGE: PayloadTooLarge,
 }
 
 
@@ -141,21 +158,34 @@ def from_rpc_error(err: grpc.RpcError) -> ApiError:
     """The ApiError for a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
     code = err.code() if isinstance(err, (grpc.Call, grpc.aio.AioRpcError)) else grpc.StatusCode.UNKNOWN
     message = (err.details() if isinstance(err, (grpc.Call, grpc.aio.AioRpcError)) else "") or ""
-    trailers = _trailers(err)
-    reason, domain, metadata, retry_after = "", "", {}, None
     try:
         status = rpc_status.from_call(err)
     except ValueError:  # details whose code disagrees with the call's: ignore them
         status = None
+    typed, named, metadata, field, retry_after = 0, "", {}, "", None
     for detail in status.details if status is not None else ():
         info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+        typed_detail, bad = errors_pb2.ErrorDetail(), error_details_pb2.BadRequest()
+        if detail.Unpack(typed_detail):
+            typed = typed_detail.reason
+        elif detail.Unpack(info):
+            named, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(bad):
+            field = bad.field_violations[0].field if bad.field_violations else ""
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    reason = typed or _reason_of(named)
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, Internal)
-    return cls(code, message, reason=reason, domain=domain, metadata=metadata,
-               request_id=str(trailers.get(REQUEST_ID_KEY, "")), retry_after_s=retry_after)
+    return cls(code, message, reason=reason, metadata=metadata, field=field or metadata.get("field", ""),
+               request_id=str(_trailers(err).get(REQUEST_ID_KEY, "")), retry_after_s=retry_after)
+
+
+def _reason_of(name: str) -> int:
+    """The ErrorReason value of an ErrorInfo reason string (UNSPECIFIED if unknown)."""
+    try:
+        return int(errors_pb2.ErrorReason.Value(REASON_PREFIX + name)) if name else 0
+    except ValueError:
+        return errors_pb2.ERROR_REASON_UNSPECIFIED
 
 
 def _trailers(err: grpc.RpcError) -> dict[str, str | bytes]:

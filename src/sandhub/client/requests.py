@@ -92,7 +92,7 @@ def run(
 def exec_start(
     container_id: str, cmd: xpb.Command, *, pty: tuple[int, int] | None = None, timeout_s: float = 0.0
 ) -> xpb.ExecRequest:
-    start = xpb.ExecRequest.Start(container_id=container_id, command=cmd)
+    start = xpb.ExecStart(container_id=container_id, command=cmd)
     if pty is not None:
         start.pty.CopyFrom(xpb.PtySize(rows=pty[0], cols=pty[1]))
     if timeout_s:
@@ -125,9 +125,9 @@ def local_files(paths: Iterable[str | Path]) -> list[LocalFile]:
 
 
 def put_local(container_id: str, destination: str, files: Iterable[LocalFile]) -> Iterator[xpb.PutFilesRequest]:
-    yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=container_id, destination=destination))
+    yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=container_id, destination=destination))
     for f in files:
-        yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=f.path, mode=f.mode, size=f.size))
+        yield xpb.PutFilesRequest(file=xpb.FileHeader(path=f.path, mode=f.mode, size=f.size))
         with f.source.open("rb") as fh:
             while data := fh.read(CHUNK):
                 yield xpb.PutFilesRequest(data=data)
@@ -136,15 +136,15 @@ def put_local(container_id: str, destination: str, files: Iterable[LocalFile]) -
 def put_bytes(
     container_id: str, destination: str, files: Mapping[str, bytes], *, mode: int = 0
 ) -> Iterator[xpb.PutFilesRequest]:
-    yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(container_id=container_id, destination=destination))
+    yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=container_id, destination=destination))
     for path, data in files.items():
-        yield xpb.PutFilesRequest(file=xpb.PutFilesRequest.File(path=path, mode=mode, size=len(data)))
+        yield xpb.PutFilesRequest(file=xpb.FileHeader(path=path, mode=mode, size=len(data)))
         for i in range(0, len(data), CHUNK):
             yield xpb.PutFilesRequest(data=data[i:i + CHUNK])
 
 
 def put_tar(container_id: str, destination: str, chunks: Iterable[bytes]) -> Iterator[xpb.PutFilesRequest]:
-    yield xpb.PutFilesRequest(start=xpb.PutFilesRequest.Start(
+    yield xpb.PutFilesRequest(start=xpb.PutFilesStart(
         container_id=container_id, destination=destination, format=xpb.ARCHIVE_FORMAT_TAR))
     for chunk in chunks:
         for i in range(0, len(chunk), CHUNK):

@@ -82,7 +82,7 @@ class Client:
         return self._call(pb.CreateContainerResponse, self.containers.CreateContainer, build.create_container(**kwargs)).container
 
     def get_container(self, container_id: str) -> pb.Container:
-        return self._call(pb.GetContainerResponse, self.containers.GetContainer, pb.GetContainerRequest(id=container_id)).container
+        return self._call(pb.GetContainerResponse, self.containers.GetContainer, pb.GetContainerRequest(container_id=container_id)).container
 
     def list_containers(
         self, *, label_selector: str = "", state: str | int = "", page_size: int = 0, page_token: str = ""
@@ -102,11 +102,11 @@ class Client:
                 return
 
     def delete_container(self, container_id: str, *, grace_period_s: float = 0.0) -> pb.Container:
-        req = pb.DeleteContainerRequest(id=container_id, grace_period=build.duration(grace_period_s))
+        req = pb.DeleteContainerRequest(container_id=container_id, grace_period=build.duration(grace_period_s))
         return self._call(pb.DeleteContainerResponse, self.containers.DeleteContainer, req).container
 
     def extend_container(self, container_id: str, *, by_s: float) -> pb.Container:
-        req = pb.ExtendContainerRequest(id=container_id, extend_by=build.duration(by_s))
+        req = pb.ExtendContainerRequest(container_id=container_id, extend_by=build.duration(by_s))
         return self._call(pb.ExtendContainerResponse, self.containers.ExtendContainer, req).container
 
     def watch_containers(
@@ -222,7 +222,7 @@ class Client:
 
 class ExecSession:
     """One Exec call. Iterating yields its ExecResponse messages (started,
-    stdout, stderr, keepalive, exited); ``pid`` and ``exit_status`` are set as
+    stdout, stderr, keepalive, exit_status); ``pid`` and ``exit_status`` are set as
     they arrive. Writes may come from any thread."""
 
     def __init__(self, stub: xpb_grpc.ExecServiceStub, start: xpb.ExecRequest,
@@ -241,7 +241,7 @@ class ExecSession:
         self._outgoing.put(xpb.ExecRequest(stdin=data))
 
     def close_stdin(self) -> None:
-        self._outgoing.put(xpb.ExecRequest(close_stdin=xpb.ExecRequest.CloseStdin()))
+        self._outgoing.put(xpb.ExecRequest(close_stdin=xpb.CloseStdin()))
 
     def resize(self, rows: int, cols: int) -> None:
         self._outgoing.put(xpb.ExecRequest(resize=xpb.PtySize(rows=rows, cols=cols)))
@@ -255,8 +255,8 @@ class ExecSession:
                 kind = r.WhichOneof("msg")
                 if kind == "started":
                     self.pid = r.started.pid
-                elif kind == "exited":
-                    self.exit_status = r.exited
+                elif kind == "exit_status":
+                    self.exit_status = r.exit_status
                 yield r
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e

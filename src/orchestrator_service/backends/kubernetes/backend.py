@@ -400,13 +400,24 @@ class KubernetesBackend:
             await self._delete_policy(container_id)
 
 
+_POD_FIELDS = (("metadata.labels", "labels"), (".image", "image"), (".env", "env"), (".resources", "resources"),
+               (".ports", "ports"))
+"""Where in a pod the API server's message points -> the CreateContainerRequest field it came from."""
+
+
+def _refused_field(message: str) -> str:
+    """The request field a refused pod most likely owes its fault to; else
+    "placement" (the rest of the pod is the placement profile's)."""
+    return next((field for where, field in _POD_FIELDS if where in message), "placement")
+
+
 def _refused(e: ApiException, what: str) -> Exception:
     """What the API server refused, as an error the caller can act on."""
     message = _message(e)
     if e.status == 403 and "exceeded quota" in message:
         return QuotaExceeded(f"the namespace's ResourceQuota is used up: {message}", limit="namespace ResourceQuota")
     if e.status in (400, 422):
-        return InvalidField("spec", f"the cluster refused the {what}: {message}")
+        return InvalidField(_refused_field(message), f"the cluster refused the {what}: {message}")
     return BackendError(f"create {what}: {e.status} {e.reason}: {message}")
 
 

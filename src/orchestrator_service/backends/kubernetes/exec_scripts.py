@@ -162,7 +162,7 @@ def parse_processes(out: bytes) -> list[ProcessInfo]:
             exit_info = ExitInfo(signal=rc - 128) if rc > 128 else ExitInfo(exit_code=rc)
         found.append(ProcessInfo(
             process_id=pid_,
-            command=CommandSpec(argv=tuple(cmd.get("argv", ())), env=dict(cmd.get("env", {})), cwd=cmd.get("cwd", "")),
+            command=CommandSpec.from_record(cmd),
             pid=int(pid), start_time=float(start), exit=exit_info, end_time=float(end) if exit_info else 0.0,
             stdout_bytes=int(out_hi), stderr_bytes=int(err_hi),
             stdout_first_offset=int(out_lo), stderr_first_offset=int(err_lo),
@@ -171,7 +171,7 @@ def parse_processes(out: bytes) -> list[ProcessInfo]:
 
 
 def command_json(command: CommandSpec) -> str:
-    return json.dumps({"argv": list(command.argv), "env": command.env, "cwd": command.cwd}, separators=(",", ":"))
+    return json.dumps(command.to_record(), separators=(",", ":"))
 
 
 def start_argv(process_id: str, command: CommandSpec) -> list[str]:

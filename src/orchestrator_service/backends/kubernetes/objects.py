@@ -79,7 +79,7 @@ def pod_labels(spec: ContainerSpec, *, container_id: str, placement: KubernetesP
     }
     for key in spec.labels:
         if key in ours or key in placement.labels:
-            raise InvalidField("labels", f"label key {key!r} is set by sandhub (or by placement "
+            raise InvalidField(f"labels[{key}]", f"label key {key!r} is set by sandhub (or by placement "
                                          f"{spec.placement!r}) and can't be chosen")
     return {**spec.labels, **placement.labels, **ours}
 

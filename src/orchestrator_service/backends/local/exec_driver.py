@@ -363,7 +363,7 @@ class LocalExecDriver:
             shutil.rmtree(pdir, ignore_errors=True)
             raise
         request.update(mode="background", dir=str(pdir), capacity=self._capacity, process_id=process_id,
-                       command={"argv": list(command.argv), "env": dict(command.env), "cwd": command.cwd})
+                       command=command.to_record())
         try:
             channel, _, _ = await self._call(request, container_id=container_id, command=command)
         except (SandhubError, BackendError):

@@ -55,10 +55,9 @@ def read_process(pdir: Path, process_id: str) -> ProcessInfo | None:
         if ended is None and not is_same_process(meta["host_pid"], meta["host_start_ticks"]):
             ended = {"exit_code": 0, "signal": signal.SIGKILL, "end_time": 0.0}
     rings = {name: _ring_state(pdir / name) for name in STREAMS}
-    cmd = meta["command"]
     return ProcessInfo(
         process_id=process_id,
-        command=CommandSpec(argv=tuple(cmd["argv"]), env=dict(cmd["env"]), cwd=cmd["cwd"]),
+        command=CommandSpec.from_record(meta["command"]),
         pid=meta["pid"],
         start_time=meta["start_time"],
         exit=ExitInfo(ended["exit_code"], ended["signal"]) if ended else None,

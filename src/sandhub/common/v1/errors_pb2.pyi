@@ -1,6 +1,7 @@
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
-from typing import ClassVar as _ClassVar
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -50,3 +51,9 @@ ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_RATE_LIMITED: ErrorReason
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 ERROR_REASON_STATE_STORAGE_FULL: ErrorReason
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: ErrorReason
+    def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ...) -> None: ...

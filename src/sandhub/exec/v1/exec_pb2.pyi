@@ -109,33 +109,35 @@ class FileInfo(_message.Message):
     is_dir: bool
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., sha256: _Optional[str] = ..., is_dir: _Optional[bool] = ...) -> None: ...
 
+class PutFilesStart(_message.Message):
+    __slots__ = ("container_id", "destination", "format")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    destination: str
+    format: ArchiveFormat
+    def __init__(self, container_id: _Optional[str] = ..., destination: _Optional[str] = ..., format: _Optional[_Union[ArchiveFormat, str]] = ...) -> None: ...
+
+class FileHeader(_message.Message):
+    __slots__ = ("path", "mode", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    mode: int
+    size: int
+    def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
 class PutFilesRequest(_message.Message):
     __slots__ = ("start", "file", "data")
-    class Start(_message.Message):
-        __slots__ = ("container_id", "destination", "format")
-        CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
-        DESTINATION_FIELD_NUMBER: _ClassVar[int]
-        FORMAT_FIELD_NUMBER: _ClassVar[int]
-        container_id: str
-        destination: str
-        format: ArchiveFormat
-        def __init__(self, container_id: _Optional[str] = ..., destination: _Optional[str] = ..., format: _Optional[_Union[ArchiveFormat, str]] = ...) -> None: ...
-    class File(_message.Message):
-        __slots__ = ("path", "mode", "size")
-        PATH_FIELD_NUMBER: _ClassVar[int]
-        MODE_FIELD_NUMBER: _ClassVar[int]
-        SIZE_FIELD_NUMBER: _ClassVar[int]
-        path: str
-        mode: int
-        size: int
-        def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
     START_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    start: PutFilesRequest.Start
-    file: PutFilesRequest.File
+    start: PutFilesStart
+    file: FileHeader
     data: bytes
-    def __init__(self, start: _Optional[_Union[PutFilesRequest.Start, _Mapping]] = ..., file: _Optional[_Union[PutFilesRequest.File, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, start: _Optional[_Union[PutFilesStart, _Mapping]] = ..., file: _Optional[_Union[FileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutFilesResponse(_message.Message):
     __slots__ = ("files", "total_bytes")
@@ -178,72 +180,76 @@ class RunRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., stdin: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
 
 class RunResponse(_message.Message):
-    __slots__ = ("status", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "start_time", "duration")
-    STATUS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("exit_status", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "start_time", "duration")
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     STDOUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     STDERR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
-    status: ExitStatus
+    exit_status: ExitStatus
     stdout: bytes
     stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
     start_time: _timestamp_pb2.Timestamp
     duration: _duration_pb2.Duration
-    def __init__(self, status: _Optional[_Union[ExitStatus, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_truncated: _Optional[bool] = ..., stderr_truncated: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, exit_status: _Optional[_Union[ExitStatus, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_truncated: _Optional[bool] = ..., stderr_truncated: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ExecStart(_message.Message):
+    __slots__ = ("container_id", "command", "pty", "timeout")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    command: Command
+    pty: PtySize
+    timeout: _duration_pb2.Duration
+    def __init__(self, container_id: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CloseStdin(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("start", "stdin", "close_stdin", "resize", "signal")
-    class Start(_message.Message):
-        __slots__ = ("container_id", "command", "pty", "timeout")
-        CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
-        COMMAND_FIELD_NUMBER: _ClassVar[int]
-        PTY_FIELD_NUMBER: _ClassVar[int]
-        TIMEOUT_FIELD_NUMBER: _ClassVar[int]
-        container_id: str
-        command: Command
-        pty: PtySize
-        timeout: _duration_pb2.Duration
-        def __init__(self, container_id: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
-    class CloseStdin(_message.Message):
-        __slots__ = ()
-        def __init__(self) -> None: ...
     START_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
-    start: ExecRequest.Start
+    start: ExecStart
     stdin: bytes
-    close_stdin: ExecRequest.CloseStdin
+    close_stdin: CloseStdin
     resize: PtySize
     signal: Signal
-    def __init__(self, start: _Optional[_Union[ExecRequest.Start, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[_Union[ExecRequest.CloseStdin, _Mapping]] = ..., resize: _Optional[_Union[PtySize, _Mapping]] = ..., signal: _Optional[_Union[Signal, str]] = ...) -> None: ...
+    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[_Union[CloseStdin, _Mapping]] = ..., resize: _Optional[_Union[PtySize, _Mapping]] = ..., signal: _Optional[_Union[Signal, str]] = ...) -> None: ...
+
+class ExecStarted(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class Keepalive(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ExecResponse(_message.Message):
-    __slots__ = ("started", "stdout", "stderr", "exited", "keepalive")
-    class Started(_message.Message):
-        __slots__ = ("pid",)
-        PID_FIELD_NUMBER: _ClassVar[int]
-        pid: int
-        def __init__(self, pid: _Optional[int] = ...) -> None: ...
-    class Keepalive(_message.Message):
-        __slots__ = ()
-        def __init__(self) -> None: ...
+    __slots__ = ("started", "stdout", "stderr", "exit_status", "keepalive")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
-    EXITED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
-    started: ExecResponse.Started
+    started: ExecStarted
     stdout: bytes
     stderr: bytes
-    exited: ExitStatus
-    keepalive: ExecResponse.Keepalive
-    def __init__(self, started: _Optional[_Union[ExecResponse.Started, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exited: _Optional[_Union[ExitStatus, _Mapping]] = ..., keepalive: _Optional[_Union[ExecResponse.Keepalive, _Mapping]] = ...) -> None: ...
+    exit_status: ExitStatus
+    keepalive: Keepalive
+    def __init__(self, started: _Optional[_Union[ExecStarted, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_status: _Optional[_Union[ExitStatus, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("process_id", "container_id", "command", "state", "pid", "exit_status", "start_time", "end_time", "stdout_bytes", "stderr_bytes", "stdout_first_offset", "stderr_first_offset")
@@ -366,16 +372,13 @@ class OutputChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., dropped_before: _Optional[bool] = ...) -> None: ...
 
 class AttachProcessResponse(_message.Message):
-    __slots__ = ("stdout", "stderr", "exited", "keepalive")
-    class Keepalive(_message.Message):
-        __slots__ = ()
-        def __init__(self) -> None: ...
+    __slots__ = ("stdout", "stderr", "exit_status", "keepalive")
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
-    EXITED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     stdout: OutputChunk
     stderr: OutputChunk
-    exited: ExitStatus
-    keepalive: AttachProcessResponse.Keepalive
-    def __init__(self, stdout: _Optional[_Union[OutputChunk, _Mapping]] = ..., stderr: _Optional[_Union[OutputChunk, _Mapping]] = ..., exited: _Optional[_Union[ExitStatus, _Mapping]] = ..., keepalive: _Optional[_Union[AttachProcessResponse.Keepalive, _Mapping]] = ...) -> None: ...
+    exit_status: ExitStatus
+    keepalive: Keepalive
+    def __init__(self, stdout: _Optional[_Union[OutputChunk, _Mapping]] = ..., stderr: _Optional[_Union[OutputChunk, _Mapping]] = ..., exit_status: _Optional[_Union[ExitStatus, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...

@@ -169,8 +169,8 @@ class ExecServiceServicer:
     def Run(self, request, context):
         """Runs a command to completion and returns its exit status and output in
         one message. Timeout: default 60 s, at most 1 hour; when it passes, the
-        command's process group is killed and `status.timed_out` is set (the call
-        itself succeeds).
+        command's process group is killed and `exit_status.timed_out` is set (the
+        call itself succeeds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,7 +181,7 @@ class ExecServiceServicer:
         chunks, `close_stdin`, `resize` and `signal`. Half-closing the request
         stream (the client is done sending) closes the command's stdin, like
         `close_stdin`; the response stream goes on until the command exits, and
-        its last message is `exited`. The command is killed if the caller cancels
+        its last message is `exit_status`. The command is killed if the caller cancels
         the call or goes away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

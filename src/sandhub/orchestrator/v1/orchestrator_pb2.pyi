@@ -95,7 +95,7 @@ class Network(_message.Message):
     def __init__(self, ip_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("id", "tenant", "image", "resources", "env", "labels", "ports", "state", "state_reason", "state_message", "network", "backend", "placement", "create_time", "ready_time", "expire_time", "update_time", "end_time", "request_id")
+    __slots__ = ("container_id", "tenant", "image", "resources", "env", "labels", "ports", "state", "state_reason", "state_message", "network", "backend", "placement", "create_time", "ready_time", "expire_time", "update_time", "end_time", "request_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,7 +110,7 @@ class Container(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -129,7 +129,7 @@ class Container(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    id: str
+    container_id: str
     tenant: str
     image: str
     resources: Resources
@@ -148,7 +148,7 @@ class Container(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., image: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., state: _Optional[_Union[ContainerState, str]] = ..., state_reason: _Optional[str] = ..., state_message: _Optional[str] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., backend: _Optional[str] = ..., placement: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., tenant: _Optional[str] = ..., image: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., state: _Optional[_Union[ContainerState, str]] = ..., state_reason: _Optional[str] = ..., state_message: _Optional[str] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., backend: _Optional[str] = ..., placement: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
     __slots__ = ("image", "resources", "env", "labels", "ttl", "ports", "placement", "request_id", "wait_until_running")
@@ -193,10 +193,10 @@ class CreateContainerResponse(_message.Message):
     def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
 
 class GetContainerRequest(_message.Message):
-    __slots__ = ("id",)
-    ID_FIELD_NUMBER: _ClassVar[int]
-    id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class GetContainerResponse(_message.Message):
     __slots__ = ("container",)
@@ -225,12 +225,12 @@ class ListContainersResponse(_message.Message):
     def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteContainerRequest(_message.Message):
-    __slots__ = ("id", "grace_period")
-    ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("container_id", "grace_period")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
-    id: str
+    container_id: str
     grace_period: _duration_pb2.Duration
-    def __init__(self, id: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class DeleteContainerResponse(_message.Message):
     __slots__ = ("container",)
@@ -239,12 +239,12 @@ class DeleteContainerResponse(_message.Message):
     def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
 
 class ExtendContainerRequest(_message.Message):
-    __slots__ = ("id", "extend_by")
-    ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("container_id", "extend_by")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXTEND_BY_FIELD_NUMBER: _ClassVar[int]
-    id: str
+    container_id: str
     extend_by: _duration_pb2.Duration
-    def __init__(self, id: _Optional[str] = ..., extend_by: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., extend_by: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExtendContainerResponse(_message.Message):
     __slots__ = ("container",)
