@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,6 +191,90 @@ class KubernetesBackendConfig:
 
 
 @dataclass(frozen=True)
+class EcsPlacement:
+    """Where one placement's tasks run: a capacity provider of the cluster,
+    and optionally its own subnets and security groups."""
+
+    capacity_provider: str = "FARGATE"
+    """"FARGATE", "FARGATE_SPOT", or the name of an EC2 Auto Scaling group
+    capacity provider attached to the cluster."""
+    subnets: tuple[str, ...] = ()
+    """Subnets for this placement's tasks; empty = EcsBackendConfig.subnets."""
+    security_groups: tuple[str, ...] = ()
+    """Security groups for this placement's tasks; empty = EcsBackendConfig.security_groups."""
+
+    @property
+    def fargate(self) -> bool:
+        """Fargate (on-demand or Spot): task sizes must be one of Fargate's cpu/memory pairs."""
+        return self.capacity_provider in ("FARGATE", "FARGATE_SPOT")
+
+
+@dataclass(frozen=True)
+class EcsBackendConfig:
+    cluster: str = "sandhub"
+    """ECS cluster (name or ARN) the tasks run in; it must have the
+    placements' capacity providers attached."""
+    region: str = ""
+    """AWS region; "" = the SDK's usual lookup (AWS_REGION, profile, instance metadata)."""
+    endpoint_url: str = ""
+    """Another ECS/EC2 endpoint (a VPC endpoint, or a local test server); "" = AWS's own."""
+    started_by: str = "sandhub"
+    """RunTask's startedBy on every task (at most 128 of [A-Za-z0-9_/-]): sandhub lists,
+    adopts and reaps only tasks carrying it, so give each installation sharing
+    a cluster its own."""
+    subnets: tuple[str, ...] = ()
+    """awsvpc subnets for the tasks (private ones: tasks get no public IP by default)."""
+    security_groups: tuple[str, ...] = ()
+    """Security groups of every task's ENI: admit the Hub to the agent and the
+    containers' ports, and nothing else."""
+    assign_public_ip: bool = False
+    """Give tasks a public IP. Off: a sandbox is not reachable from the internet;
+    pulling images then needs a NAT gateway or VPC endpoints."""
+    placements: Mapping[str, EcsPlacement] = field(default_factory=lambda: {"default": EcsPlacement()})
+    """Placement name -> capacity provider. The first is the default placement."""
+    execution_role_arn: str = ""
+    """Task execution role (pulls images from ECR, writes logs); see deploy/ecs/.
+    "" = none (public images only, no awslogs)."""
+    log_group: str = ""
+    """CloudWatch Logs group for the containers' output (awslogs); "" = no logs kept."""
+    default_image: str = "busybox:1.37"
+    """Image for a request that names none: small, with /bin/sh."""
+    agent_image: str = "sandhub/sandhub-agent:latest"
+    """Image holding the static sandhub-agent binary, run as each task's init
+    container to copy it into the task volume."""
+    agent_port: int = 7070
+    """TCP port the agent listens on inside each task (its security group must
+    admit the Hub to it)."""
+    run_as_user: str = "65532"
+    """uid[:gid] of the main container: images would otherwise often run as root."""
+    request_timeout_s: float = 10.0
+    """Deadline of one AWS call."""
+    retries: int = 5
+    """Extra attempts of a throttled or failed-to-connect call before UNAVAILABLE."""
+    retry_backoff_s: float = 0.2
+    """First wait between attempts, doubled each time with jitter (at most ~6 s in all)."""
+    poll_interval_s: float = 1.0
+    """How often the one DescribeTasks loop looks at tasks not yet settled."""
+    resync_interval_s: float = 30.0
+    """How often running tasks are described again (stops ECS made itself: Spot
+    interruptions, OOM, host failures)."""
+    run_task_rate: float = 20.0
+    """RunTask calls per second, sustained (the account's API rate; each call
+    launches up to 10 tasks)."""
+    run_task_burst: int = 20
+    launch_rate: float = 20.0
+    """Fargate task launches per second, sustained: AWS's published rate is 20/s
+    after a burst of 100, per account and region, Spot counted separately."""
+    launch_burst: int = 100
+    read_rate: float = 20.0
+    """Other API calls (DescribeTasks, ListTasks, TagResource, StopTask, ...) per second, each its own bucket."""
+    read_burst: int = 50
+    batch_window_s: float = 0.01
+    """How long a create waits for others to share its RunTask call (same task
+    definition, placement and environment)."""
+
+
+@dataclass(frozen=True)
 class OrchestratorConfig:
     listen: str = "127.0.0.1:50052"
     backend: str = "local"
@@ -197,6 +282,7 @@ class OrchestratorConfig:
     limits: Limits = field(default_factory=Limits)
     local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
     kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
+    ecs: EcsBackendConfig = field(default_factory=EcsBackendConfig)
     reap_interval_s: float = 5.0
     """How often expired containers are looked for."""
     max_calls_per_tenant: int = 64
@@ -262,7 +348,6 @@ class ExecLimits:
     """How long output waits for more before it is sent (batching)."""
     keepalive_s: float = 15.0
     """A keepalive goes out on a stream idle this long, so proxies keep it open."""
-    max_page_size: int = 100
     max_calls_per_tenant: int = 64
     """Run, Exec, PutFiles, GetFiles and AttachProcess calls one tenant may
     have open at once on one Hub; beyond it is RESOURCE_EXHAUSTED
@@ -529,11 +614,69 @@ def load_kubernetes(env: Mapping[str, str]) -> KubernetesBackendConfig:
     )
 
 
+def _ecs_placement(name: str, raw: object, var: str) -> EcsPlacement:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{var}: placement {name!r} must be an object")
+    known = {"capacityProvider", "subnets", "securityGroups"}
+    if set(raw) - known or not isinstance(raw.get("capacityProvider", "FARGATE"), str):
+        raise ConfigError(f"{var}: placement {name!r}: known keys are {sorted(known)}; capacityProvider is a name")
+    return EcsPlacement(capacity_provider=raw.get("capacityProvider") or "FARGATE",
+                        subnets=tuple(str(s) for s in raw.get("subnets") or ()),
+                        security_groups=tuple(str(g) for g in raw.get("securityGroups") or ()))
+
+
+def load_ecs(env: Mapping[str, str]) -> EcsBackendConfig:
+    """SANDHUB_ECS_PLACEMENTS is JSON: {"name": {"capacityProvider": "FARGATE_SPOT",
+    "subnets": [..], "securityGroups": [..]}, ...}, the first the default."""
+    var, text = "SANDHUB_ECS_PLACEMENTS", env.get("SANDHUB_ECS_PLACEMENTS", "")
+    placements: dict[str, EcsPlacement] = {"default": EcsPlacement()}
+    if text.strip():
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{var}: not JSON: {e}") from None
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{var}: expected a non-empty object of placement name -> placement")
+        placements = {str(name): _ecs_placement(str(name), p, var) for name, p in raw.items()}
+    d = EcsBackendConfig()
+    started_by = env.get("SANDHUB_ECS_STARTED_BY") or d.started_by
+    if len(started_by) > 128 or not re.fullmatch(r"[A-Za-z0-9_/-]+", started_by):
+        raise ConfigError("SANDHUB_ECS_STARTED_BY: at most 128 of A-Z a-z 0-9 _ / -")
+    return EcsBackendConfig(
+        cluster=env.get("SANDHUB_ECS_CLUSTER") or d.cluster,
+        region=env.get("SANDHUB_ECS_REGION", ""),
+        endpoint_url=env.get("SANDHUB_ECS_ENDPOINT_URL", ""),
+        started_by=started_by,
+        subnets=_names(env, "SANDHUB_ECS_SUBNETS"),
+        security_groups=_names(env, "SANDHUB_ECS_SECURITY_GROUPS"),
+        assign_public_ip=_bool(env, "SANDHUB_ECS_ASSIGN_PUBLIC_IP", False),
+        placements=placements,
+        execution_role_arn=env.get("SANDHUB_ECS_EXECUTION_ROLE_ARN", ""),
+        log_group=env.get("SANDHUB_ECS_LOG_GROUP", ""),
+        default_image=env.get("SANDHUB_ECS_DEFAULT_IMAGE") or d.default_image,
+        agent_image=env.get("SANDHUB_ECS_AGENT_IMAGE") or d.agent_image,
+        agent_port=_int(env, "SANDHUB_ECS_AGENT_PORT", d.agent_port),
+        launch_rate=_float(env, "SANDHUB_ECS_LAUNCH_RATE", d.launch_rate),
+        launch_burst=_int(env, "SANDHUB_ECS_LAUNCH_BURST", d.launch_burst),
+        run_task_rate=_float(env, "SANDHUB_ECS_RUN_TASK_RATE", d.run_task_rate),
+    )
+
+
+def _default_placements(env: Mapping[str, str], kubernetes: KubernetesBackendConfig,
+                        ecs: EcsBackendConfig) -> tuple[str, ...]:
+    """SANDHUB_PLACEMENTS, else the chosen cluster backend's placement profiles."""
+    named = _names(env, "SANDHUB_PLACEMENTS")
+    if named:
+        return named
+    profiles = {"kubernetes": tuple(kubernetes.placements), "ecs": tuple(ecs.placements)}
+    return profiles.get(env.get("SANDHUB_BACKEND", ""), ("default",))
+
+
 def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
     local = load_local(env)
     kubernetes = load_kubernetes(env)
-    placements = _names(env, "SANDHUB_PLACEMENTS") or (
-        tuple(kubernetes.placements) if env.get("SANDHUB_BACKEND") == "kubernetes" else ("default",))
+    ecs = load_ecs(env)
+    placements = _default_placements(env, kubernetes, ecs)
     unknown = set(local.egress_placements) - set(placements)
     if unknown:
         raise ConfigError(f"SANDHUB_EGRESS_PLACEMENTS: {', '.join(sorted(unknown))} not in SANDHUB_PLACEMENTS")
@@ -553,6 +696,7 @@ def load_orchestrator(env: Mapping[str, str]) -> OrchestratorConfig:
         limits=limits,
         local=local,
         kubernetes=kubernetes,
+        ecs=ecs,
         reap_interval_s=_float(env, "SANDHUB_REAP_INTERVAL", 5.0),
         tombstone_s=_float(env, "SANDHUB_TOMBSTONE", 600.0),
         placements=placements,

@@ -14,6 +14,7 @@ def load_backend(config: OrchestratorConfig, notify: Notify) -> Backend:
     factories: dict[str, Callable[[], Backend]] = {
         "local": lambda: _local(config, notify),
         "kubernetes": lambda: _kubernetes(config, notify),
+        "ecs": lambda: _ecs(config, notify),
     }
     try:
         factory = factories[config.backend]
@@ -34,3 +35,9 @@ def _kubernetes(config: OrchestratorConfig, notify: Notify) -> Backend:
     from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 
     return KubernetesBackend(config.kubernetes, notify=notify, placements=config.placements)
+
+
+def _ecs(config: OrchestratorConfig, notify: Notify) -> Backend:
+    from orchestrator_service.backends.ecs.backend import EcsBackend
+
+    return EcsBackend(config.ecs, notify=notify, placements=config.placements, limits=config.limits)

@@ -103,10 +103,11 @@ def add_parser(subparsers: Any) -> None:
                    help="a bridge of the bench's own (an address per container, like sandhub's) or none")
     d.set_defaults(func=cmd_docker)
 
-    from sandhub.bench import capacity, fuzz_cli, matrix_cli, soak
+    from sandhub.bench import capacity, ecs_burst, fuzz_cli, matrix_cli, soak
 
     matrix_cli.add_parser(sub)
     capacity.add_parser(sub)
+    ecs_burst.add_parser(sub)
     fuzz_cli.add_parser(sub)
     soak.add_parser(sub)
 

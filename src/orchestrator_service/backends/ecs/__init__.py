@@ -1,0 +1,1 @@
+"""ECS backend: a container is an ECS task (Fargate, Fargate Spot or EC2 capacity)."""
