@@ -97,6 +97,21 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_exec)
 
+    r = sub.add_parser("agent-relay", help="`ls /` through the Hub's relay to a sandhub-agent beside the agent "
+                                           "directly and a plain subprocess, and upload/download MB/s through it")
+    r.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs per path (default 200)")
+    r.add_argument("--upload-mib", type=_positive_int, default=100, help="MiB per transfer (default 100)")
+    r.add_argument("--agent", default="", help="the sandhub-agent binary (default $SANDHUB_AGENT)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_agent_relay)
+
+    k = sub.add_parser("k8s-exec", help="`ls /` in a Kubernetes container through the Hub, by the exec agent and "
+                                        "by pods/exec, on a KWOK control plane of its own (make k8s-tools)")
+    k.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs per path (default 200)")
+    k.add_argument("--agent", default="", help="the sandhub-agent binary (default $SANDHUB_AGENT)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_k8s_exec)
+
     d = sub.add_parser("docker", parents=[common],
                        help="the same containers through Docker's Engine API, on a dockerd the bench starts itself")
     d.add_argument("--docker-network", choices=("bridge", "none"), default="bridge",
@@ -160,6 +175,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     logs.configure(level="warning")
     results = asyncio.run(exec_bench.measure(runs=args.runs, upload_mib=args.upload_mib))
     print(json.dumps(exec_bench.to_json(results), indent=2) if args.json else exec_bench.text(results))
+    return EXIT_FAILED if results.failures else 0
+
+
+def cmd_k8s_exec(args: argparse.Namespace) -> int:
+    from sandhub import logs
+    from sandhub.bench import k8s_exec_bench
+
+    logs.configure(level="warning")
+    results = asyncio.run(k8s_exec_bench.measure(runs=args.runs, agent=args.agent))
+    print(json.dumps(k8s_exec_bench.to_json(results), indent=2) if args.json else k8s_exec_bench.text(results))
+    return EXIT_FAILED if results.failures else 0
+
+
+def cmd_agent_relay(args: argparse.Namespace) -> int:
+    from sandhub import logs
+    from sandhub.bench import agent_relay_bench
+
+    logs.configure(level="warning")
+    results = asyncio.run(agent_relay_bench.measure(runs=args.runs, upload_mib=args.upload_mib, agent=args.agent))
+    print(json.dumps(agent_relay_bench.to_json(results), indent=2) if args.json else agent_relay_bench.text(results))
     return EXIT_FAILED if results.failures else 0
 
 

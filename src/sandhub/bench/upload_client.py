@@ -3,6 +3,10 @@ own (as a real caller is): in the bench's process it would share the GIL with
 the servers it measures. Prints one JSON line: MB/s per repetition.
 
     python -m sandhub.bench.upload_client HUB|SINK ADDRESS MIB REPEATS [CONTAINER API_KEY [DOWNLOAD_PATH]]
+    python -m sandhub.bench.upload_client AGENT ADDRESS MIB REPEATS CONTAINER AGENT_TOKEN DOWNLOAD_PATH
+
+AGENT calls a sandhub-agent directly (its credential instead of an API key);
+its rates are named agent_put_files / agent_get_files.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from sandhub import internal_auth
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
 
@@ -45,7 +50,13 @@ def main(argv: list[str]) -> int:
     else:
         container_id, api_key = argv[4], argv[5]
         path = argv[6] if len(argv) > 6 else "/work/blob.bin"  # where PutFiles puts blob.bin
-        md = (("authorization", f"Bearer {api_key}"),)
+        prefix = "agent_" if kind == "agent" else ""
+
+        def md() -> tuple[tuple[str, str], ...]:
+            if kind == "agent":  # a fresh nonce per call, as the Hub sends
+                return ((internal_auth.AGENT_TOKEN_KEY, api_key),
+                        (internal_auth.AGENT_NONCE_KEY, internal_auth.new_agent_nonce()))
+            return (("authorization", f"Bearer {api_key}"),)
         ex = xpb_grpc.ExecServiceStub(channel)
 
         def requests() -> Iterator[xpb.PutFilesRequest]:
@@ -55,12 +66,12 @@ def main(argv: list[str]) -> int:
                 yield xpb.PutFilesRequest(data=payload[i:i + CHUNK])
 
         def download() -> None:
-            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path=path), metadata=md):
+            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path=path), metadata=md()):
                 pass
 
         for _ in range(repeats):
-            timed("put_files", lambda: ex.PutFiles(requests(), metadata=md))
-            timed("get_files", download)
+            timed(prefix + "put_files", lambda: ex.PutFiles(requests(), metadata=md()))
+            timed(prefix + "get_files", download)
     print(json.dumps(rates))
     return 0
 

@@ -1,0 +1,242 @@
+"""Relays one ExecService call to a container's agent, one function per RPC kind.
+
+Every call carries the container's credential and a fresh nonce, and is
+answered only once the agent proved it holds that credential
+(``x-sandhub-agent-proof``, see agents.proto). Streams wait for that proof
+before a single request payload goes out (client and bidi streams) or a
+single response comes back (server streams), so an address handed on to
+another container neither receives nor gives this container's data. A unary
+request goes out with the call itself; its answer, error or not, is dropped
+without a proof.
+
+Flow control: one message in flight each way (every write is awaited before
+the next is read from the caller, every response is handed to the caller
+before the next is read from the agent). Cancellation: the agent's call ends
+when the caller's does (``finally: call.cancel()``). Deadlines: the caller's
+remaining one, capped by the RPC's own maximum. Errors: see agent_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from hub_service.exec.agent_errors import agent_unavailable, passed_on
+from hub_service.exec.agents import Agent, AgentChannels, AgentDirectory
+from sandhub import internal_auth, rpc
+from sandhub.errors import SandhubError
+
+log = structlog.get_logger("sandhub.hub.relay")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Metadata = tuple[tuple[str, str | bytes], ...] | grpc.aio.Metadata | None
+
+
+def _proven(agent: Agent, nonce: str, header: Metadata) -> bool:
+    """Whether the header holds exactly one proof, and the right one."""
+    proofs = [v for k, v in header or () if k == internal_auth.AGENT_PROOF_KEY]
+    if len(proofs) != 1 or not isinstance(proofs[0], str) or len(proofs[0]) != 64:
+        return False
+    return internal_auth.proof_ok(agent.token, nonce, proofs[0])
+
+
+class AgentRelay:
+    def __init__(self, directory: AgentDirectory, channels: AgentChannels, *, proof_timeout_s: float) -> None:
+        """``proof_timeout_s``: how long a stream waits for the agent's header
+        (connecting included) before the agent counts as unreachable."""
+        self._directory = directory
+        self._channels = channels
+        self._proof_timeout_s = proof_timeout_s
+
+    async def find(self, container_id: str, *, tenant: str, field: str = "container_id") -> Agent:
+        return await self._directory.find(container_id, tenant=tenant, field=field)
+
+    @staticmethod
+    def _metadata(agent: Agent, nonce: str) -> tuple[tuple[str, str], ...]:
+        """Made here, nothing copied from the caller's metadata: the caller's API
+        key never reaches the agent."""
+        pairs = [(internal_auth.AGENT_TOKEN_KEY, agent.token), (internal_auth.AGENT_NONCE_KEY, nonce)]
+        info = rpc.current_rpc.get()
+        if info is not None:
+            pairs.append((rpc.REQUEST_ID_KEY, info.request_id))
+        return tuple(pairs)
+
+    async def _failure(self, agent: Agent, e: grpc.aio.AioRpcError | None, what: str) -> SandhubError:
+        """The caller's error when a call to ``agent`` went wrong: its own
+        status if it proved itself and the status means something to the
+        caller; else the Orchestrator's word on the container if that changed
+        (NOT_FOUND, NOT_RUNNING), else UNAVAILABLE."""
+        if e is not None:
+            passed = passed_on(e, container_id=agent.container_id)
+            if passed is not None:
+                return passed
+        log.warning("hub.agent_failed", container_id=agent.container_id, target=agent.target, what=what,
+                    code=e.code().name if e is not None else None)
+        try:
+            await self._directory.recheck(agent)
+        except SandhubError as err:
+            return err
+        except grpc.aio.AioRpcError as err:  # the Orchestrator's own error, passed on as for containers
+            return agent_unavailable(agent.container_id, f"is unreachable and the orchestrator said {err.code().name}")
+        return agent_unavailable(agent.container_id, what)
+
+    async def _error(self, agent: Agent, nonce: str, e: grpc.aio.AioRpcError) -> SandhubError:
+        """An error status counts only from an agent that proved itself."""
+        if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) and not e.initial_metadata():
+            return await self._failure(agent, e, "did not answer in time")  # raised here, not by the agent
+        if not _proven(agent, nonce, e.initial_metadata()):
+            return await self._failure(agent, None, f"failed ({e.code().name}) without proving it is this container's")
+        return await self._failure(agent, e, f"failed ({e.code().name})")
+
+    async def _prove(self, call: Any, agent: Agent, nonce: str) -> None:
+        """Waits (bounded) for the agent's header and checks its proof."""
+        try:
+            async with asyncio.timeout(self._proof_timeout_s):
+                header = await call.initial_metadata()
+        except TimeoutError:
+            call.cancel()
+            raise await self._failure(agent, None, "did not answer in time") from None
+        if _proven(agent, nonce, header):
+            return
+        if call.done() and await call.code() is not grpc.StatusCode.OK:
+            # The call ended before its header reached us: grpc.aio drops the
+            # header of a stream whose status is handled first (40% of streams
+            # the agent ends at once with PATH_NOT_FOUND lost it). Nothing was
+            # relayed yet and a status carries none of the container's data,
+            # so the status is judged alone (a wrong agent refusing the
+            # credential says UNAUTHENTICATED: UNAVAILABLE after the recheck).
+            ended = grpc.aio.AioRpcError(await call.code(), grpc.aio.Metadata(),
+                                         await call.trailing_metadata() or grpc.aio.Metadata(),
+                                         details=await call.details())
+            raise await self._failure(agent, ended, f"failed ({ended.code().name}) at once")
+        call.cancel()
+        raise await self._failure(agent, None, "could not be reached, or did not prove it is this container's")
+
+    async def unary(self, method: str, request: Any, *, agent: Agent, timeout_s: float) -> Any:
+        """Run, StartProcess, GetProcess, ListProcesses, SignalProcess."""
+        nonce = internal_auth.new_agent_nonce()
+        with self._channels.lease(agent.target) as stub:
+            call = getattr(stub, method)(request, metadata=self._metadata(agent, nonce), timeout=timeout_s)
+            try:
+                response = await call
+                header = await call.initial_metadata()
+            except grpc.aio.AioRpcError as e:
+                raise await self._error(agent, nonce, e) from None
+            finally:
+                call.cancel()  # no-op once done; ends the agent's call if the caller went away
+        if not _proven(agent, nonce, header):
+            raise await self._failure(agent, None, "did not prove it is this container's agent")
+        return response
+
+    async def server_stream(self, method: str, request: Any, *, agent: Agent, timeout_s: float) -> AsyncIterator[Any]:
+        """GetFiles, AttachProcess: nothing is passed on before the proof."""
+        nonce = internal_auth.new_agent_nonce()
+        with self._channels.lease(agent.target) as stub:
+            call = getattr(stub, method)(request, metadata=self._metadata(agent, nonce), timeout=timeout_s)
+            try:
+                await self._prove(call, agent, nonce)
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    yield response
+            except grpc.aio.AioRpcError as e:
+                raise await self._error(agent, nonce, e) from None
+            finally:
+                call.cancel()
+
+    async def client_stream(self, method: str, first: Any, rest: AsyncIterator[Any], *, agent: Agent,
+                            timeout_s: float) -> Any:
+        """PutFiles: ``first`` (already read by the servicer) and then ``rest``
+        go out only after the proof."""
+        nonce = internal_auth.new_agent_nonce()
+        with self._channels.lease(agent.target) as stub:
+            call = getattr(stub, method)(metadata=self._metadata(agent, nonce), timeout=timeout_s)
+            try:
+                await self._prove(call, agent, nonce)
+                if await _send(call, first):
+                    async for request in rest:
+                        if not await _send(call, request):
+                            break  # the agent ended the call: its status says why
+                    else:
+                        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                            await call.done_writing()
+                return await call
+            except grpc.aio.AioRpcError as e:
+                raise await self._error(agent, nonce, e) from None
+            finally:
+                call.cancel()
+
+    async def bidi_stream(self, method: str, first: Any, rest: AsyncIterator[Any], *, agent: Agent,
+                          timeout_s: float) -> AsyncIterator[Any]:
+        """Exec: requests go up in a task of their own while responses come down;
+        the caller half-closing half-closes the agent's call."""
+        nonce = internal_auth.new_agent_nonce()
+        with self._channels.lease(agent.target) as stub:
+            call = getattr(stub, method)(metadata=self._metadata(agent, nonce), timeout=timeout_s)
+            upstream: asyncio.Task[None] | None = None
+            try:
+                await self._prove(call, agent, nonce)
+                if await _send(call, first):  # else the agent ended the call: read() raises its status
+                    upstream = asyncio.ensure_future(_pump(call, rest))
+                while True:
+                    try:
+                        response = await call.read()
+                    except asyncio.CancelledError:
+                        # _pump cancels the agent's call when the caller's
+                        # stream broke (a malformed message): that error wins.
+                        failed = _caller_error(upstream)
+                        if failed is None or _being_cancelled():
+                            raise
+                        raise failed from None
+                    if response is grpc.aio.EOF:
+                        break
+                    yield response
+            except grpc.aio.AioRpcError as e:
+                raise await self._error(agent, nonce, e) from None
+            finally:
+                call.cancel()
+                if upstream is not None:
+                    upstream.cancel()
+                    with contextlib.suppress(BaseException):
+                        await upstream
+
+
+async def _send(call: Any, request: Any) -> bool:
+    """Writes one request; False when the agent's call already ended."""
+    try:
+        await call.write(request)
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        return False
+    return True
+
+
+async def _pump(call: Any, requests: AsyncIterator[Any]) -> None:
+    """The caller's requests to the agent, then the half-close. A caller's
+    broken stream (an exception from ``requests``) cancels the agent's call
+    and is kept as this task's exception."""
+    try:
+        async for request in requests:
+            if not await _send(call, request):
+                return  # the command ended: what the caller still sends is dropped
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            await call.done_writing()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        call.cancel()
+        raise
+
+
+def _caller_error(upstream: asyncio.Task[None] | None) -> BaseException | None:
+    if upstream is None or not upstream.done() or upstream.cancelled():
+        return None
+    return upstream.exception()
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
