@@ -20,6 +20,17 @@ DEB_PACKAGES := iproute2 busybox-static nftables
 export SANDHUB_GRPCURL := $(GRPCURL)
 export SANDHUB_BUF := $(BUF)
 
+# The Node interop client's packages (tests/interop/node), installed from its
+# lock file into a directory named by the hash of package.json and the lock,
+# so a changed lock installs afresh and nothing else does. (The Go interop
+# client needs no step here: its test `go build`s it with the agent's flags,
+# and Go's own build cache, keyed by every input and shared with the agent's
+# build, makes that about 3 s; it never runs a stale binary.)
+INTEROP_NODE_HASH := $(shell cat tests/interop/node/package.json tests/interop/node/package-lock.json | sha256sum | cut -c1-12)
+INTEROP_NODE_DIR := $(TOOLS_CACHE)/interop-node-$(INTEROP_NODE_HASH)
+INTEROP_NODE_MODULES := $(INTEROP_NODE_DIR)/node_modules
+export SANDHUB_INTEROP_NODE_MODULES := $(INTEROP_NODE_MODULES)
+
 # A real control plane for the Kubernetes backend's tests, built from Go
 # modules (tools/k8s/<name>/go.mod holds each one's version; the cache
 # directory is keyed by it, so a version bump rebuilds and nothing else does).
@@ -122,7 +133,7 @@ docker-deps:
 	    "and its Docker tests fail"; fi; \
 	fi
 
-tools: $(GRPCURL) $(BUF) k8s-tools
+tools: $(GRPCURL) $(BUF) $(INTEROP_NODE_MODULES) k8s-tools
 
 $(GRPCURL):
 	mkdir -p $(dir $@)
@@ -131,6 +142,15 @@ $(GRPCURL):
 $(BUF):
 	mkdir -p $(TOOLS_CACHE)/buf-$(BUF_VERSION)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS_CACHE)/buf-$(BUF_VERSION) @bufbuild/buf@$(BUF_VERSION)
+
+# npm ci installs exactly the lock; --ignore-scripts: none of these packages
+# needs its install script. Built in a temporary directory and renamed, so
+# an interrupted install leaves nothing that looks finished.
+$(INTEROP_NODE_MODULES):
+	rm -rf $(INTEROP_NODE_DIR).tmp && mkdir -p $(INTEROP_NODE_DIR).tmp
+	cp tests/interop/node/package.json tests/interop/node/package-lock.json $(INTEROP_NODE_DIR).tmp/
+	npm ci --silent --no-audit --no-fund --ignore-scripts --prefix $(INTEROP_NODE_DIR).tmp
+	rm -rf $(INTEROP_NODE_DIR) && mv $(INTEROP_NODE_DIR).tmp $(INTEROP_NODE_DIR)
 
 # Built into a temporary name and renamed, so an interrupted build leaves no
 # binary that looks finished. cgo off: the binary must start in any image

@@ -18,6 +18,11 @@ _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 MAX_ENV_VALUE = 32 * 1024
 MAX_ENV_NAME = 256
 MAX_REQUEST_ID = 128
+MAX_ENV_TOTAL = 256 * 1024
+"""Bytes of a container's environment in all (names, values, "=" and NUL
+each): Linux refuses to start a program whose environment and arguments pass
+ARG_MAX (2 MiB with the usual stack limit), so 256 KiB leaves every command
+room for its own arguments and environment (Command: 128 KiB)."""
 MAX_LABEL_PREFIX = 253
 MAX_LABEL_NAME = 63
 MAX_LABEL_KEY = MAX_LABEL_PREFIX + 1 + MAX_LABEL_NAME
@@ -107,6 +112,9 @@ def build_spec(raw: RawCreate, *, tenant: str, limits: Limits, placements: Seque
             raise InvalidField(f"env[{key}]", f"variable name {shown(key)} must be up to {MAX_ENV_NAME} characters of [A-Za-z_][A-Za-z0-9_]*")
         if len(value) > MAX_ENV_VALUE or "\x00" in value:
             raise InvalidField(f"env[{key}]", f"variable {shown(key)}: value too long or contains NUL")
+    total = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in raw.env.items())
+    if total > MAX_ENV_TOTAL:
+        raise InvalidField("env", f"{total} bytes of variables; at most {MAX_ENV_TOTAL} in all")
     if len(raw.labels) > limits.max_labels:
         raise InvalidField("labels", f"at most {limits.max_labels} labels")
     for key, value in raw.labels.items():

@@ -222,12 +222,15 @@ class CanonicalInterceptor(grpc.aio.ServerInterceptor):
             trailing = tuple(
                 (k, v) for k, v in (e.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY
             )
-            status = _Status(e.code(), clip(e.details() or "", MESSAGE_CHARS),
-                             trailing + ((REQUEST_ID_KEY, info.request_id),))
+            status = _Status(e.code(), clip(e.details() or "", MESSAGE_CHARS), trailing)
         else:
             log.error("rpc.internal_error", method=info.method, request_id=info.request_id, exc_info=e)
             status = internal_status(info.request_id)
         info.code = status.code.name
+        # The status's trailers replace those set at the start, so the request
+        # id the contract promises on every reply, errors included, goes here too.
+        status = _Status(status.code, status.details,
+                         tuple(status.trailing_metadata or ()) + ((REQUEST_ID_KEY, info.request_id),))
         await context.abort_with_status(status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 

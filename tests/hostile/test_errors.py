@@ -152,6 +152,26 @@ async def test_a_request_id_is_taken_only_as_a_short_token(services: Services) -
         assert made != bad and len(made) == 16 and made.isalnum(), made
 
 
+@pytest.mark.root
+@pytest.mark.timeout(120)
+async def test_errors_echo_the_request_id_too(services: Services) -> None:
+    """The contract promises the x-request-id trailer on every reply, errors
+    included: both an error the Hub raises itself and one it passes on."""
+    ex = xpb_grpc.ExecServiceStub(services.hub_channel)
+    c = await create(services)
+    calls = {
+        "hub's own": ex.GetProcess(xpb.GetProcessRequest(container_id=c.container_id, process_id="nope"),
+                                   metadata=(*A, ("x-request-id", "err-trace-1"))),
+        "orchestrator's": services.hub_stub.GetContainer(pb.GetContainerRequest(container_id="cnt-000000000000"),
+                                                         metadata=(*A, ("x-request-id", "err-trace-2"))),
+    }
+    for (which, call), sent in zip(calls.items(), ("err-trace-1", "err-trace-2")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND, which
+        assert dict(caught.value.trailing_metadata() or ()).get("x-request-id") == sent, which
+
+
 def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
     from sandhub import logs
 

@@ -44,3 +44,14 @@ def test_huge_container_id_is_refused_and_not_echoed() -> None:
     with pytest.raises(InvalidField) as e:
         check_container_id(BIG)
     assert len(e.value.message) < 512
+
+
+def test_the_whole_environment_is_bounded_so_commands_can_start() -> None:
+    """80 values of 32 KiB each pass every per-variable check, but 2.5 MiB of
+    environment makes every exec fail with E2BIG (found by the interop run:
+    the container ended FAILED "Argument list too long")."""
+    value = "v" * (32 * 1024 - 1)
+    with pytest.raises(InvalidField) as e:
+        build(env={f"V{i}": value for i in range(80)})
+    assert e.value.field == "env" and "at most 262144" in e.value.message
+    build(env={f"V{i}": value for i in range(7)})  # 224 KiB: fine

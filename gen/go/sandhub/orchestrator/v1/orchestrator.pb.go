@@ -714,7 +714,9 @@ type CreateContainerRequest struct {
 	// Resources; zero fields take the configured defaults.
 	Resources *Resources `protobuf:"bytes,2,opt,name=resources,proto3" json:"resources,omitempty"`
 	// Environment variables, at most 256. Keys: up to 256 characters of
-	// [A-Za-z_][A-Za-z0-9_]*; values up to 32 KiB, without NUL.
+	// [A-Za-z_][A-Za-z0-9_]*; values up to 32 KiB, without NUL; all of them
+	// together (UTF-8 bytes of each key and value, plus 2 per variable) at most
+	// 256 KiB, so that every command can still start (Linux's ARG_MAX).
 	Env map[string]string `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Labels, at most 64. Keys: optional "prefix/" (a DNS subdomain, up to 253
 	// characters) then a name of up to 63 characters of [A-Za-z0-9._-],

@@ -58,7 +58,8 @@ const (
 //
 // Message sizes: requests and responses stay under gRPC's default 4 MiB
 // message limit; ListContainers pages (at most 1000 containers) may need a
-// larger receive limit when containers carry many labels.
+// larger receive limit when containers carry large environments or many
+// labels (or ask for smaller pages).
 type OrchestratorServiceClient interface {
 	// Creates a container. Returns once the backend accepted it (state PENDING or
 	// RUNNING); set `wait_until_running` to return only when it is RUNNING or FAILED.
@@ -199,7 +200,8 @@ type OrchestratorService_WatchContainersClient = grpc.ServerStreamingClient[Watc
 //
 // Message sizes: requests and responses stay under gRPC's default 4 MiB
 // message limit; ListContainers pages (at most 1000 containers) may need a
-// larger receive limit when containers carry many labels.
+// larger receive limit when containers carry large environments or many
+// labels (or ask for smaller pages).
 type OrchestratorServiceServer interface {
 	// Creates a container. Returns once the backend accepted it (state PENDING or
 	// RUNNING); set `wait_until_running` to return only when it is RUNNING or FAILED.
