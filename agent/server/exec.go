@@ -151,9 +151,9 @@ func (x *execution) serve(timeout time.Duration) error {
 			case ws = <-done:
 				done = nil
 				x.reaped.Store(true)
-				if timedOut {
-					killGroup(c.pid, unix.SIGKILL) // what the leader left in its group
-				}
+				// As Run: what the command left in its group ends with it;
+				// what it wrote is still read to the end.
+				killGroup(c.pid, unix.SIGKILL)
 				close(exited)
 				continue
 			case err := <-inErr:

@@ -200,12 +200,13 @@ func TestExecCancelKillsTheGroup(t *testing.T) {
 	}
 }
 
-// A leftover process that keeps writing after the command exited: the
-// stream says output was cut, after the exit status.
+// A leftover process that left the command's group (so it outlives it) and
+// keeps writing after the command exited: the stream says output was cut,
+// after the exit status.
 func TestExecOutputCutIsAnError(t *testing.T) {
 	a := newAgent(t, func(c *Config) { c.DrainMax = 500 * time.Millisecond })
 	s, _ := a.client.Exec(authed(t))
-	_ = s.Send(execStart(sh("(trap '' PIPE; while :; do echo more || exit; sleep 0.01; done) & echo first"), nil))
+	_ = s.Send(execStart(sh("setsid sh -c \"trap '' PIPE; while :; do echo more || exit; sleep 0.01; done\" & echo first"), nil))
 	_ = s.CloseSend()
 	r := collect(t, s, 0)
 	if r.exit == nil || r.exit.ExitCode != 0 {
@@ -286,5 +287,27 @@ func TestExecTimeout(t *testing.T) {
 	r := collect(t, s, 0)
 	if r.err != nil || !r.exit.TimedOut || r.exit.Signal != execv1.Signal_SIGNAL_SIGKILL || string(r.stdout) != "before\n" {
 		t.Fatalf("%+v", r)
+	}
+}
+
+// Run and Exec end with their command: what it left running in its process
+// group is killed, and what it wrote before is still delivered.
+func TestLeftoversInTheGroupEndWithTheCommand(t *testing.T) {
+	a := newAgent(t)
+	marker := filepath.Join(t.TempDir(), "survived")
+	script := fmt.Sprintf("(sleep 1; touch %s) & echo hi", marker)
+	resp, err := a.client.Run(authed(t), &execv1.RunRequest{ContainerId: testContainer, Command: sh(script)})
+	if err != nil || string(resp.Stdout) != "hi\n" {
+		t.Fatalf("%v %v", resp, err)
+	}
+	s, _ := a.client.Exec(authed(t))
+	_ = s.Send(execStart(sh(script+"; exit 3"), nil))
+	_ = s.CloseSend()
+	if r := collect(t, s, 0); r.exit == nil || r.exit.ExitCode != 3 || r.err != nil {
+		t.Fatalf("%+v", r)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("a process the command left in its group survived it")
 	}
 }

@@ -34,7 +34,7 @@ type putStream = grpc.ClientStreamingServer[execv1.PutFilesRequest, execv1.PutFi
 
 // upload is one PutFiles call: every file goes to a temporary name in its
 // directory and is renamed into place only when the whole call succeeded,
-// so a failed call leaves no file behind (directories it made stay).
+// so a failed call leaves no file behind, nor a directory it made.
 type upload struct {
 	dest    string
 	files   []*pendingFile
@@ -43,6 +43,10 @@ type upload struct {
 	cur     *pendingFile
 	msgs    chan msgOrErr
 	timeout <-chan time.Time
+	// ended: the caller's stream ended (half-close or error), nothing more comes.
+	ended bool
+	// made: directories this upload created, removed again if it fails.
+	made []string
 }
 
 type pendingFile struct {
@@ -85,7 +89,41 @@ func (s *Server) PutFiles(stream putStream) error {
 		}
 	}()
 	defer up.abort()
+	err := s.putFiles(stream, up)
+	if err != nil {
+		up.abort()
+		up.drain(putDrainMax)
+	}
+	return err
+}
 
+// putDrainMax bounds how long a failed upload still reads (and drops) what
+// the caller sends before the error ends the call. Ending it while the
+// caller still writes loses the status on some clients: grpc-go resets the
+// stream, and a Python grpc.aio client whose write then fails reports
+// INTERNAL instead of the status (grpc/grpc#36066) — the Hub's relay is one.
+const putDrainMax = 2 * time.Second
+
+// drain reads until the caller's half-close (or error), at most max.
+func (up *upload) drain(max time.Duration) {
+	if up.ended {
+		return
+	}
+	t := time.NewTimer(max)
+	defer t.Stop()
+	for {
+		select {
+		case m := <-up.msgs:
+			if m.err != nil {
+				return
+			}
+		case <-t.C:
+			return
+		}
+	}
+}
+
+func (s *Server) putFiles(stream putStream, up *upload) error {
 	first, err := up.next()
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -107,7 +145,7 @@ func (s *Server) PutFiles(stream putStream) error {
 	if up.dest, err = resolvePath(dest, s.cfg.WorkDir); err != nil {
 		return err
 	}
-	if err := mkdirs(up.dest); err != nil {
+	if err := up.mkdirs(up.dest); err != nil {
 		return err
 	}
 	switch start.Format {
@@ -132,6 +170,7 @@ func (s *Server) PutFiles(stream putStream) error {
 func (up *upload) next() (*execv1.PutFilesRequest, error) {
 	select {
 	case m := <-up.msgs:
+		up.ended = m.err != nil
 		return m.m, m.err
 	case <-up.timeout:
 		return nil, timeoutErr("the upload took longer than an hour; nothing was written")
@@ -186,11 +225,12 @@ func (up *upload) begin(path string, mode uint32, size int64) error {
 	if size > 0 && up.total+size > maxUploadBytes {
 		return payloadTooLarge("the upload is larger than 1 GiB", fmt.Sprintf("%d bytes", maxUploadBytes))
 	}
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
+	// Lstat: a symlink at the target is replaced by the file, never followed.
+	if st, err := os.Lstat(path); err == nil && st.IsDir() {
 		return pathNotAllowed(path, "a directory is in the way: "+path)
 	}
 	dir := filepath.Dir(path)
-	if err := mkdirs(dir); err != nil {
+	if err := up.mkdirs(dir); err != nil {
 		return err
 	}
 	var rnd [8]byte
@@ -254,7 +294,7 @@ func (up *upload) finishFile() error {
 // path wins), and creates the archive's directories.
 func (up *upload) commit() (*execv1.PutFilesResponse, error) {
 	for _, d := range up.dirs {
-		if err := mkdirs(d); err != nil {
+		if err := up.mkdirs(d); err != nil {
 			return nil, err
 		}
 	}
@@ -270,6 +310,7 @@ func (up *upload) commit() (*execv1.PutFilesResponse, error) {
 		resp.TotalBytes += f.size
 	}
 	up.files = nil
+	up.made = nil // they hold the files now
 	return resp, nil
 }
 
@@ -280,7 +321,9 @@ func stickyBit(m os.FileMode) uint32 {
 	return 0
 }
 
-// abort removes every temporary file of a failed upload.
+// abort removes every temporary file of a failed upload, then the
+// directories it made (deepest first; one something else put a file in
+// meanwhile is not empty and stays).
 func (up *upload) abort() {
 	for _, f := range up.files {
 		if f.f != nil {
@@ -289,9 +332,29 @@ func (up *upload) abort() {
 		_ = os.Remove(f.temp)
 	}
 	up.files = nil
+	for i := len(up.made) - 1; i >= 0; i-- {
+		_ = os.Remove(up.made[i])
+	}
+	up.made = nil
 }
 
-func mkdirs(dir string) error {
+// mkdirs makes dir and its missing parents, noting each one it made.
+func (up *upload) mkdirs(dir string) error {
+	var missing []string
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil || d == filepath.Dir(d) {
+			break
+		}
+		missing = append(missing, d)
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := os.Mkdir(missing[i], 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fsErr(missing[i], err)
+		} else if err == nil {
+			up.made = append(up.made, missing[i])
+		}
+	}
+	// What exists must be a directory (or lead to one): MkdirAll says which is not.
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fsErr(dir, err)
 	}
@@ -400,8 +463,8 @@ func (up *upload) tar() error {
 				return err
 			}
 		default:
-			return pathNotAllowed(path, fmt.Sprintf("%s: only regular files and directories are taken from an archive "+
-				"(links, devices, fifos and sparse files are refused)", h.Name))
+			return pathNotAllowed(path, fmt.Sprintf("%s is %s: only regular files and directories are taken from an archive "+
+				"(links, devices, fifos and sparse files are refused)", h.Name, memberKind(h)))
 		}
 	}
 	// Whatever follows the end-of-archive blocks (padding) is read and dropped.
@@ -445,4 +508,21 @@ func (w writerFunc) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// memberKind names what a refused tar member is, for the caller's message.
+func memberKind(h *tar.Header) string {
+	switch {
+	case h.Typeflag == tar.TypeSymlink:
+		return "a symbolic link"
+	case h.Typeflag == tar.TypeLink:
+		return "a hard link"
+	case h.Typeflag == tar.TypeChar || h.Typeflag == tar.TypeBlock:
+		return "a device"
+	case h.Typeflag == tar.TypeFifo:
+		return "a fifo"
+	case isSparse(h) || h.Typeflag == tar.TypeGNUSparse:
+		return "a sparse file"
+	}
+	return fmt.Sprintf("of tar type %q", h.Typeflag)
 }

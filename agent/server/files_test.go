@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	execv1 "github.com/sandhub/sandhub/gen/go/sandhub/exec/v1"
 	"golang.org/x/sys/unix"
@@ -386,5 +387,60 @@ func TestPutDiskFull(t *testing.T) {
 	wantErr(t, err, codes.ResourceExhausted, "PAYLOAD_TOO_LARGE", map[string]string{"limit": "*"})
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Fatalf("left %v", entries)
+	}
+}
+
+// A refused upload does not end the call while the caller is still sending:
+// it reads on (dropping) until the half-close, then sends the status, which
+// a client whose write would fail on a reset stream could lose.
+func TestRefusedUploadWaitsForTheHalfClose(t *testing.T) {
+	a := newAgent(t)
+	s, err := a.client.PutFiles(authed(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Send(&execv1.PutFilesRequest{Msg: &execv1.PutFilesRequest_Start{Start: &execv1.PutFilesStart{ContainerId: testContainer}}})
+	_ = s.Send(&execv1.PutFilesRequest{Msg: &execv1.PutFilesRequest_File{File: &execv1.FileHeader{Path: "/proc/x"}}})
+	time.Sleep(300 * time.Millisecond) // the agent has refused it by now
+	for range 5 {
+		if err := s.Send(&execv1.PutFilesRequest{Msg: &execv1.PutFilesRequest_Data{Data: []byte("more")}}); err != nil {
+			t.Fatalf("the call ended before the caller was done sending: %v", err)
+		}
+	}
+	_, err = s.CloseAndRecv()
+	wantErr(t, err, codes.InvalidArgument, "PATH_NOT_ALLOWED", nil)
+}
+
+// A failed upload leaves no directory it made; one that existed stays.
+func TestFailedUploadRemovesTheDirectoriesItMade(t *testing.T) {
+	a := newAgent(t)
+	work := a.cfg.WorkDir
+	if err := os.MkdirAll(filepath.Join(work, "old"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, err := put(t, a, start("", execv1.ArchiveFormat_ARCHIVE_FORMAT_RAW),
+		header("old/new/deeper/f.txt", 0o644, 1), data([]byte("x")),
+		header("/proc/refused", 0o644, 1), data([]byte("x")))
+	wantErr(t, err, codes.InvalidArgument, "PATH_NOT_ALLOWED", nil)
+	entries, _ := os.ReadDir(filepath.Join(work, "old"))
+	if len(entries) != 0 {
+		t.Fatalf("left behind: %v", entries)
+	}
+}
+
+// A symlink at the target is replaced by the file, not followed.
+func TestUploadReplacesASymlinkAtTheTarget(t *testing.T) {
+	a := newAgent(t)
+	work := a.cfg.WorkDir
+	_ = os.MkdirAll(filepath.Join(work, "dir"), 0o755)
+	if err := os.Symlink(filepath.Join(work, "dir"), filepath.Join(work, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := put(t, a, start("", execv1.ArchiveFormat_ARCHIVE_FORMAT_RAW), header("link", 0o644, 5), data([]byte("plain"))); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Lstat(filepath.Join(work, "link"))
+	if err != nil || !st.Mode().IsRegular() {
+		t.Fatalf("link is %v %v", st.Mode(), err)
 	}
 }

@@ -80,9 +80,10 @@ wait:
 			return nil, ctx.Err()
 		}
 	}
-	if timedOut {
-		killGroup(c.pid, unix.SIGKILL) // what the leader left in its group
-	}
+	// The call ends with the command: what it left running in its group goes
+	// too (StartProcess is the way to leave something running). Its output
+	// already in the pipes is still read to the end.
+	killGroup(c.pid, unix.SIGKILL)
 	close(exited)
 	wg.Wait()
 	return &execv1.RunResponse{

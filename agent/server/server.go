@@ -8,6 +8,8 @@ import (
 	"github.com/sandhub/sandhub/agent/reaper"
 	execv1 "github.com/sandhub/sandhub/gen/go/sandhub/exec/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 )
 
@@ -108,5 +110,8 @@ func (s *Server) GRPCServer() *grpc.Server {
 		grpc.ConnectionTimeout(10*time.Second),
 	)
 	execv1.RegisterExecServiceServer(g, s)
+	// Open without the token (auth.go), for a kubelet's gRPC readiness
+	// probe; it says only that the agent serves.
+	healthpb.RegisterHealthServer(g, health.NewServer())
 	return g
 }

@@ -50,11 +50,12 @@ PROOF_TIMEOUT_S = 10.0
 """How long a relayed stream waits for the agent's header (connecting included)."""
 
 
-async def start_hub(config: HubConfig, *, exec_via_agent: bool = False) -> RunningHub:
+async def start_hub(config: HubConfig, *, exec_via_agent: bool = True) -> RunningHub:
     """``exec_via_agent``: ExecService relays every call to the container's
-    agent (found through the Orchestrator's AgentDirectoryService) instead of
-    running it through the backend's exec driver. Off until every backend
-    runs the agent; then it is the only way and the drivers go."""
+    agent (found through the Orchestrator's AgentDirectoryService), the way
+    every backend works now. False keeps the old path through the backend's
+    exec driver (Kubernetes pods/exec, for the tests and bench comparing
+    both) until it is removed."""
     if not config.api_keys:
         raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
     token = internal_auth.require_token(config.orchestrator_token, who="hub")

@@ -283,6 +283,18 @@ class ContainerService:
             raise ContainerNotFound(container_id)
         return container
 
+    async def agent_endpoint(self, container_id: str, *, tenant: str | None) -> tuple[Container, str]:
+        """The container and its agent's gRPC target; RUNNING containers only
+        (ContainerNotRunning otherwise), NotSupported from a backend without one."""
+        container = await self.get(container_id, tenant=tenant)
+        if container.state is not State.RUNNING:
+            raise ContainerNotRunning(container_id, container.state.value)
+        return container, self._backend.agent_target(container)
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
     async def list(
         self, *, tenant: str | None, label_selector: str, state: State | None, size: int, token: str
     ) -> Page:

@@ -34,6 +34,10 @@ def seconds(d: duration_pb2.Duration, field: str) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+def state_to_pb(state: State) -> pb.ContainerState:
+    return _STATE_TO_PB[state]
+
+
 def state_from_pb(value: int) -> State | None:
     if value == pb.CONTAINER_STATE_UNSPECIFIED:
         return None

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import structlog
 
+from orchestrator_service import agents
 from orchestrator_service.backends import load_backend
+from orchestrator_service.backends.base import Backend, Notify
 from orchestrator_service.containers import ContainerService
 from orchestrator_service.servicer import OrchestratorServicer
 from sandhub import internal_auth, rpc
 from sandhub.config import OrchestratorConfig
+from sandhub.internal.v1 import agents_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = structlog.get_logger("sandhub.orchestrator")
@@ -30,16 +34,25 @@ class RunningOrchestrator:
         await self.containers.close()
 
 
-async def start_orchestrator(config: OrchestratorConfig) -> RunningOrchestrator:
+async def start_orchestrator(
+    config: OrchestratorConfig, *, backend: Callable[[Notify], Backend] | None = None
+) -> RunningOrchestrator:
     """Raises ConfigError without a usable token (config.token): callers must
-    prove they are the Hub or the operator (see sandhub.internal_auth)."""
+    prove they are the Hub or the operator (see sandhub.internal_auth).
+    ``backend`` makes the backend instead of config.backend's (tests)."""
     token_check = internal_auth.TokenServerInterceptor(config.token)
     containers = ContainerService(config)
-    containers.attach(load_backend(config, containers.notify))
+    make = backend or (lambda notify: load_backend(config, notify))
+    containers.attach(make(containers.notify))
     await containers.start()
     server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("orchestrator"), token_check])
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(containers, config), server)
-    rpc.add_health_and_reflection(server, [SERVICE])
+    servicer = OrchestratorServicer(containers, config)
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
+    # Internal, for the Hub only (the Hub never serves it): where each agent listens.
+    agents_pb2_grpc.add_AgentDirectoryServiceServicer_to_server(
+        agents.AgentDirectoryServicer(containers, servicer.calls), server
+    )
+    rpc.add_health_and_reflection(server, [SERVICE, agents.SERVICE])
     port = rpc.bind(server, config.listen)
     await server.start()
     log.info("orchestrator.serving", listen=config.listen, port=port, backend=config.backend)

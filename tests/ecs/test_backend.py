@@ -14,10 +14,11 @@ import pytest
 
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.backend import EcsBackend
-from orchestrator_service.model import Event, EventType, State
+from orchestrator_service.model import Event, EventType, Port, State
+from sandhub import internal_auth
 from sandhub.config import Limits
 from sandhub.errors import BackendUnavailable, InvalidField
-from tests.ecs.helpers import RecordingEcs, make_backend, spec
+from tests.ecs.helpers import AGENT_KEY, RecordingEcs, make_backend, spec
 from tests.ecs.moto_aws import CLUSTER, Aws
 
 T = TypeVar("T")
@@ -62,7 +63,8 @@ async def test_create_tags_ip_and_placement(started: tuple[EcsBackend, Recording
     assert tags[t.EXPIRE_TIME] == c.expire_time.isoformat() and t.text(tags, t.REQUEST_ID) == "req/1 ü"
     assert task["capacityProviderName"] == "FARGATE_SPOT"
     env = {e["name"]: e["value"] for e in task["overrides"]["containerOverrides"][0]["environment"]}
-    assert env == {"GREETING": "hello"}
+    assert env == {"GREETING": "hello", "SANDHUB_CONTAINER_ID": c.id,
+                   "SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, c.id)}
     assert [e.type for e in events] == [EventType.ADDED]
 
 
@@ -77,7 +79,8 @@ async def test_task_definition_registered_once_and_found_after_restart(
     assert (init["name"], init["essential"], init["image"]) == ("sandhub-agent-init", False,
                                                                 "sandhub/sandhub-agent:test")
     assert main["dependsOn"] == [{"containerName": "sandhub-agent-init", "condition": "COMPLETE"}]
-    assert main["entryPoint"] == ["/sandhub/sandhub-agent"] and main["command"] == ["--listen", "tcp:0.0.0.0:7070"]
+    assert main["entryPoint"] == ["/sandhub/sandhub-agent"]
+    assert main["command"] == ["--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub"]
     assert (definition["cpu"], definition["memory"], definition["networkMode"]) == ("1024", "2048", "awsvpc")
     assert "taskRoleArn" not in definition
     tasks = {t.from_aws(x["tags"])[t.CONTAINER_ID]: x["taskDefinitionArn"] for x in aws.tasks()}
@@ -120,19 +123,27 @@ async def test_fargate_sizes_round_up_and_impossible_ones_name_the_nearest(aws: 
         await backend.close()
 
 
-async def test_creates_arriving_together_share_run_task_calls(
+async def test_each_task_gets_its_own_agent_credential_so_creates_are_not_batched(
         started: tuple[EcsBackend, RecordingEcs, list[Event]], aws: Aws) -> None:
     backend, ecs, _ = started
     ids = [f"cnt-{i:012d}" for i in range(25)]
-    made = await asyncio.gather(*(backend.create(spec=spec(labels={"n": str(i)}), container_id=cid)
+    made = await asyncio.gather(*(backend.create(spec=spec(labels={"n": str(i)},
+                                                           env={"GREETING": "hello", "SANDHUB_AGENT_TOKEN": "mine"}),
+                                                 container_id=cid)
                                   for i, cid in enumerate(ids)))
     calls = ecs.called("run_task")
-    assert sorted(k["count"] for k in calls) == [5, 10, 10]
-    # Shared tags go on the call; a container's own ones follow with TagResource.
-    assert all(t.CONTAINER_ID not in t.from_aws(k["tags"]) and t.from_aws(k["tags"])[t.TENANT] == "tenant-a"
-               for k in calls)
-    assert len(ecs.called("tag_resource")) == 25
+    # ECS applies overrides per call: one credential per task means one task per call,
+    # and then every tag goes on the call itself (no TagResource after it).
+    assert sorted(k["count"] for k in calls) == [1] * 25 and ecs.called("tag_resource") == []
+    for k in calls:
+        cid = t.from_aws(k["tags"])[t.CONTAINER_ID]
+        env = {e["name"]: e["value"] for e in k["overrides"]["containerOverrides"][0]["environment"]}
+        # The caller can't choose the agent's variables.
+        assert env == {"GREETING": "hello", "SANDHUB_CONTAINER_ID": cid,
+                       "SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, cid)}
     assert [c.id for c in made] == ids and len({c.ip_address for c in made}) == 25
+    assert all(c.env == {"GREETING": "hello"} for c in made), "the agent's variables are not the caller's env"
+    assert [backend.agent_target(c) for c in made] == [f"{c.ip_address}:49983" for c in made]
     # Each task carries its own container's tags (added after the shared call).
     by_id = {t.from_aws(x["tags"])[t.CONTAINER_ID]: t.from_aws(x["tags"]) for x in aws.tasks()}
     assert {cid: by_id[cid]["n"] for cid in ids} == {cid: str(i) for i, cid in enumerate(ids)}
@@ -307,3 +318,10 @@ async def test_creates_waiting_for_the_limiter_fail_cleanly_on_close(aws: Aws) -
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     assert all(isinstance(r, BackendUnavailable) for r in results) and first.state is State.RUNNING
     assert len(ecs.called("run_task")) == 1
+
+
+async def test_a_port_that_is_the_agents_is_refused(started: tuple[EcsBackend, RecordingEcs, list[Event]]) -> None:
+    backend, ecs, _ = started
+    with pytest.raises(InvalidField) as e:
+        await backend.create(spec=spec(ports=(Port(8000), Port(49983))), container_id="cnt-aaaaaaaaaaaa")
+    assert e.value.field == "ports[1].port" and ecs.called("run_task") == []

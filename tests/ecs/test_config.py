@@ -28,6 +28,7 @@ def test_ecs_configuration_from_the_environment() -> None:
     {"SANDHUB_ECS_PLACEMENTS": '{"x": {"nodeSelector": {}}}'},
     {"SANDHUB_ECS_PLACEMENTS": "[]"},
     {"SANDHUB_ECS_STARTED_BY": "has spaces"},
+    {"SANDHUB_ECS_AGENT_PORT": "70000"},
 ])
 def test_bad_ecs_configuration_names_the_variable(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as e:

@@ -40,7 +40,7 @@ def test_impossible_size_names_the_field_and_nearest_pairs() -> None:
 
 
 def test_task_definition_literal() -> None:
-    config = EcsBackendConfig(agent_image="agent:1", agent_port=7070, execution_role_arn="arn:role/x")
+    config = EcsBackendConfig(agent_image="agent:1", agent_port=49983, execution_role_arn="arn:role/x")
     definition = make_task_definition(TaskShape("python:3.13", 1024, 2048, (Port(8000), Port(53, "UDP")), True),
                                       config)
     assert definition == {
@@ -48,18 +48,27 @@ def test_task_definition_literal() -> None:
         "requiresCompatibilities": ["FARGATE"],
         "cpu": "1024",
         "memory": "2048",
-        "volumes": [{"name": "sandhub-agent"}],
+        "volumes": [{"name": "sandhub-agent"}, {"name": "sandhub-agent-state"}, {"name": "sandhub-work"}],
         "executionRoleArn": "arn:role/x",
         "containerDefinitions": [
             {"name": "sandhub-agent-init", "image": "agent:1", "essential": False,
-             "command": ["/sandhub-agent", "install", "/sandhub/sandhub-agent"],
-             "mountPoints": [{"sourceVolume": "sandhub-agent", "containerPath": "/sandhub", "readOnly": False}],
+             "command": ["/sandhub-agent", "install", "--chown", "65532:65532", "/sandhub/sandhub-agent",
+                         "/run/sandhub", "/work"],
+             "user": "0",
+             "mountPoints": [{"sourceVolume": "sandhub-agent", "containerPath": "/sandhub", "readOnly": False},
+                             {"sourceVolume": "sandhub-agent-state", "containerPath": "/run/sandhub",
+                              "readOnly": False},
+                             {"sourceVolume": "sandhub-work", "containerPath": "/work", "readOnly": False}],
              "memory": 32},
             {"name": "main", "image": "python:3.13", "essential": True,
-             "entryPoint": ["/sandhub/sandhub-agent"], "command": ["--listen", "tcp:0.0.0.0:7070"],
+             "entryPoint": ["/sandhub/sandhub-agent"],
+             "command": ["--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub"],
              "dependsOn": [{"containerName": "sandhub-agent-init", "condition": "COMPLETE"}],
-             "mountPoints": [{"sourceVolume": "sandhub-agent", "containerPath": "/sandhub", "readOnly": True}],
-             "portMappings": [{"containerPort": 7070, "protocol": "tcp"}, {"containerPort": 8000, "protocol": "tcp"},
+             "mountPoints": [{"sourceVolume": "sandhub-agent", "containerPath": "/sandhub", "readOnly": True},
+                             {"sourceVolume": "sandhub-agent-state", "containerPath": "/run/sandhub",
+                              "readOnly": False},
+                             {"sourceVolume": "sandhub-work", "containerPath": "/work", "readOnly": False}],
+             "portMappings": [{"containerPort": 49983, "protocol": "tcp"}, {"containerPort": 8000, "protocol": "tcp"},
                               {"containerPort": 53, "protocol": "udp"}],
              "memory": 2048, "memoryReservation": 2016, "user": "65532",
              "linuxParameters": {"capabilities": {"drop": ["ALL"]}}},

@@ -51,7 +51,7 @@ async def test_nothing_of_the_servers_is_visible_inside(services: Services, serv
     assert c.state == pb.CONTAINER_STATE_RUNNING, c.state_message
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     # Every process the container can see: its environment and command line
-    # (pid 1 is bwrap's init, forked from what the Orchestrator started).
+    # (pid 1 is the agent, which bwrap, started by the Orchestrator, execs).
     dump = await sh(ex, c.container_id, "for d in /proc/[0-9]*; do echo \"== $d\"; "
                               "tr '\\0' '\\n' <$d/environ 2>/dev/null; tr '\\0' ' ' <$d/cmdline 2>/dev/null; echo; done")
     assert "== /proc/1" in dump
@@ -63,7 +63,8 @@ async def test_nothing_of_the_servers_is_visible_inside(services: Services, serv
     fds = await sh(ex, c.container_id, "for d in /proc/[0-9]*/fd/*; do echo \"$d $(readlink $d)\"; done")
     assert "/proc/1/fd/" in fds and "sandhub-bwrap-args" not in fds  # bwrap closed the memfd
     pid1 = await sh(ex, c.container_id, "tr '\\0' '\\n' </proc/1/environ")
-    assert pid1.split() == [f"SANDHUB_CONTAINER_ID={c.container_id}"]
+    # pid 1 is the agent: bwrap's environment (the id) and the PWD bwrap's --chdir sets, nothing else.
+    assert sorted(pid1.split()) == ["PWD=/work", f"SANDHUB_CONTAINER_ID={c.container_id}"]
     # The container's own env is where it belongs, in its processes...
     assert env_secret in await sh(ex, c.container_id, "echo $MY_TOKEN")
     # ...and on no command line on the host, where every user can read them.

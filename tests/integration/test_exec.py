@@ -253,7 +253,7 @@ async def test_run_exit_codes_signals_timeouts_and_streams(services: Services, e
     r = await run(ex, c.container_id, shell="sleep 30 & sleep 30; echo never", timeout=seconds(0.5))
     assert r.exit_status.timed_out and r.exit_status.signal == xpb.SIGNAL_SIGKILL and b"never" not in r.stdout
     ps = await run(ex, c.container_id, "ps", "-eo", "args")
-    assert b"sleep 30" not in ps.stdout and b"sleep inf" in ps.stdout  # the timed-out group is gone
+    assert b"sleep 30" not in ps.stdout  # the timed-out group is gone
     r = await run(ex, c.container_id, "yes", timeout=seconds(1), max_output_bytes=1000)
     assert r.stdout_truncated and len(r.stdout) == 1000 and r.exit_status.timed_out
     r = await run(ex, c.container_id, "env")

@@ -79,8 +79,8 @@ async def test_files_processes_and_signals_of_another_container(services: Servic
     assert "secret-of-a" not in out and exit_b.exit_code != 0
     exit_b, out = await sh(driver, b.container_id, f"exec {BB} ps -o pid,args")
     rows = [line.split(None, 1)[1] for line in out.strip().splitlines()[1:]]
-    # Its own init (bwrap's, then busybox sleep) and this ps: nothing of A's, nothing of the host's.
-    assert len(rows) == 3 and "bwrap" in rows[0] and "sleep" in rows[1] and "ps" in rows[2], out
+    # Its own init (the agent) and this ps: nothing of A's, nothing of the host's.
+    assert len(rows) == 2 and rows[0].startswith("/.sandhub/sandhub-agent ") and "ps" in rows[1], out
     pid_ns_a = os.stat(f"/proc/{next(iter(host_pids_of_container(a.container_id)))}/ns/pid").st_ino
     a_host_pids = host_pids_of(pid_ns_a)
     assert a_host_pids
@@ -267,7 +267,7 @@ async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
 ) -> None:
     """With ~1,000 containers the orchestrator holds over 1,024 fds, so the fds
     handed to a new sandbox are numbered above the container's open-files
-    limit; applying that limit before bwrap made the init shell fail silently."""
+    limit; applying that limit before bwrap made the init (then a shell) fail silently."""
     held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
     try:
         c = await create(services, open_files=200)
@@ -276,6 +276,7 @@ async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
             os.close(fd)
     _, out = await sh(driver, c.container_id, "ulimit -n; ulimit -Hn")
     assert out.split() == ["200", "200"]
-    # The long-lived init, busybox sleep (pid 1 is bwrap's, whose command line names sleep too).
-    init = [p for p in host_pids_of_container(c.container_id) if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"sleep"]]
+    # The container's init, the agent (it sets the limit for itself and what it starts).
+    init = [p for p in host_pids_of_container(c.container_id)
+            if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/.sandhub/sandhub-agent\0")]
     assert "Max open files            200                  200" in Path(f"/proc/{init[0]}/limits").read_text()

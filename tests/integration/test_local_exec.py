@@ -266,11 +266,11 @@ async def test_entered_process_is_confined_like_the_sandbox(env: Env) -> None:
     assert exit_ == ExitInfo(0, 0), err
     assert lines[0:2] == ["1000", "1000"] and int(lines[2]) < 50 and lines[3] == cid and lines[4] == "root-ok"
     processes = [line for line in lines[5:] if line.strip()]
-    # The container's init (bwrap, then its sleep), this sh and its tr: no host
-    # process, not the test, not the fork server or this command's supervisor.
+    # The container's init (the agent), this sh and its tr: no host process,
+    # not the test, not the fork server or this command's supervisor.
     assert len(processes) <= 5 and not any("pytest" in p or "spawner" in p for p in processes), processes
-    # bwrap's init shows no option of its own (they came through a memfd) and no host path.
-    assert any(p.startswith("/") and " --args " in p for p in processes) and any("sleep inf" in p for p in processes)
+    # The init shows none of bwrap's options (they came through a memfd) and no host path.
+    assert any(p.startswith("/.sandhub/sandhub-agent --listen fd:") for p in processes), processes
     assert not any("--hostname" in p or "--ro-bind" in p for p in processes), processes
 
 

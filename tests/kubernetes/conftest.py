@@ -7,43 +7,20 @@ watched and scheduled by the real Kubernetes code; only the kubelet is KWOK.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client, config
 
-from tests.kubernetes.control_plane import (
-    FAKE_NODE_ANNOTATION, NODEGROUP, NODEGROUP_LABEL, NODEGROUP_TAINT, RUNTIME_CLASS, Binaries, ControlPlane,
-)
+from sandhub.bench.kwok_cluster import fake_node, wait_nodes_ready
+from tests.kubernetes.control_plane import NODEGROUP, NODEGROUP_LABEL, NODEGROUP_TAINT, RUNTIME_CLASS, Binaries, ControlPlane
 
-
-
-def _node(name: str, labels: dict[str, str], taints: list[client.V1Taint]) -> client.V1Node:
-    capacity = {"cpu": "64", "memory": "256Gi", "pods": "500", "ephemeral-storage": "1Ti"}
-    return client.V1Node(
-        metadata=client.V1ObjectMeta(
-            name=name, annotations={FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-            labels={"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok", **labels},
-        ),
-        spec=client.V1NodeSpec(taints=taints or None),
-        status=client.V1NodeStatus(allocatable=capacity, capacity=capacity),
-    )
-
-
-def _wait_nodes_ready(api: client.CoreV1Api, names: set[str], cp: ControlPlane, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        cp.check_alive()
-        ready = {
-            n.metadata.name for n in api.list_node().items
-            if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
-        }
-        if names <= ready:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"KWOK did not make nodes {sorted(names)} Ready:\n{cp.log_tail('kwok')}")
+POD_CIDR = "127.244.0.0/16"
+"""Pod IPs of the general node: loopback addresses, so a test can start a real
+sandhub-agent at exactly the address the backend gives for a pod (KWOK runs no
+containers; it assigns pod IPs from the node's podCIDR). Every 127/8 address is
+this host's, and nothing else listens on them."""
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +35,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     try:
         cp.start()
         api = client.CoreV1Api(api_client(cp.kubeconfig))
-        api.create_node(_node("kwok-general", {}, []))
-        api.create_node(_node("kwok-sandbox-1", {NODEGROUP_LABEL: NODEGROUP}, [
+        api.create_node(fake_node("kwok-general", {}, [], pod_cidr=POD_CIDR))
+        api.create_node(fake_node("kwok-sandbox-1", {NODEGROUP_LABEL: NODEGROUP}, [
             client.V1Taint(key=NODEGROUP_TAINT, value=NODEGROUP, effect="NoSchedule")]))
-        _wait_nodes_ready(api, {"kwok-general", "kwok-sandbox-1"}, cp)
+        wait_nodes_ready(api, {"kwok-general", "kwok-sandbox-1"}, cp)
         # The RuntimeClass admission plugin refuses pods naming one that doesn't exist.
         client.NodeV1Api(api.api_client).create_runtime_class(
             client.V1RuntimeClass(metadata=client.V1ObjectMeta(name=RUNTIME_CLASS), handler="runsc"))

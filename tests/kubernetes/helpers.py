@@ -11,9 +11,13 @@ from typing import Any, TypeVar
 
 from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 from orchestrator_service.model import Container, ContainerSpec, Event, Port, Resources, State
+from sandhub import internal_auth
 from sandhub.config import KubernetesBackendConfig, KubernetesPlacement, KubernetesToleration
+from tests.conftest import ORCHESTRATOR_TOKEN
 from tests.kubernetes.control_plane import NODEGROUP, NODEGROUP_LABEL, NODEGROUP_TAINT, RUNTIME_CLASS
 
+AGENT_KEY = internal_auth.agent_key(ORCHESTRATOR_TOKEN)
+"""What the Orchestrator derives from its token (tests/conftest's): pods' agent credentials."""
 PLACEMENTS = {
     "default": KubernetesPlacement(),
     "fargate": KubernetesPlacement(labels={"compute": "fargate"}),

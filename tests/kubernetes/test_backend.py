@@ -19,14 +19,14 @@ from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 from orchestrator_service.model import State
 from sandhub.errors import BackendError, BackendUnavailable, InvalidField
 from tests.kubernetes.control_plane import NODEGROUP, NODEGROUP_LABEL, NODEGROUP_TAINT, RUNTIME_CLASS, ControlPlane
-from tests.kubernetes.helpers import Recorder, k8s_config, make_spec, state_is, wait_for
+from tests.kubernetes.helpers import AGENT_KEY, Recorder, k8s_config, make_spec, state_is, wait_for
 
 pytestmark = pytest.mark.kubernetes
 
 
 @pytest.fixture
 async def backend(control_plane: ControlPlane, namespace: str) -> AsyncIterator[KubernetesBackend]:
-    b = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace), notify=Recorder())
+    b = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace), notify=Recorder(), agent_key=AGENT_KEY)
     await b.start()
     yield b
     await b.close()
@@ -54,7 +54,7 @@ async def test_default_placement_runs_hardened_with_its_policy(
     assert running.ready_time is not None and running.ready_time > running.create_time
     pod = stored_pod(kube, namespace, c.id)
     assert pod.spec.node_name == "kwok-general"  # the node group's taint keeps it off kwok-sandbox-1
-    assert running.ip_address == pod.status.pod_ip and running.ip_address.startswith("10.244.")
+    assert running.ip_address == pod.status.pod_ip and running.ip_address.startswith("127.244.")
     assert running.endpoints[0].address == f"{pod.status.pod_ip}:8000"
     sc = pod.spec.containers[0].security_context
     assert (sc.run_as_non_root, sc.allow_privilege_escalation, sc.capabilities.drop, sc.seccomp_profile.type,
@@ -63,13 +63,43 @@ async def test_default_placement_runs_hardened_with_its_policy(
     assert pod.spec.node_selector is None and pod.spec.runtime_class_name is None
     net = client.NetworkingV1Api(kube)
     baseline = net.read_namespaced_network_policy(o.BASELINE_POLICY, namespace)
-    assert baseline.spec.policy_types == ["Ingress", "Egress"] and not baseline.spec.ingress
+    assert baseline.spec.policy_types == ["Ingress", "Egress"] and not baseline.spec.egress
+    # The baseline's one opening: the Hub's pods to the agent port (stored as sent).
+    [agent_rule] = baseline.spec.ingress
+    assert [(p.port, p.protocol) for p in agent_rule.ports] == [(49983, "TCP")]
+    assert [f.pod_selector.match_labels for f in agent_rule._from] == [{"app.kubernetes.io/name": "sandhub-hub"}]
     own = net.read_namespaced_network_policy(c.id, namespace)
     assert own.metadata.owner_references[0].uid == pod.metadata.uid
     assert [(p.port, p.protocol) for p in own.spec.ingress[0].ports] == [(8000, "TCP")]
     assert own.spec.ingress[0]._from[0].pod_selector.match_labels == {"app.kubernetes.io/name": "sandhub-hub"}
     assert not own.spec.egress  # egress stays denied for the default placement
     assert recorder(backend).states(c.id)[-1] is State.RUNNING  # told by the watch, not by polling
+
+
+async def test_an_outdated_baseline_policy_is_brought_up_to_date(
+        control_plane: ControlPlane, namespace: str, kube: client.ApiClient) -> None:
+    """An installation from before the agent (its baseline admits nothing), or
+    one whose agent port changed: the next start makes the baseline admit the
+    Hub to the agent port, and nothing else."""
+    net = client.NetworkingV1Api(kube)
+    old = o.make_baseline_policy(k8s_config(control_plane.kubeconfig, namespace))
+    old.spec.ingress = None
+    net.create_namespaced_network_policy(namespace, old)
+    for port in (49983, 40000):
+        b = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace, agent_port=port), notify=Recorder(),
+                              agent_key=AGENT_KEY)
+        await b.start()
+        await b.close()
+        stored = net.read_namespaced_network_policy(o.BASELINE_POLICY, namespace)
+        assert [[(p.port, p.protocol) for p in rule.ports] for rule in stored.spec.ingress] == [[(port, "TCP")]]
+        assert stored.spec.ingress[0]._from[0].pod_selector.match_labels == {"app.kubernetes.io/name": "sandhub-hub"}
+    same = net.read_namespaced_network_policy(o.BASELINE_POLICY, namespace).metadata.resource_version
+    b = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace, agent_port=40000), notify=Recorder(),
+                          agent_key=AGENT_KEY)
+    await b.start()
+    await b.close()
+    assert net.read_namespaced_network_policy(o.BASELINE_POLICY, namespace).metadata.resource_version == same, \
+        "an up-to-date baseline is left alone"
 
 
 async def test_ec2_node_group_placement(backend: KubernetesBackend, kube: client.ApiClient, namespace: str) -> None:
@@ -118,7 +148,7 @@ async def test_delete_goes_terminating_then_terminated(
 
 async def test_restart_adopts_everything(control_plane: ControlPlane, namespace: str) -> None:
     config = k8s_config(control_plane.kubeconfig, namespace)
-    first = KubernetesBackend(config, notify=Recorder())
+    first = KubernetesBackend(config, notify=Recorder(), agent_key=AGENT_KEY)
     await first.start()
     a = await first.create(spec=make_spec(tenant="Tenant One!", labels={"app": "a"}, request_id="r-1"),
                            container_id="cnt-adopt0000001")
@@ -128,7 +158,7 @@ async def test_restart_adopts_everything(control_plane: ControlPlane, namespace:
     before_b = await wait_for(first, b.id, state_is(State.FAILED))
     await first.close()
 
-    second = KubernetesBackend(config, notify=Recorder())
+    second = KubernetesBackend(config, notify=Recorder(), agent_key=AGENT_KEY)
     await second.start()
     try:
         assert {c.id: c for c in await second.list()} == {a.id: before_a, b.id: before_b}
@@ -221,7 +251,7 @@ def count_writes(b: KubernetesBackend) -> dict[str, int]:
 async def test_two_orchestrators_delete_once(control_plane: ControlPlane, namespace: str,
                                              kube: client.ApiClient) -> None:
     config = k8s_config(control_plane.kubeconfig, namespace)
-    one, two = KubernetesBackend(config, notify=Recorder()), KubernetesBackend(config, notify=Recorder())
+    one, two = KubernetesBackend(config, notify=Recorder(), agent_key=AGENT_KEY), KubernetesBackend(config, notify=Recorder(), agent_key=AGENT_KEY)
     await one.start()
     await two.start()
     try:
@@ -259,7 +289,7 @@ async def test_unreachable_api_server_is_unavailable(tmp_path: Path, control_pla
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(control_plane.kubeconfig.read_text().replace(
         f"127.0.0.1:{control_plane.api_port}", f"127.0.0.1:{free_port()}"))
-    b = KubernetesBackend(k8s_config(kubeconfig, "nowhere", retries=2, request_timeout_s=1), notify=Recorder())
+    b = KubernetesBackend(k8s_config(kubeconfig, "nowhere", retries=2, request_timeout_s=1), notify=Recorder(), agent_key=AGENT_KEY)
     with pytest.raises(BackendUnavailable):
         await b.start()
     await b.close()

@@ -18,6 +18,9 @@ import pytest
 import yaml
 from kubernetes import client, utils
 
+from orchestrator_service.backends import cluster_agent
+from sandhub.config import load_kubernetes
+
 pytestmark = pytest.mark.kubernetes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +31,7 @@ HUB_FILES = {"exec_driver.py", "exec_ws.py", "exec_process.py"}
 
 ORCHESTRATOR_GRANTS = {
     ("", "pods", ""): {"create", "get", "list", "watch", "patch", "delete"},
-    ("networking.k8s.io", "networkpolicies", ""): {"create", "delete"},
+    ("networking.k8s.io", "networkpolicies", ""): {"create", "get", "update", "delete"},
 }
 HUB_GRANTS = {
     ("", "pods", ""): {"get"},
@@ -107,6 +110,18 @@ def test_deployments_use_the_config_loaders_variables() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert d["spec"]["template"]["metadata"]["labels"].items() >= d["spec"]["selector"]["matchLabels"].items()
+
+
+def test_the_agent_image_holds_only_the_binary_where_init_containers_run_it() -> None:
+    lines = [line for line in (REPO / "deploy" / "agent.Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == ["FROM scratch", f"COPY sandhub-agent {cluster_agent.AGENT_IN_IMAGE}",
+                     f'ENTRYPOINT ["{cluster_agent.AGENT_IN_IMAGE}"]']
+    [orchestrator] = [d for d in manifests() if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "sandhub-orchestrator"]
+    env = {e["name"]: e.get("value") for e in orchestrator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = load_kubernetes(env)
+    assert config.agent_image == "sandhub-agent:latest" and config.agent_port == 49983
 
 
 def test_both_deployments_share_the_orchestrator_token_and_only_the_hub_reaches_it() -> None:

@@ -19,7 +19,7 @@ from orchestrator_service.backends.kubernetes.exec_driver import KubernetesExecD
 from orchestrator_service.model import State
 from sandhub.errors import ContainerNotFound, ContainerNotRunning, InvalidField, ProcessNotFound
 from tests.kubernetes.control_plane import ControlPlane
-from tests.kubernetes.helpers import Recorder, eventually, k8s_config, make_spec, state_is, wait_for
+from tests.kubernetes.helpers import AGENT_KEY, Recorder, eventually, k8s_config, make_spec, state_is, wait_for
 
 pytestmark = pytest.mark.kubernetes
 CID = "cnt-exec00000001"
@@ -28,7 +28,7 @@ CID = "cnt-exec00000001"
 @pytest.fixture
 async def driver(control_plane: ControlPlane, namespace: str) -> AsyncIterator[KubernetesExecDriver]:
     config = k8s_config(control_plane.kubeconfig, namespace)
-    backend = KubernetesBackend(config, notify=Recorder())
+    backend = KubernetesBackend(config, notify=Recorder(), agent_key=AGENT_KEY)
     await backend.start()
     await backend.create(spec=make_spec(), container_id=CID)
     await wait_for(backend, CID, state_is(State.RUNNING))
@@ -166,7 +166,7 @@ async def test_background_signal_and_bounded_output(driver: KubernetesExecDriver
 
 async def test_not_running_container(driver: KubernetesExecDriver, control_plane: ControlPlane,
                                      namespace: str) -> None:
-    backend = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace), notify=Recorder())
+    backend = KubernetesBackend(k8s_config(control_plane.kubeconfig, namespace), notify=Recorder(), agent_key=AGENT_KEY)
     await backend.start()
     try:
         c = await backend.create(spec=make_spec(image="sandhub-test.invalid/no-such-image:1"),

@@ -32,7 +32,8 @@ async def hub(control_plane: ControlPlane, namespace: str) -> AsyncIterator[grpc
     config = orchestrator_config(control_plane, namespace)
     orch = await start_orchestrator(replace(config, reap_interval_s=5.0))
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
-                                    kubernetes=config.kubernetes, orchestrator_token=config.token))
+                                    kubernetes=config.kubernetes, orchestrator_token=config.token),
+                        exec_via_agent=False)  # the pods/exec path, until it is removed
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     yield channel
     await channel.close()

@@ -54,3 +54,13 @@ def test_bad_placements_name_the_variable(raw: str, words: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_kubernetes({"SANDHUB_K8S_PLACEMENTS": raw})
     assert "SANDHUB_K8S_PLACEMENTS" in str(e.value) and words in str(e.value)
+
+
+def test_the_agent_image_and_port() -> None:
+    assert (load_kubernetes({}).agent_image, load_kubernetes({}).agent_port) == ("sandhub/sandhub-agent:latest", 49983)
+    c = load_kubernetes({"SANDHUB_K8S_AGENT_IMAGE": "registry/agent:1", "SANDHUB_K8S_AGENT_PORT": "7000"})
+    assert (c.agent_image, c.agent_port) == ("registry/agent:1", 7000)
+    for bad in ("0", "65536", "x"):
+        with pytest.raises(ConfigError) as e:
+            load_kubernetes({"SANDHUB_K8S_AGENT_PORT": bad})
+        assert "SANDHUB_K8S_AGENT_PORT" in str(e.value)

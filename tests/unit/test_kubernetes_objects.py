@@ -13,11 +13,14 @@ from kubernetes import client
 from orchestrator_service.backends.kubernetes import objects as o
 from orchestrator_service.backends.kubernetes.slug import is_safe, slug
 from orchestrator_service.model import ContainerSpec, Port, Resources
+from sandhub import internal_auth
 from sandhub.config import KubernetesBackendConfig, KubernetesPlacement, KubernetesToleration
 from sandhub.errors import InvalidField
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
 CID = "cnt-abcdefghijkl"
+AGENT_KEY = internal_auth.agent_key("unit-test-orchestrator-token-0123456789")
+TOKEN = internal_auth.agent_token(AGENT_KEY, CID)
 CONFIG = KubernetesBackendConfig(namespace="sbx", placements={
     "default": KubernetesPlacement(),
     "fargate": KubernetesPlacement(labels={"compute": "fargate"}),
@@ -45,7 +48,8 @@ def as_dict(obj: object) -> Any:
 
 
 def test_pod_for_an_ec2_node_group() -> None:
-    pod = o.make_pod(spec(), container_id=CID, config=CONFIG, create_time=T0, expire_time=T0 + timedelta(hours=1))
+    pod = o.make_pod(spec(), container_id=CID, config=CONFIG, create_time=T0, expire_time=T0 + timedelta(hours=1),
+                     agent_key=AGENT_KEY)
     assert as_dict(pod) == {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -84,15 +88,32 @@ def test_pod_for_an_ec2_node_group() -> None:
             "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "volumes": [{"name": "work", "emptyDir": {"sizeLimit": "1024Mi"}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "1024Mi"}}],
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "1024Mi"}},
+                        {"name": "sandhub-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "32Mi"}},
+                        {"name": "sandhub-agent-state", "emptyDir": {"sizeLimit": "1024Mi"}}],
+            "initContainers": [{
+                "name": "sandhub-agent-install",
+                "image": "sandhub/sandhub-agent:latest",
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["/sandhub-agent", "install", "/sandhub/sandhub-agent"],
+                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"},
+                              "limits": {"cpu": "500m", "memory": "64Mi"}},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [{"name": "sandhub-agent", "mountPath": "/sandhub"}],
+            }],
             "containers": [{
                 "name": "main",
                 "image": "python:3.12-slim",
                 "imagePullPolicy": "IfNotPresent",
-                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"],
+                "command": ["/sandhub/sandhub-agent", "--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub",
+                            "--container-id", CID],
                 "workingDir": "/work",
                 "env": [{"name": "HOME", "value": "/work"}, {"name": "DEBUG", "value": "1"},
-                        {"name": "SANDHUB_CONTAINER_ID", "value": CID}],
+                        {"name": "SANDHUB_CONTAINER_ID", "value": CID}, {"name": "SANDHUB_AGENT_TOKEN", "value": TOKEN}],
                 "ports": [{"containerPort": 8000, "name": "http", "protocol": "TCP"}],
                 "resources": {"requests": {"cpu": "500m", "memory": "256Mi"},
                               "limits": {"cpu": "500m", "memory": "256Mi", "ephemeral-storage": "1024Mi"}},
@@ -101,7 +122,11 @@ def test_pod_for_an_ec2_node_group() -> None:
                     "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                     "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
                 },
-                "volumeMounts": [{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}],
+                "readinessProbe": {"tcpSocket": {"port": 49983}, "periodSeconds": 1, "timeoutSeconds": 1,
+                                   "failureThreshold": 3},
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "sandhub-agent", "mountPath": "/sandhub", "readOnly": True},
+                                 {"name": "sandhub-agent-state", "mountPath": "/run/sandhub"}],
             }],
         },
     }
@@ -109,7 +134,7 @@ def test_pod_for_an_ec2_node_group() -> None:
 
 def test_fargate_profile_is_chosen_by_labels_only() -> None:
     pod = as_dict(o.make_pod(spec(placement="fargate", env={"HOME": "/home/me"}, ports=()), container_id=CID,
-                             config=CONFIG, create_time=T0, expire_time=T0))
+                             config=CONFIG, create_time=T0, expire_time=T0, agent_key=AGENT_KEY))
     assert pod["metadata"]["labels"]["compute"] == "fargate"
     assert "nodeSelector" not in pod["spec"] and "tolerations" not in pod["spec"]
     assert "runtimeClassName" not in pod["spec"]
@@ -122,7 +147,7 @@ def test_fargate_profile_is_chosen_by_labels_only() -> None:
 def test_labels_that_would_move_or_hide_the_pod_are_refused(key: str) -> None:
     with pytest.raises(InvalidField) as e:
         o.make_pod(spec(placement="fargate", labels={key: "x"}), container_id=CID, config=CONFIG,
-                   create_time=T0, expire_time=T0)
+                   create_time=T0, expire_time=T0, agent_key=AGENT_KEY)
     assert e.value.field == f"labels[{key}]"
 
 
@@ -160,7 +185,43 @@ def test_default_placement_without_ports_needs_only_the_baseline() -> None:
     assert as_dict(o.make_baseline_policy(CONFIG))["spec"] == {
         "podSelector": {"matchExpressions": [{"key": "sandhub.dev/container-id", "operator": "Exists"}]},
         "policyTypes": ["Ingress", "Egress"],
+        # Only the Hub's pods, only the agent port; no egress at all.
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sandhub-hub"}}}],
+                     "ports": [{"port": 49983, "protocol": "TCP"}]}],
     }
+
+
+def test_baseline_admits_the_hub_of_another_namespace_on_the_configured_agent_port() -> None:
+    config = KubernetesBackendConfig(namespace="sbx", hub_namespace="sandhub-system", agent_port=4000,
+                                     hub_labels={"app": "hub"})
+    assert as_dict(o.make_baseline_policy(config))["spec"]["ingress"] == [{
+        "from": [{"podSelector": {"matchLabels": {"app": "hub"}},
+                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "sandhub-system"}}}],
+        "ports": [{"port": 4000, "protocol": "TCP"}]}]
+    # A container's own policy never opens the agent port (the baseline alone does, to the Hub alone).
+    own = as_dict(o.make_network_policy(spec(placement="default"), container_id=CID, config=config, owner_uid="u"))
+    assert [p["port"] for rule in own["spec"]["ingress"] for p in rule["ports"]] == [8000]
+
+
+def test_each_pod_carries_its_own_agent_credential_and_callers_cannot_set_it() -> None:
+    other = "cnt-zzzzzzzzzzzz"
+    pods = [as_dict(o.make_pod(spec(env={"SANDHUB_AGENT_TOKEN": "chosen", "SANDHUB_CONTAINER_ID": "x"}),
+                               container_id=cid, config=CONFIG, create_time=T0, expire_time=T0, agent_key=AGENT_KEY))
+            for cid in (CID, other)]
+    for cid, pod in zip((CID, other), pods):
+        env = pod["spec"]["containers"][0]["env"]
+        assert [e["name"] for e in env].count("SANDHUB_AGENT_TOKEN") == 1
+        assert {e["name"]: e["value"] for e in env}["SANDHUB_AGENT_TOKEN"] == internal_auth.agent_token(AGENT_KEY, cid)
+        assert {e["name"]: e["value"] for e in env}["SANDHUB_CONTAINER_ID"] == cid
+        assert pod["spec"]["containers"][0]["command"][-2:] == ["--container-id", cid]
+    assert pods[0]["spec"]["containers"][0]["env"] != pods[1]["spec"]["containers"][0]["env"]
+
+
+def test_a_port_that_is_the_agents_is_refused() -> None:
+    with pytest.raises(InvalidField) as e:
+        o.make_pod(spec(ports=(Port(8000), Port(49983))), container_id=CID, config=CONFIG, create_time=T0,
+                   expire_time=T0, agent_key=AGENT_KEY)
+    assert e.value.field == "ports[1].port"
 
 
 def test_patches() -> None:

@@ -12,13 +12,14 @@ from kubernetes import client
 from orchestrator_service.backends.kubernetes import objects as o
 from orchestrator_service.backends.kubernetes.status import classify, read_container
 from orchestrator_service.model import Endpoint, Port, State
-from tests.unit.test_kubernetes_objects import CID, CONFIG, T0, spec
+from tests.unit.test_kubernetes_objects import AGENT_KEY, CID, CONFIG, T0, spec
 
 NOW = T0 + timedelta(seconds=30)
 
 
 def pod(status: client.V1PodStatus | None = None, deleting: bool = False) -> client.V1Pod:
-    p = o.make_pod(spec(), container_id=CID, config=CONFIG, create_time=T0, expire_time=T0 + timedelta(hours=1))
+    p = o.make_pod(spec(), container_id=CID, config=CONFIG, create_time=T0, expire_time=T0 + timedelta(hours=1),
+                   agent_key=AGENT_KEY)
     p.status = status or client.V1PodStatus(phase="Pending")
     p.metadata.resource_version = "7"
     if deleting:
@@ -107,3 +108,37 @@ def test_failed_end_time_comes_from_the_pod_not_the_clock() -> None:
     first = read_container(p, backend="kubernetes", now=NOW).end_time
     later = read_container(p, backend="kubernetes", now=NOW + timedelta(hours=1)).end_time
     assert first == later is not None
+
+
+def agent_install(state: client.V1ContainerState) -> client.V1PodStatus:
+    return client.V1PodStatus(phase="Pending", init_container_statuses=[client.V1ContainerStatus(
+        name="sandhub-agent-install", image="agent", image_id="", ready=False, restart_count=0, state=state)])
+
+
+def test_an_agent_image_that_cannot_be_pulled_fails_the_container() -> None:
+    got = classify(pod(agent_install(client.V1ContainerState(waiting=client.V1ContainerStateWaiting(
+        reason="ImagePullBackOff", message='Back-off pulling image "agent"')))), now=NOW)
+    assert (got.state, got.reason) == (State.FAILED, "ImagePullBackOff")
+    assert got.message == 'the exec agent\'s image: Back-off pulling image "agent"'
+
+
+def test_a_failed_agent_install_fails_the_container_with_its_exit_code() -> None:
+    status = agent_install(client.V1ContainerState(terminated=client.V1ContainerStateTerminated(
+        exit_code=2, reason="Error", finished_at=NOW)))
+    status.phase = "Failed"
+    got = classify(pod(status), now=NOW)
+    assert (got.state, got.reason) == (State.FAILED, "AgentInstallFailed")
+    assert got.message == "installing the exec agent failed with exit code 2: Error"
+
+
+def test_a_running_pod_with_a_completed_agent_install_is_running() -> None:
+    status = running()
+    status.init_container_statuses = agent_install(client.V1ContainerState(
+        terminated=client.V1ContainerStateTerminated(exit_code=0, reason="Completed", finished_at=T0))
+    ).init_container_statuses
+    assert classify(pod(status), now=NOW).state is State.RUNNING
+
+
+def test_the_agent_token_is_not_the_callers_env() -> None:
+    c = read_container(pod(running()), backend="kubernetes", now=NOW)
+    assert "SANDHUB_AGENT_TOKEN" not in c.env and "SANDHUB_CONTAINER_ID" not in c.env

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator_service.backends.local.images import Entry, Image, Images
-from orchestrator_service.backends.local.sandbox import SandboxSpec, args_memfd, bwrap_argv, launcher_env
+from orchestrator_service.backends.local.sandbox import (AGENT, AgentFds, SandboxSpec, args_memfd, bwrap_argv,
+                                                        launcher_env)
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.model import Container, Endpoint, Port, Resources, State
 from sandhub.errors import UnknownImage
@@ -15,7 +16,8 @@ IMAGE = Image("img", Path("/images/img"), (Entry("usr", "dir"), Entry("bin", "sy
 
 
 def spec(**kw: object) -> SandboxSpec:
-    base = dict(container_id="cnt-aaaaaaaaaaaa", image=IMAGE, env={"A": "1"}, disk_mib=64, busybox="/bin/busybox")
+    base = dict(container_id="cnt-aaaaaaaaaaaa", image=IMAGE, env={"A": "1"}, disk_mib=64, busybox="/bin/busybox",
+                agent="/tools/sandhub-agent", agent_token="t" * 64, open_files=1024)
     base.update(kw)
     return SandboxSpec(**base)  # type: ignore[arg-type]
 
@@ -24,9 +26,12 @@ def pairs(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
+FDS = AgentFds(listen=3, token=4, env=5, ready=8)
+
+
 def test_argv_isolates_and_binds_read_only() -> None:
-    argv = bwrap_argv(spec(), info_fd=7, ready_fd=8)
-    for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session"):
+    argv = bwrap_argv(spec(), info_fd=7, agent=FDS)
+    for flag in ("--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--new-session"):
         assert flag in argv
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
     assert "--bind" not in argv  # nothing of the host is writable
@@ -34,11 +39,17 @@ def test_argv_isolates_and_binds_read_only() -> None:
     assert argv[argv.index("--symlink") + 1 : argv.index("--symlink") + 3] == ["usr/bin", "/bin"]
     assert argv[argv.index("--remount-ro") + 1] == "/"
     assert argv[argv.index("--info-fd") + 1] == "7"
-    assert "printf R >&8" in argv[-1]
     # disk cap split between /work and /tmp
     assert pairs(argv, "--size") == [str(32 * 1024 * 1024)] * 2
-    env = dict(zip(pairs(argv, "--setenv"), argv[argv.index("--setenv") + 2 :: 3]))
-    assert "--clearenv" in argv and "SANDHUB_CONTAINER_ID" in pairs(argv, "--setenv") and "A" in env
+    # The agent, bound read-only, is pid 1; its own environment is the container id
+    # alone (the container's env goes through --env-fd), and no secret or host
+    # path is on its command line.
+    assert ["/tools/sandhub-agent", AGENT] == argv[argv.index("/tools/sandhub-agent"):][:2]
+    assert "--clearenv" in argv and pairs(argv, "--setenv") == ["SANDHUB_CONTAINER_ID"]
+    command = argv[argv.index("--") + 1:]
+    assert command == [AGENT, "--listen", "fd:3", "--token-fd", "4", "--env-fd", "5", "--ready-fd", "8",
+                       "--container-id", "cnt-aaaaaaaaaaaa", "--workdir", "/work", "--state-dir", "/tmp/.sandhub",
+                       "--open-files", "1024"]
 
 
 def test_args_memfd_holds_the_arguments_sealed() -> None:
@@ -61,9 +72,9 @@ def test_launcher_env_is_the_container_id_alone() -> None:
     assert launcher_env("cnt-aaaaaaaaaaaa") == {"SANDHUB_CONTAINER_ID": "cnt-aaaaaaaaaaaa"}
 
 
-def test_argv_without_busybox_uses_image_shell() -> None:
-    argv = bwrap_argv(spec(busybox=""), info_fd=3, ready_fd=4)
-    assert argv[argv.index("--") + 1] == "/bin/sh"
+def test_argv_without_busybox_binds_none() -> None:
+    argv = bwrap_argv(spec(busybox=""), info_fd=3, agent=FDS)
+    assert argv[argv.index("--") + 1] == AGENT
     assert "/.sandhub/busybox" not in argv
 
 
@@ -142,3 +153,25 @@ def test_favordynmods_is_left_alone_without_the_hierarchys_options(tmp_path: Pat
     assert cgroups.favordynmods_state() == (False, None)
     assert cgroups.favor_dynmods(enable=True, scratch=tmp_path / "mnt").startswith("off: no cgroup2 mount")
     assert not (tmp_path / "mnt").exists()
+
+
+def test_find_agent_takes_the_configured_one_else_the_newest_build(tmp_path: Path) -> None:
+    import os
+
+    from orchestrator_service.backends.local.agent_binary import find_agent
+    from sandhub.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="make agent"):
+        find_agent("", cache=tmp_path)
+    with pytest.raises(BackendUnavailable, match="make agent"):
+        find_agent(str(tmp_path / "missing"), cache=tmp_path)
+    builds = []
+    for i, name in enumerate(("sandhub-agent-aaaa", "sandhub-agent-bbbb")):
+        (tmp_path / name).mkdir()
+        p = tmp_path / name / "sandhub-agent"
+        p.write_bytes(b"\x7fELF")
+        p.chmod(0o755)
+        os.utime(p, (1000 + i, 1000 + i))
+        builds.append(p)
+    assert find_agent("", cache=tmp_path) == str(builds[1])
+    assert find_agent(str(builds[0]), cache=tmp_path) == str(builds[0])

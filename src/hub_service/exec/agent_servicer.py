@@ -16,6 +16,7 @@ from typing import Any, cast
 from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
 from hub_service.exec.agent_errors import agent_unavailable
+from hub_service.exec.keepalives import with_keepalives
 from hub_service.exec.relay import AgentRelay
 from sandhub import rpc
 from sandhub.budget import TenantBudget
@@ -150,9 +151,10 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
             agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
             timeout = _seconds(first.start.timeout, default=self._limits.max_exec_timeout_s,
                                maximum=self._limits.max_exec_timeout_s)
-            async for response in self._relay.bidi_stream(
-                    "Exec", first, request_iterator, agent=agent,
-                    timeout_s=self._deadline(context, timeout + GRACE_S)):
+            responses = self._relay.bidi_stream(
+                "Exec", first, request_iterator, agent=agent, timeout_s=self._deadline(context, timeout + GRACE_S))
+            async for response in with_keepalives(responses, interval_s=self._limits.keepalive_s,
+                                                  keepalive=lambda: pb.ExecResponse(keepalive=pb.Keepalive())):
                 yield response
 
     async def _process_call(self, method: str, request: Any, context: rpc.Ctx) -> Any:
@@ -182,7 +184,9 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
         tenant = self._auth.tenant(context)
         with self._slots.hold(tenant):
             agent = await self._relay.find(request.container_id, tenant=tenant)
-            async for response in self._relay.server_stream(
-                    "AttachProcess", request, agent=agent,
-                    timeout_s=self._deadline(context, self._limits.max_exec_timeout_s)):
+            responses = self._relay.server_stream(
+                "AttachProcess", request, agent=agent, timeout_s=self._deadline(context, self._limits.max_exec_timeout_s))
+            async for response in with_keepalives(
+                    responses, interval_s=self._limits.keepalive_s,
+                    keepalive=lambda: pb.AttachProcessResponse(keepalive=pb.Keepalive())):
                 yield response

@@ -67,7 +67,7 @@ class AgentRelay:
             pairs.append((rpc.REQUEST_ID_KEY, info.request_id))
         return tuple(pairs)
 
-    async def _failure(self, agent: Agent, e: grpc.aio.AioRpcError | None, what: str) -> SandhubError:
+    async def _failure(self, agent: Agent, e: grpc.aio.AioRpcError | None, what: str) -> Exception:
         """The caller's error when a call to ``agent`` went wrong: its own
         status if it proved itself and the status means something to the
         caller; else the Orchestrator's word on the container if that changed
@@ -82,11 +82,13 @@ class AgentRelay:
             await self._directory.recheck(agent)
         except SandhubError as err:
             return err
-        except grpc.aio.AioRpcError as err:  # the Orchestrator's own error, passed on as for containers
+        except grpc.aio.AioRpcError as err:
+            if rpc.error_reason(err):  # the Orchestrator's word (NOT_FOUND, NOT_RUNNING): passed on as for containers
+                return err
             return agent_unavailable(agent.container_id, f"is unreachable and the orchestrator said {err.code().name}")
         return agent_unavailable(agent.container_id, what)
 
-    async def _error(self, agent: Agent, nonce: str, e: grpc.aio.AioRpcError) -> SandhubError:
+    async def _error(self, agent: Agent, nonce: str, e: grpc.aio.AioRpcError) -> Exception:
         """An error status counts only from an agent that proved itself."""
         if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) and not e.initial_metadata():
             return await self._failure(agent, e, "did not answer in time")  # raised here, not by the agent
@@ -206,7 +208,13 @@ class AgentRelay:
 
 
 async def _send(call: Any, request: Any) -> bool:
-    """Writes one request; False when the agent's call already ended."""
+    """Writes one request; False when the agent's call already ended. Never
+    writes to a call known to be over: a write that fails because the agent
+    ended the call meanwhile makes grpc.aio replace the agent's status with
+    INTERNAL (grpc/grpc#36066; the agent reads a refused upload to its end to
+    keep that window closed)."""
+    if call.done():
+        return False
     try:
         await call.write(request)
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from orchestrator_service.backends.base import Backend, Notify
+from sandhub import internal_auth
 from sandhub.config import OrchestratorConfig
 
 
@@ -28,16 +29,20 @@ def load_backend(config: OrchestratorConfig, notify: Notify) -> Backend:
 def _local(config: OrchestratorConfig, notify: Notify) -> Backend:
     from orchestrator_service.backends.local.backend import LocalBackend
 
-    return LocalBackend(config.local, notify=notify)
+    from sandhub.internal_auth import agent_key
+
+    return LocalBackend(config.local, notify=notify, agent_key=agent_key(config.token) if config.token else None)
 
 
 def _kubernetes(config: OrchestratorConfig, notify: Notify) -> Backend:
     from orchestrator_service.backends.kubernetes.backend import KubernetesBackend
 
-    return KubernetesBackend(config.kubernetes, notify=notify, placements=config.placements)
+    return KubernetesBackend(config.kubernetes, notify=notify, placements=config.placements,
+                             agent_key=internal_auth.agent_key(config.token))
 
 
 def _ecs(config: OrchestratorConfig, notify: Notify) -> Backend:
     from orchestrator_service.backends.ecs.backend import EcsBackend
 
-    return EcsBackend(config.ecs, notify=notify, placements=config.placements, limits=config.limits)
+    return EcsBackend(config.ecs, notify=notify, placements=config.placements, limits=config.limits,
+                      agent_key=internal_auth.agent_key(config.token))

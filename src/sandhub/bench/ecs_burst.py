@@ -78,6 +78,7 @@ async def burst(*, count: int, launch_rate: float, launch_burst: int, placement:
     from orchestrator_service.backends.ecs.client import EcsApi
     from orchestrator_service.model import ContainerSpec, Port, Resources, new_container_id
     from sandhub.bench.ecs_moto import CLUSTER, FAKE_CREDENTIALS, REGION, moto_server
+    from sandhub import internal_auth
     from sandhub.config import EcsBackendConfig, EcsPlacement
 
     import boto3
@@ -93,7 +94,9 @@ async def burst(*, count: int, launch_rate: float, launch_burst: int, placement:
             "ecs", region_name=REGION, endpoint_url=aws.endpoint,
             config=botocore.config.Config(retries={"total_max_attempts": 1}, max_pool_connections=64))
         timed = _TimedEcs(client)
-        backend = EcsBackend(config, notify=lambda e: None, placements=("default",), api=EcsApi(config, timed))
+        # Each task gets its own agent credential, as in production (so no batching).
+        backend = EcsBackend(config, notify=lambda e: None, placements=("default",), api=EcsApi(config, timed),
+                             agent_key=internal_auth.agent_key(internal_auth.new_token()))
         await backend.start()
         spec = ContainerSpec(tenant="bench", image="busybox:1.37",
                              resources=Resources(cpu_millicores=250, memory_mib=512, pids=256, disk_mib=1024,

@@ -1,6 +1,7 @@
 """EcsBackend: a container is an ECS task; its tags are the record.
 
-Creates go through the launcher (batched RunTask calls within ECS's rates).
+Creates go through the launcher (RunTask calls within ECS's rates; one task
+per call, since each carries its own agent credential: agent_environment).
 One loop (poller.py) describes every task that is settling, 100 per call,
 and every live task now and then (stops ECS makes itself: Spot
 interruptions, OOM, lost hosts); each change goes to ``notify``. A restart
@@ -22,6 +23,7 @@ from typing import Any
 import botocore.exceptions
 import structlog
 
+from orchestrator_service.backends import cluster_agent as agent
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.client import EcsApi, error_code, new_ecs_client
@@ -47,21 +49,26 @@ ORPHAN_AGE_S = 60.0
 orchestrator stopped between RunTask and TagResource): it is stopped."""
 
 
-def agent_environment(container_id: str) -> dict[str, str]:
-    """Hook: the environment the agent needs (its token, SANDHUB_AGENT_TOKEN,
-    derived per container once the agent lands). Empty until then; what it
-    returns goes into RunTask's overrides. Note: creates share a RunTask call
-    only when their environments are equal, so a per-container value here
-    ends batching (the rates allow it: see launcher.py)."""
-    return {}
+def agent_environment(agent_key: bytes, container_id: str) -> dict[str, str]:
+    """The agent's own credential and container id, in RunTask's overrides.
+    Creates share a RunTask call only when their environments are equal, so
+    this per-container token ends batching: one RunTask call per task. Kept so
+    on purpose (a shared token would open every task's agent to any one
+    task's owner who reads it); the rates allow it: RunTask's 20 calls/s
+    equals Fargate's sustained 20 launches/s, so only the first 100-task
+    burst is slower (see launcher.py and `sandhub bench ecs-burst`)."""
+    return agent.agent_environment(agent_key, container_id)
 
 
 class EcsBackend:
     name = NAME
 
-    def __init__(self, config: EcsBackendConfig, *, notify: Notify, placements: tuple[str, ...] = (),
-                 limits: Limits | None = None, api: EcsApi | None = None) -> None:
+    def __init__(self, config: EcsBackendConfig, *, notify: Notify, agent_key: bytes,
+                 placements: tuple[str, ...] = (), limits: Limits | None = None, api: EcsApi | None = None) -> None:
+        """``agent_key``: internal_auth.agent_key(the Orchestrator token); each
+        task's agent gets its own credential derived from it."""
         self._config = config
+        self._agent_key = agent_key
         self._notify = notify
         self._placements = placements or tuple(config.placements)
         self._limits = limits or Limits()
@@ -163,6 +170,10 @@ class EcsBackend:
             "limits": "cpu and memory (Fargate sizes); pids, disk and open files are the platform's",
         }
 
+    def agent_target(self, container: Container) -> str:
+        """The task ENI's private IP and the agent port."""
+        return agent.tcp_target(container.ip_address, self._config.agent_port, container.id)
+
     def validate_image(self, image: str) -> None:
         if image and (len(image) > MAX_IMAGE or not _IMAGE.match(image) or "//" in image):
             raise UnknownImage(image, f": not an image reference like registry/name:tag of at most {MAX_IMAGE} characters")
@@ -235,9 +246,9 @@ class EcsBackend:
     async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
         placement = self._config.placements[spec.placement]
         t.check_labels(spec.labels)
-        # The container id is in the task's tags, not its environment: a
-        # per-container variable would keep every create out of a shared RunTask call.
-        env = {**spec.env, **agent_environment(container_id)}
+        agent.check_ports(spec.ports, self._config.agent_port)
+        callers = {k: v for k, v in spec.env.items() if k not in agent.AGENT_ENV}
+        env = {**callers, **agent_environment(self._agent_key, container_id)}
         if len(json.dumps(spec.env)) > MAX_ENV_BYTES:
             raise InvalidField("env", f"the ECS backend passes at most {MAX_ENV_BYTES} bytes of environment")
         size = self._size(spec, placement)

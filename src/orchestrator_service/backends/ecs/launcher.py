@@ -9,6 +9,11 @@ right after with TagResource. Before each call the launcher reserves one
 RunTask token and one Fargate launch token per task (limiter.py), so a burst
 of 1,000 creates is spread over Fargate's 100-then-20-a-second instead of
 being throttled.
+
+Today no two creates share a call: each task's environment holds its own
+agent credential (backend.agent_environment), so a batch is one task with
+all its tags on the call, and no TagResource follows. Batching is kept for
+creates that would share everything (it costs nothing when they don't).
 """
 
 from __future__ import annotations

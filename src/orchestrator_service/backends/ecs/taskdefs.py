@@ -19,6 +19,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from orchestrator_service.backends import cluster_agent as agent
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.client import EcsApi, error_code
 from orchestrator_service.model import Port
@@ -29,13 +30,13 @@ MAIN = "main"
 AGENT_INIT = "sandhub-agent-init"
 """The non-essential init container that copies the agent into the task volume."""
 AGENT_VOLUME = "sandhub-agent"
-AGENT_DIR = "/sandhub"
-AGENT_PATH = AGENT_DIR + "/sandhub-agent"
-AGENT_IN_IMAGE = "/sandhub-agent"
-"""Where the agent image keeps the static binary."""
-AGENT_INSTALL = [AGENT_IN_IMAGE, "install", AGENT_PATH]
-"""The init container's command: the agent copies itself into the task
-volume (its image need hold nothing else, not even a shell)."""
+STATE_VOLUME = "sandhub-agent-state"
+"""The agent's state directory (background processes' rings), on the task's ephemeral storage."""
+WORK_VOLUME = "sandhub-work"
+WORK_DIR = "/work"
+"""The agent's default cwd and base of relative paths (most images have no /work)."""
+AGENT_DIR = agent.AGENT_DIR
+AGENT_PATH = agent.AGENT_PATH
 INIT_MEMORY_MIB = 32
 """Memory the init container may use (a copy of one file); the main
 container gets the rest of the task."""
@@ -61,10 +62,14 @@ def make_task_definition(shape: TaskShape, config: EcsBackendConfig) -> dict[str
         "essential": True,
         # The agent is pid 1 of the main container: it starts and supervises
         # everything that runs there (exec, files, background processes).
+        # The container id and token come per task in RunTask's environment
+        # overrides (SANDHUB_CONTAINER_ID, SANDHUB_AGENT_TOKEN): this definition is shared.
         "entryPoint": [AGENT_PATH],
-        "command": ["--listen", f"tcp:0.0.0.0:{config.agent_port}"],
+        "command": agent.listen_arguments(config.agent_port),
         "dependsOn": [{"containerName": AGENT_INIT, "condition": "COMPLETE"}],
-        "mountPoints": [{"sourceVolume": AGENT_VOLUME, "containerPath": AGENT_DIR, "readOnly": True}],
+        "mountPoints": [{"sourceVolume": AGENT_VOLUME, "containerPath": AGENT_DIR, "readOnly": True},
+                        {"sourceVolume": STATE_VOLUME, "containerPath": agent.STATE_DIR, "readOnly": False},
+                        {"sourceVolume": WORK_VOLUME, "containerPath": WORK_DIR, "readOnly": False}],
         "portMappings": [{"containerPort": config.agent_port, "protocol": "tcp"}] + [
             {"containerPort": p.port, "protocol": p.protocol.lower()} for p in shape.ports
             if p.port != config.agent_port],
@@ -78,8 +83,15 @@ def make_task_definition(shape: TaskShape, config: EcsBackendConfig) -> dict[str
         "name": AGENT_INIT,
         "image": config.agent_image,
         "essential": False,
-        "command": AGENT_INSTALL,
-        "mountPoints": [{"sourceVolume": AGENT_VOLUME, "containerPath": AGENT_DIR, "readOnly": False}],
+        # The agent copies itself into the task volume (its image holds
+        # nothing else, not even a shell) and, as root, hands the main
+        # container's writable volumes to its user: ECS bind mounts start
+        # root:root 0755, which the main container could not write.
+        "command": agent.install_command(owner=int(config.run_as_user), directories=(agent.STATE_DIR, WORK_DIR)),
+        "user": "0",
+        "mountPoints": [{"sourceVolume": AGENT_VOLUME, "containerPath": AGENT_DIR, "readOnly": False},
+                        {"sourceVolume": STATE_VOLUME, "containerPath": agent.STATE_DIR, "readOnly": False},
+                        {"sourceVolume": WORK_VOLUME, "containerPath": WORK_DIR, "readOnly": False}],
         "memory": INIT_MEMORY_MIB,
     }
     if config.log_group:
@@ -92,7 +104,7 @@ def make_task_definition(shape: TaskShape, config: EcsBackendConfig) -> dict[str
         "requiresCompatibilities": ["FARGATE" if shape.fargate else "EC2"],
         "cpu": str(shape.cpu_units),
         "memory": str(shape.memory_mib),
-        "volumes": [{"name": AGENT_VOLUME}],
+        "volumes": [{"name": AGENT_VOLUME}, {"name": STATE_VOLUME}, {"name": WORK_VOLUME}],
         "containerDefinitions": [init, main],
     }
     if config.execution_role_arn:

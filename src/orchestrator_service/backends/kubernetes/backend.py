@@ -24,6 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from orchestrator_service.backends.base import Notify
+from orchestrator_service.backends.cluster_agent import tcp_target
 from orchestrator_service.backends.kubernetes import objects as o
 from orchestrator_service.backends.kubernetes.api import Api, new_api_client
 from orchestrator_service.backends.kubernetes.status import read_container
@@ -51,8 +52,12 @@ def _rv(pod: client.V1Pod) -> int:
 class KubernetesBackend:
     name = NAME
 
-    def __init__(self, config: KubernetesBackendConfig, *, notify: Notify, placements: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: KubernetesBackendConfig, *, notify: Notify, agent_key: bytes,
+                 placements: tuple[str, ...] = ()) -> None:
+        """``agent_key``: internal_auth.agent_key(the Orchestrator token); each
+        pod's agent gets its own credential derived from it."""
         self._config = config
+        self._agent_key = agent_key
         self._notify = notify
         self._placements = placements or tuple(config.placements)
         self._ns = config.namespace
@@ -98,12 +103,28 @@ class KubernetesBackend:
         log.info("kubernetes.started", **self.status(), containers=len(self._containers))
 
     async def _ensure_baseline_policy(self) -> None:
+        """Creates the baseline, or brings one an older version (or another
+        agent port) left up to date: it is what admits the Hub to the agents."""
+        wanted = o.make_baseline_policy(self._config)
+        net = self.api.networking
         try:
-            await self.api.call("create baseline policy", self.api.networking.create_namespaced_network_policy,
-                                self._ns, o.make_baseline_policy(self._config))
+            await self.api.call("create baseline policy", net.create_namespaced_network_policy, self._ns, wanted)
+            return
         except ApiException as e:
             if e.status != 409:
                 raise BackendError(f"cannot create the baseline NetworkPolicy: {e.status} {e.reason}") from e
+        try:
+            stored = await self.api.call("read baseline policy", net.read_namespaced_network_policy,
+                                         o.BASELINE_POLICY, self._ns)
+            serialize = self.api.client.sanitize_for_serialization
+            if serialize(stored.spec) == serialize(wanted.spec):
+                return
+            wanted.metadata.resource_version = stored.metadata.resource_version
+            await self.api.call("replace baseline policy", net.replace_namespaced_network_policy,
+                                o.BASELINE_POLICY, self._ns, wanted)
+            log.info("kubernetes.baseline_policy_updated", namespace=self._ns)
+        except ApiException as e:
+            raise BackendError(f"cannot update the baseline NetworkPolicy: {e.status} {e.reason}") from e
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -125,14 +146,21 @@ class KubernetesBackend:
             "placements": ", ".join(self._placements),
             "hardening": "runAsNonRoot, no privilege escalation, all capabilities dropped, seccomp RuntimeDefault, "
                          "read-only root, no service-account token",
-            "network": "default-deny NetworkPolicies, ports open to the Hub only" if self._config.network_policies
+            "network": "default-deny NetworkPolicies, the agent and ports open to the Hub only"
+                       if self._config.network_policies
                        else "off (configured): pods reach each other",
             "limits": "cpu, memory, disk (ephemeral storage); pids and open files are the nodes' settings",
+            "exec": f"sandhub-agent in every pod (init container {self._config.agent_image}, "
+                    f"port {self._config.agent_port})",
         }
 
     def validate_image(self, image: str) -> None:
         if image and (len(image) > 512 or not _IMAGE.match(image) or "//" in image):
             raise UnknownImage(image, ": not an image reference like registry/name:tag")
+
+    def agent_target(self, container: Container) -> str:
+        """The pod's IP and the agent port (the pod is Ready only once the agent listens)."""
+        return tcp_target(container.ip_address, self._config.agent_port, container.id)
 
     # -- the view ------------------------------------------------------------------
 
@@ -257,7 +285,7 @@ class KubernetesBackend:
     async def create(self, *, spec: ContainerSpec, container_id: str) -> Container:
         now = utcnow()
         pod = o.make_pod(spec, container_id=container_id, config=self._config, create_time=now,
-                         expire_time=now + timedelta(seconds=spec.ttl_s))
+                         expire_time=now + timedelta(seconds=spec.ttl_s), agent_key=self._agent_key)
         try:
             self._created_here.add(container_id)
             created = await self.api.call("create pod", self.api.core.create_namespaced_pod, self._ns, pod)

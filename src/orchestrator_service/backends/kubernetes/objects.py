@@ -16,6 +16,7 @@ from datetime import datetime
 
 from kubernetes import client
 
+from orchestrator_service.backends import cluster_agent as agent
 from orchestrator_service.backends.kubernetes.slug import slug
 from orchestrator_service.model import Container, ContainerSpec
 from sandhub.config import KubernetesBackendConfig, KubernetesPlacement
@@ -46,13 +47,20 @@ ANN_DELETE_TIME = PREFIX + "delete-time"
 
 CONTAINER_NAME = "main"
 WORK_DIR = "/work"
-ENV_CONTAINER_ID = "SANDHUB_CONTAINER_ID"
+ENV_CONTAINER_ID = agent.CONTAINER_ID_ENV
 BASELINE_POLICY = "sandhub-default-deny"
 
-KEEPALIVE = ("/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done")
-"""The container's long-lived process: commands come later through exec. A
-shell (not `sleep infinity`) so SIGTERM ends it at once and any image with
-/bin/sh works; pid 1 ignores signals it has no handler for."""
+AGENT_INIT = "sandhub-agent-install"
+"""The init container that copies the agent into the pod (the agent image's only job)."""
+AGENT_VOLUME = "sandhub-agent"
+AGENT_STATE_VOLUME = "sandhub-agent-state"
+AGENT_VOLUME_LIMIT = "32Mi"
+"""The agent binary (~11 MB, static) in a memory-backed emptyDir: it must not
+count against the container's disk, and a copy too big fails loudly."""
+AGENT_PROBE_PERIOD_S = 1
+"""How often the kubelet checks that the agent listens. The pod is Ready (the
+container RUNNING) only once it does; a second, so a create doesn't wait a
+default 10 s probe period for its first success."""
 
 
 def container_selector() -> str:
@@ -104,12 +112,43 @@ def pod_annotations(spec: ContainerSpec, *, create_time: datetime, expire_time: 
 
 
 def container_env(spec: ContainerSpec, container_id: str) -> tuple[list[client.V1EnvVar], list[str]]:
-    """HOME defaults to the writable work dir (the root is read-only); the id is
-    always ours. Returns the env and which keys were defaulted (not the caller's)."""
+    """HOME defaults to the writable work dir (the root is read-only); the id and
+    the agent's credential are always ours (a caller's value for them is dropped).
+    Returns the env and which keys were defaulted (not the caller's)."""
     defaults = {"HOME": WORK_DIR}
     defaulted = sorted(k for k in defaults if k not in spec.env)
-    env = {**{k: defaults[k] for k in defaulted}, **spec.env, ENV_CONTAINER_ID: container_id}
+    callers = {k: v for k, v in spec.env.items() if k not in agent.AGENT_ENV}
+    env = {**{k: defaults[k] for k in defaulted}, **callers, ENV_CONTAINER_ID: container_id}
     return [client.V1EnvVar(name=k, value=v) for k, v in env.items()], defaulted
+
+
+def agent_env(container_id: str, agent_key: bytes) -> list[client.V1EnvVar]:
+    """The agent's credential, visible to whoever may read pods in the
+    namespace; it opens this container's agent only."""
+    token = agent.agent_environment(agent_key, container_id)[agent.TOKEN_ENV]
+    return [client.V1EnvVar(name=agent.TOKEN_ENV, value=token)]
+
+
+def agent_init_container(config: KubernetesBackendConfig) -> client.V1Container:
+    """Copies the agent into the pod's agent volume, then exits."""
+    return client.V1Container(
+        name=AGENT_INIT,
+        image=config.agent_image,
+        image_pull_policy=config.image_pull_policy,
+        command=list(agent.INSTALL_COMMAND),
+        # Small and bounded; the pod's request is the larger of this and the main container's.
+        resources=client.V1ResourceRequirements(requests={"cpu": "50m", "memory": "32Mi"},
+                                                limits={"cpu": "500m", "memory": "64Mi"}),
+        security_context=security_context(config),
+        volume_mounts=[client.V1VolumeMount(name=AGENT_VOLUME, mount_path=agent.AGENT_DIR)],
+    )
+
+
+def agent_probe(config: KubernetesBackendConfig) -> client.V1Probe:
+    """Ready once the agent accepts connections (it listens only after it read
+    its credential and made its state directory)."""
+    return client.V1Probe(tcp_socket=client.V1TCPSocketAction(port=config.agent_port),
+                          period_seconds=AGENT_PROBE_PERIOD_S, timeout_seconds=1, failure_threshold=3)
 
 
 def security_context(config: KubernetesBackendConfig) -> client.V1SecurityContext:
@@ -126,8 +165,10 @@ def security_context(config: KubernetesBackendConfig) -> client.V1SecurityContex
 
 
 def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBackendConfig,
-             create_time: datetime, expire_time: datetime) -> client.V1Pod:
-    """The pod of one container: hardened by default, placed by its profile."""
+             create_time: datetime, expire_time: datetime, agent_key: bytes) -> client.V1Pod:
+    """The pod of one container: hardened by default, placed by its profile;
+    its command is the exec agent, copied in by an init container."""
+    agent.check_ports(spec.ports, config.agent_port)
     placement = config.placements[spec.placement]
     image = spec.image or config.default_image
     r = spec.resources
@@ -137,9 +178,10 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
         name=CONTAINER_NAME,
         image=image,
         image_pull_policy=config.image_pull_policy,
-        command=list(KEEPALIVE),
+        # The agent is pid 1: it starts and reaps every command run in the container.
+        command=agent.agent_command(config.agent_port, container_id),
         working_dir=WORK_DIR,
-        env=env,
+        env=env + agent_env(container_id, agent_key),
         ports=[client.V1ContainerPort(container_port=p.port, protocol=p.protocol, name=p.name or None)
                for p in spec.ports] or None,
         resources=client.V1ResourceRequirements(
@@ -147,8 +189,11 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
             limits={**quantities, "ephemeral-storage": f"{r.disk_mib}Mi"},
         ),
         security_context=security_context(config),
+        readiness_probe=agent_probe(config),
         volume_mounts=[client.V1VolumeMount(name="work", mount_path=WORK_DIR),
-                       client.V1VolumeMount(name="tmp", mount_path="/tmp")],
+                       client.V1VolumeMount(name="tmp", mount_path="/tmp"),
+                       client.V1VolumeMount(name=AGENT_VOLUME, mount_path=agent.AGENT_DIR, read_only=True),
+                       client.V1VolumeMount(name=AGENT_STATE_VOLUME, mount_path=agent.STATE_DIR)],
     )
     return client.V1Pod(
         api_version="v1",
@@ -161,6 +206,7 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
                                         defaulted_env=defaulted),
         ),
         spec=client.V1PodSpec(
+            init_containers=[agent_init_container(config)],
             containers=[container],
             restart_policy="Never",
             automount_service_account_token=False,
@@ -176,6 +222,10 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
             volumes=[
                 client.V1Volume(name="work", empty_dir=client.V1EmptyDirVolumeSource(size_limit=f"{r.disk_mib}Mi")),
                 client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource(size_limit=f"{r.disk_mib}Mi")),
+                client.V1Volume(name=AGENT_VOLUME, empty_dir=client.V1EmptyDirVolumeSource(
+                    medium="Memory", size_limit=AGENT_VOLUME_LIMIT)),
+                client.V1Volume(name=AGENT_STATE_VOLUME,
+                                empty_dir=client.V1EmptyDirVolumeSource(size_limit=f"{r.disk_mib}Mi")),
             ],
             node_selector=dict(placement.node_selector) or None,
             tolerations=[client.V1Toleration(key=t.key, operator=t.operator, value=t.value or None,
@@ -194,9 +244,10 @@ def _hub_peer(config: KubernetesBackendConfig) -> client.V1NetworkPolicyPeer:
 
 
 def make_baseline_policy(config: KubernetesBackendConfig) -> client.V1NetworkPolicy:
-    """Denies all ingress and egress of every container pod. Policies add up,
-    so a container's own policy (made after its pod) can only open what it
-    names, and a pod is never open in between."""
+    """Denies all ingress and egress of every container pod but the Hub's
+    calls to its exec agent. Policies add up, so a container's own policy
+    (made after its pod) can only open what it names, and a pod is never open
+    in between: its agent is reachable by the Hub from the start, by nobody else."""
     return client.V1NetworkPolicy(
         api_version="networking.k8s.io/v1",
         kind="NetworkPolicy",
@@ -206,6 +257,9 @@ def make_baseline_policy(config: KubernetesBackendConfig) -> client.V1NetworkPol
             pod_selector=client.V1LabelSelector(match_expressions=[
                 client.V1LabelSelectorRequirement(key=LABEL_CONTAINER_ID, operator="Exists")]),
             policy_types=["Ingress", "Egress"],
+            ingress=[client.V1NetworkPolicyIngressRule(
+                _from=[_hub_peer(config)],
+                ports=[client.V1NetworkPolicyPort(port=config.agent_port, protocol="TCP")])],
         ),
     )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from kubernetes import client
 
+from orchestrator_service.backends.cluster_agent import AGENT_ENV
 from orchestrator_service.backends.kubernetes import objects as o
 from orchestrator_service.model import Container, Endpoint, Port, Resources, State
 
@@ -60,12 +61,31 @@ def _main_status(pod: client.V1Pod) -> client.V1ContainerStatus | None:
     return None
 
 
+def _agent_install_failure(pod: client.V1Pod) -> Status | None:
+    """FAILED when the init container that installs the exec agent can't run
+    (its image can't be pulled) or failed: the container would never start."""
+    for s in (pod.status.init_container_statuses if pod.status else None) or []:
+        if s.name != o.AGENT_INIT or s.state is None:
+            continue
+        waiting, done = s.state.waiting, s.state.terminated
+        if waiting is not None and waiting.reason in FAILED_WAITING:
+            return Status(State.FAILED, waiting.reason, f"the exec agent's image: {waiting.message or waiting.reason}")
+        if done is not None and done.exit_code != 0:
+            return Status(State.FAILED, "AgentInstallFailed",
+                          f"installing the exec agent failed with exit code {done.exit_code}: "
+                          f"{done.message or done.reason or ''}".rstrip(": "), _time(done.finished_at))
+    return None
+
+
 def classify(pod: client.V1Pod, *, now: datetime, unschedulable_timeout_s: float = 0.0) -> Status:
     meta, status = pod.metadata, pod.status or client.V1PodStatus()
     annotations = meta.annotations or {}
     if meta.deletion_timestamp is not None or o.ANN_DELETE_REASON in annotations:
         # Marked is as good as deleting: the delete follows at once (backend.py).
         return Status(State.TERMINATING, annotations.get(o.ANN_DELETE_REASON) or "Deleted")
+    agent_failure = _agent_install_failure(pod)
+    if agent_failure is not None:
+        return agent_failure
     main = _main_status(pod)
     terminated = main.state.terminated if main and main.state else None
     if status.phase == "Failed":
@@ -114,7 +134,7 @@ def read_container(pod: client.V1Pod, *, backend: str, now: datetime,
     labels: dict[str, str] = dict(meta.labels or {})
     main = next((c for c in pod.spec.containers if c.name == o.CONTAINER_NAME), pod.spec.containers[0])
     defaulted = set(filter(None, annotations.get(o.ANN_DEFAULTED_ENV, "").split(",")))
-    env = {e.name: e.value or "" for e in main.env or [] if e.name != o.ENV_CONTAINER_ID and e.name not in defaulted}
+    env = {e.name: e.value or "" for e in main.env or [] if e.name not in AGENT_ENV and e.name not in defaulted}
     ports = tuple(Port(port=p.container_port, protocol=p.protocol or "TCP", name=p.name or "")
                   for p in main.ports or [])
     status = classify(pod, now=now, unschedulable_timeout_s=unschedulable_timeout_s)

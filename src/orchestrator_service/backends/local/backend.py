@@ -14,6 +14,7 @@ import contextlib
 import os
 import resource
 import shutil
+import secrets
 import signal
 import subprocess
 from collections.abc import Coroutine
@@ -25,6 +26,8 @@ import structlog
 
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.local import cgroups, devpts, linux, runtime_tools, sandbox
+from orchestrator_service.backends.local.agent_binary import find_agent
+from orchestrator_service.backends.local.agent_sockets import AgentSockets, directory_for
 from orchestrator_service.backends.local.network import (AddressesExhausted, HostNetwork, NetworkConfig, NetworkError,
                                                          veth_name)
 from orchestrator_service.backends.local.exec_state import remove_container_state
@@ -33,6 +36,7 @@ from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.backends.local.uids import UidClaims
 from orchestrator_service.model import (CREATE_INTERRUPTED, Container, ContainerSpec, Endpoint, Event, EventType, State,
                                         utcnow)
+from sandhub import internal_auth
 from sandhub.config import LocalBackendConfig
 from sandhub.errors import BackendUnavailable, ContainerNotFound, QuotaExceeded, SandhubError, StateStorageFull
 
@@ -90,8 +94,12 @@ def _is_static(path: str) -> bool:
 class LocalBackend:
     name = NAME
 
-    def __init__(self, config: LocalBackendConfig, *, notify: Notify) -> None:
+    def __init__(self, config: LocalBackendConfig, *, notify: Notify, agent_key: bytes | None = None) -> None:
+        """``agent_key``: what each container's agent credential derives from
+        (internal_auth.agent_key of the Orchestrator token, so the Hub can
+        call the agents); None: a random one (nobody else can call them)."""
         self._config = config
+        self._agent_key = agent_key or secrets.token_bytes(32)
         self._notify = notify
         self._store = Store(config.state_dir)
         self._images = Images(config.images_dir)
@@ -107,7 +115,9 @@ class LocalBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._bwrap = ""
         self._busybox = ""
+        self._agent = ""
         self._root = os.geteuid() == 0
+        self._sockets = AgentSockets(directory_for(config, root=self._root))
         self._cgroups = cgroups.Cgroups(cgroups.detect() if self._root else "",
                                         parent=cgroups.parent_for(config.state_dir))
         self._seccomp = config.seccomp
@@ -126,9 +136,10 @@ class LocalBackend:
         tools = await asyncio.to_thread(
             runtime_tools.prepare, self._config, bwrap=find_bwrap(self._config.bwrap_path),
             busybox=self._config.busybox_path if _is_static(self._config.busybox_path) else "",
-            root=self._root, setpriv=self._setpriv)
-        self._bwrap, self._busybox = tools.bwrap, tools.busybox
+            agent=find_agent(self._config.agent_path), root=self._root, setpriv=self._setpriv)
+        self._bwrap, self._busybox, self._agent = tools.bwrap, tools.busybox, tools.agent
         self._store.prepare()
+        self._sockets.prepare()
         if self._seccomp:
             try:
                 from orchestrator_service.backends.local.seccomp import build_filter
@@ -157,6 +168,10 @@ class LocalBackend:
             known = self._records.get(cid)
             if known is None or not (known.container.state.alive or known.container.state is State.TERMINATING):
                 await self._release(cid)  # orphaned by a crash mid-teardown
+        for cid in self._sockets.present():
+            known = self._records.get(cid)
+            if known is None or not known.container.state.alive:
+                self._sockets.remove(cid)  # orphaned by a crash
         if self._net is not None:
             for veth in self._net.leftovers():
                 cid = self._net.container_of(veth)
@@ -234,7 +249,8 @@ class LocalBackend:
         return {
             "backend": NAME,
             "bwrap": self._bwrap,
-            "init": "busybox" if self._busybox else "image /bin/sh",
+            "init": f"sandhub-agent ({self._agent}), pid 1 of each container",
+            "busybox": self._busybox or "none (containers have only their image's shell)",
             "namespaces": "pid,mount,ipc,uts,net,cgroup" + (",user" if self._root else ""),
             "capabilities": "none",
             "users": f"one unprivileged host uid per container from {self._config.uid_base}, claimed host-wide in {self._config.uid_claims_dir}" if self._root else "the caller's uid (not root: containers share it)",
@@ -325,6 +341,8 @@ class LocalBackend:
             env=spec.env,
             disk_mib=spec.resources.disk_mib,
             busybox=self._busybox,
+            agent=self._agent,
+            agent_token=internal_auth.agent_token(self._agent_key, container_id),
             host_uid=host_uid,
             seccomp=self._seccomp,
             open_files=min(res.open_files, self._nofile_max),
@@ -344,7 +362,12 @@ class LocalBackend:
                 await devpts.cap_ptys(pid, self._config.max_ptys)
 
         try:
-            proc, started = await sandbox.spawn(self._bwrap, box, hold=hold, on_ready=ready)
+            listener = self._sockets.bind(container_id)
+            try:
+                proc, started = await sandbox.spawn(self._bwrap, box, listen_fd=listener.fileno(), hold=hold,
+                                                    on_ready=ready)
+            finally:
+                listener.close()  # the agent has its own copy
         except (sandbox.SpawnError, NetworkError, OSError) as e:
             await self._release(container_id)
             detail = getattr(e, "detail", "")
@@ -403,6 +426,9 @@ class LocalBackend:
 
     async def get(self, *, container_id: str) -> Container:
         return self._record(container_id).container
+
+    def agent_target(self, container: Container) -> str:
+        return self._sockets.target(container.id)
 
     async def list(self) -> list[Container]:
         return [r.container for r in self._records.values()]
@@ -582,6 +608,7 @@ class LocalBackend:
             left.append(f"its cgroup, which still holds {len(pids)} process(es)" if pids else "its cgroup")
         # Background processes' records and output: they died with the container.
         await asyncio.to_thread(remove_container_state, self._config.state_dir, container_id)
+        self._sockets.remove(container_id)
         record = self._records.get(container_id)
         if record is not None and record.runtime.host_uid and not left:
             self._uids.release(record.runtime.host_uid, container_id)

@@ -15,15 +15,19 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from orchestrator_service.backends.local import cgroups, runtime_tools, sandbox
+from orchestrator_service.backends.local.agent_binary import find_agent
 from orchestrator_service.backends.local.images import HOST_IMAGE, Images
 from sandhub.config import LocalBackendConfig
+from sandhub.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,19 @@ def _busybox(config: LocalBackendConfig) -> Check:
     from orchestrator_service.backends.local.backend import _is_static
 
     if _is_static(config.busybox_path):
-        return Check("init", True, f"static busybox {config.busybox_path}, bound into every image")
-    return Check("init", False, f"{config.busybox_path} is missing or not static: containers use the image's own "
-                 "/bin/sh and sleep (install busybox-static)")
+        return Check("busybox", True, f"static busybox {config.busybox_path}, bound into every image")
+    return Check("busybox", False, f"{config.busybox_path} is missing or not static: containers have only their "
+                 "image's own shell (install busybox-static)")
+
+
+def _agent(config: LocalBackendConfig) -> Check:
+    try:
+        path = find_agent(config.agent_path)
+    except BackendUnavailable as e:
+        return Check("agent", False, f"no container can start: {e}")
+    if runtime_tools.elf_links(Path(path)).needed:
+        return Check("agent", False, f"{path} is not static: no container can start (build it with `make agent`)")
+    return Check("agent", True, f"sandhub-agent {path}, each container's init")
 
 
 def _sandbox(config: LocalBackendConfig, *, root: bool, seccomp: bool) -> Check:
@@ -62,13 +76,20 @@ def _sandbox(config: LocalBackendConfig, *, root: bool, seccomp: bool) -> Check:
     try:
         tools = runtime_tools.prepare(
             config, bwrap=find_bwrap(config.bwrap_path),
-            busybox=config.busybox_path if _is_static(config.busybox_path) else "", root=root, setpriv=setpriv,
+            busybox=config.busybox_path if _is_static(config.busybox_path) else "",
+            agent=find_agent(config.agent_path), root=root, setpriv=setpriv,
             logger=structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))  # stdout is the report's
         spec = sandbox.SandboxSpec(
             container_id=f"doctor-{secrets.token_hex(4)}", image=Images(config.images_dir).resolve(HOST_IMAGE),
-            env={}, disk_mib=16, busybox=tools.busybox, host_uid=uid, seccomp=seccomp, setpriv=setpriv)
+            env={}, disk_mib=16, busybox=tools.busybox, agent=tools.agent, agent_token=secrets.token_hex(32),
+            host_uid=uid, seccomp=seccomp, setpriv=setpriv)
         began = time.monotonic()
-        proc, started = asyncio.run(sandbox.spawn(tools.bwrap, spec))
+        # The agent serves on an abstract socket nobody calls: spawn returns
+        # once it said it serves.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind("")  # an abstract address of the kernel's choosing
+            listener.listen(1)
+            proc, started = asyncio.run(sandbox.spawn(tools.bwrap, spec, listen_fd=listener.fileno()))
     except sandbox.SpawnError as e:
         last = e.detail.splitlines()[-1] if e.detail else ""
         return Check("sandbox", False, f"no container can start: {e}{': ' + last if last else ''} (as {who})")
@@ -129,6 +150,7 @@ def run_checks(config: LocalBackendConfig) -> list[Check]:
               "not root: containers share your uid, and cgroup limits and networking are off"),
         _bwrap(config),
         _busybox(config),
+        _agent(config),
         seccomp := _seccomp(config),
         _sandbox(config, root=root, seccomp=seccomp.ok),
     ]

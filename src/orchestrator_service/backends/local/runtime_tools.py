@@ -1,4 +1,5 @@
-"""The host binaries a container's own uid runs or binds, where that uid can reach them.
+"""The host binaries a container's own uid runs or binds (bwrap, busybox,
+sandhub-agent), where that uid can reach them.
 
 As root, bwrap runs as the container's unprivileged host uid (setpriv drops to
 it first, see sandbox.launcher), and that uid must be able to traverse to the
@@ -230,7 +231,9 @@ def probe(bwrap: str, *, setpriv: str, uid: int) -> str:
 class SandboxTools:
     bwrap: str
     busybox: str
-    """Empty when there is no static busybox (the image's own /bin/sh is init then)."""
+    """Empty when there is no static busybox (containers then have only the image's own shell)."""
+    agent: str
+    """sandhub-agent, bound into every container as its init."""
 
 
 def probe_uid(config: LocalBackendConfig) -> int:
@@ -240,7 +243,7 @@ def probe_uid(config: LocalBackendConfig) -> int:
 
 
 def prepare(
-    config: LocalBackendConfig, *, bwrap: str, busybox: str, root: bool, setpriv: str, logger: Any = None
+    config: LocalBackendConfig, *, bwrap: str, busybox: str, agent: str, root: bool, setpriv: str, logger: Any = None
 ) -> SandboxTools:
     """The tools to start containers with. As root: copies in runtime_dir
     (module docstring), then checked by running bwrap as a container uid, so a
@@ -249,13 +252,16 @@ def prepare(
     tools stay where they are if a container uid can run them there.
     ``logger``: where its events go (`sandhub doctor` keeps stdout for its report)."""
     logger = logger or log
+    if elf_links(Path(agent)).needed:
+        raise BackendUnavailable(f"{agent} is not a static binary: it must start in any image (build it with `make agent`)")
     if not root:
-        return SandboxTools(bwrap, busybox)
-    tools, unusable = SandboxTools(bwrap, busybox), ""
+        return SandboxTools(bwrap, busybox, agent)
+    tools, unusable = SandboxTools(bwrap, busybox, agent), ""
     try:
         where = prepare_dir(config.runtime_dir)
         tools = SandboxTools(str(install(where, "bwrap", Path(bwrap), logger=logger)),
-                             str(install(where, "busybox", Path(busybox), logger=logger)) if busybox else "")
+                             str(install(where, "busybox", Path(busybox), logger=logger)) if busybox else "",
+                             str(install(where, "sandhub-agent", Path(agent), logger=logger)))
     except (OSError, BackendUnavailable) as e:
         unusable = f" (the copy in runtime_dir failed: {e})"
         logger.warning("local.runtime_dir_unusable", runtime_dir=str(config.runtime_dir), error=str(e),

@@ -1,18 +1,24 @@
 """Building, starting and ending one bubblewrap sandbox.
 
-A container is a bwrap process tree: bwrap's own init as pid 1 of a fresh pid
-namespace, and a static busybox `sleep` as the long-lived pid 2 that keeps the
-container alive between commands. Its root is a tmpfs holding read-only binds
-of the image, made read-only itself once built; the work directory and /tmp
-are size-capped tmpfs mounts, so the container's writes vanish with it.
+A container is a bwrap process tree whose pid 1 is sandhub-agent (bwrap
+``--as-pid-1``): the container's init, which reaps its orphans and serves
+ExecService inside it on a unix socket the Orchestrator bound on the host and
+handed over as an open fd, so the socket's path is out of the container's
+reach. Every command the agent starts is in the container's cgroup, uid,
+namespaces and seccomp filter by construction. Its root is a tmpfs holding
+read-only binds of the image (and of the agent and a static busybox under
+/.sandhub), made read-only itself once built; the work directory and /tmp are
+size-capped tmpfs mounts, so the container's writes vanish with it.
 
 Nothing of the host is handed to the container by way of bwrap: bwrap starts
 with an environment of one variable (the container id, which the container
 knows anyway) and reads its arguments from a sealed memfd (``--args``), so
 neither the servers' environment (API keys) nor host paths nor the
 container's own env values appear in ``/proc/1/environ``, ``/proc/1/cmdline``
-or in ``ps`` on the host. bwrap's forked init keeps the environment it was
-started with, so that is the one place where it must be clean.
+or in ``ps`` on the host. The agent gets its credential and the container's
+environment through sealed memfds too (``--token-fd``, ``--env-fd``), which
+it closes once read; its own environment is bwrap's one variable, so a
+container's env (GODEBUG, say) never tunes the agent itself.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ from orchestrator_service.backends.local.pipes import read_pipe
 
 WORK_DIR = "/work"
 AGENT_DIR = "/.sandhub"
+AGENT = f"{AGENT_DIR}/sandhub-agent"
+AGENT_STATE_DIR = "/tmp/.sandhub"
+"""The agent's background-process output rings: in the container's /tmp, so
+they count against its own disk (and memory, a tmpfs), never the host's."""
 READY_BYTE = b"R"
 SANDBOX_UID = 1000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -57,18 +67,22 @@ class SandboxSpec:
     env: dict[str, str]
     disk_mib: int
     busybox: str
-    """Host path of a static busybox to bind in as init, or "" to use the image's own."""
+    """Host path of a static busybox to bind in at /.sandhub/busybox (a shell
+    for images without one), or ""."""
+    agent: str = ""
+    """Host path of the static sandhub-agent, bound in read-only and run as pid 1."""
+    agent_token: str = ""
+    """The agent's credential (internal_auth.agent_token): every call to it must carry it."""
     host_uid: int = 0
     """Unprivileged host uid the whole container runs as (through a user
     namespace, inside uid SANDBOX_UID); 0 keeps bwrap's own uid (non-root hosts)."""
     seccomp: bool = False
     """Load the deny-list seccomp filter (seccomp.py)."""
     open_files: int = 0
-    """RLIMIT_NOFILE (soft and hard) for the container's init, set inside once
-    the ready byte is written (commands entered later set their own); 0
-    leaves it alone. Not set on bwrap itself: the fds it and the init shell
-    are handed may be numbered above the limit (the orchestrator holds one fd
-    per container), and the shell then cannot write to them."""
+    """RLIMIT_NOFILE (soft and hard) of the agent and every command it starts,
+    set by the agent once it took over its inherited fds; 0 leaves it alone.
+    Not set on bwrap itself: the fds handed to it may be numbered above the
+    limit (the orchestrator holds one fd per container)."""
     setpriv: str = ""
     """util-linux setpriv, which drops to host_uid before it execs bwrap."""
 
@@ -81,14 +95,25 @@ class Started:
     namespaces: dict[str, int]
 
 
+@dataclass(frozen=True)
+class AgentFds:
+    """The fds the agent inherits (numbers as bwrap's child sees them)."""
+
+    listen: int
+    token: int
+    env: int
+    ready: int
+
+
 def bwrap_argv(
-    spec: SandboxSpec, *, info_fd: int, ready_fd: int, block_fd: int = -1, seccomp_fd: int = -1
+    spec: SandboxSpec, *, info_fd: int, agent: AgentFds, block_fd: int = -1, seccomp_fd: int = -1
 ) -> list[str]:
-    """bwrap's arguments for ``spec`` (without the program). Pure: no I/O.
-    They reach bwrap through ``--args`` (args_memfd), never its command line."""
+    """bwrap's arguments for ``spec``, then ``--`` and the agent's command
+    line. Pure: no I/O. The options reach bwrap through ``--args``
+    (args_memfd); the command line holds no secret and no caller's value."""
     half = max(spec.disk_mib // 2, 1) * 1024 * 1024
     argv = [
-        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
+        "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
         "--new-session",
         "--cap-drop", "ALL",
         "--hostname", spec.container_id,
@@ -115,29 +140,35 @@ def bwrap_argv(
     ]
     if spec.busybox:
         argv += ["--ro-bind", spec.busybox, f"{AGENT_DIR}/busybox"]
+    argv += ["--ro-bind", spec.agent, AGENT]
     argv += ["--remount-ro", "/", "--chdir", WORK_DIR, "--clearenv"]
-    for key, value in container_env(spec.container_id, spec.env).items():
+    for key, value in launcher_env(spec.container_id).items():
         argv += ["--setenv", key, value]
     argv += ["--info-fd", str(info_fd)]
     if block_fd >= 0:
         argv += ["--block-fd", str(block_fd)]
     if seccomp_fd >= 0:
         argv += ["--seccomp", str(seccomp_fd)]
-    argv += ["--"]
-    limit = f"ulimit -n {spec.open_files} && " if spec.open_files else ""
-    if spec.busybox:
-        bb = f"{AGENT_DIR}/busybox"
-        argv += [bb, "sh", "-c", f"printf R >&{ready_fd} && {limit}exec {bb} sleep inf {ready_fd}>&-"]
-    else:
-        argv += ["/bin/sh", "-c", f"printf R >&{ready_fd} && {limit}exec sleep inf {ready_fd}>&-"]
+    argv += [
+        "--", AGENT, "--listen", f"fd:{agent.listen}", "--token-fd", str(agent.token), "--env-fd", str(agent.env),
+        "--ready-fd", str(agent.ready), "--container-id", spec.container_id, "--workdir", WORK_DIR,
+        "--state-dir", AGENT_STATE_DIR,
+    ]
+    if spec.open_files:
+        argv += ["--open-files", str(spec.open_files)]
     return argv
 
 
-def args_memfd(args: list[str]) -> int:
-    """A sealed memfd holding ``args`` NUL-separated, for bwrap's ``--args``:
-    a pipe would need a writer thread once they pass 64 KiB (env values)."""
-    data = b"".join(os.fsencode(a) + b"\0" for a in args)
-    fd = os.memfd_create("sandhub-bwrap-args", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def args_memfd(args: list[str], name: str = "sandhub-bwrap-args") -> int:
+    """A sealed memfd holding ``args`` NUL-separated, for bwrap's ``--args``
+    (and the agent's ``--env-fd``): a pipe would need a writer thread once
+    they pass 64 KiB (env values)."""
+    return sealed_memfd(b"".join(os.fsencode(a) + b"\0" for a in args), name)
+
+
+def sealed_memfd(data: bytes, name: str) -> int:
+    """A memfd holding ``data``, sealed against any change."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)
         while view:
@@ -190,25 +221,39 @@ anything inside: the moment to put it in cgroups and give it a network."""
 
 
 async def spawn(
-    bwrap: str, spec: SandboxSpec, *, hold: Hold | None = None, on_ready: Hold | None = None, timeout_s: float = 10.0
+    bwrap: str, spec: SandboxSpec, *, listen_fd: int, hold: Hold | None = None, on_ready: Hold | None = None,
+    timeout_s: float = 10.0,
 ) -> tuple[subprocess.Popen[bytes], Started]:
-    """Starts bwrap; returns once init runs inside the finished sandbox.
-    ``on_ready`` is called with the sandbox's pid-1 once its mounts are made and
-    its init runs (they may not be made yet during ``hold``); if it fails,
-    the sandbox is killed."""
+    """Starts bwrap; returns once the agent serves inside the finished
+    sandbox. ``listen_fd``: the listening unix socket the agent serves on
+    (the caller keeps and closes its own copy). ``on_ready`` is called with
+    the sandbox's pid-1 once its mounts are made and the agent runs (they may
+    not be made yet during ``hold``); if it fails, the sandbox is killed."""
     info_r, info_w = os.pipe()
     ready_r, ready_w = os.pipe()
     block_r, block_w = os.pipe()
     err_r, err_w = os.pipe()
     mine = [info_r, ready_r, block_w, err_r]
     theirs = [info_w, ready_w, block_r, err_w]
-    if spec.seccomp:
-        from orchestrator_service.backends.local.seccomp import write_filter_to_memfd
+    try:
+        token_fd = sealed_memfd(spec.agent_token.encode(), "sandhub-agent-token")
+        theirs.append(token_fd)
+        env_fd = args_memfd([f"{k}={v}" for k, v in container_env(spec.container_id, spec.env).items()],
+                            "sandhub-agent-env")
+        theirs.append(env_fd)
+        seccomp_fd = -1
+        if spec.seccomp:
+            from orchestrator_service.backends.local.seccomp import write_filter_to_memfd
 
-        theirs.append(write_filter_to_memfd())
+            seccomp_fd = write_filter_to_memfd()
+            theirs.append(seccomp_fd)
+    except BaseException:
+        for fd in mine + theirs:
+            os.close(fd)
+        raise
     args = bwrap_argv(
-        spec, info_fd=info_w, ready_fd=ready_w, block_fd=block_r,
-        seccomp_fd=theirs[4] if spec.seccomp else -1,
+        spec, info_fd=info_w, agent=AgentFds(listen=listen_fd, token=token_fd, env=env_fd, ready=ready_w),
+        block_fd=block_r, seccomp_fd=seccomp_fd,
     )
     # The options through the memfd; the init command (no host path, no
     # value of the caller's) stays on the command line: bwrap takes it from there only.
@@ -222,7 +267,7 @@ async def spawn(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err_w,
-            pass_fds=tuple(theirs),
+            pass_fds=(*theirs, listen_fd),
             start_new_session=True,
         )
     except OSError as e:

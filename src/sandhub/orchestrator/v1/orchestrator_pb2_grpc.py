@@ -53,7 +53,8 @@ class OrchestratorServiceStub:
 
     Message sizes: requests and responses stay under gRPC's default 4 MiB
     message limit; ListContainers pages (at most 1000 containers) may need a
-    larger receive limit when containers carry many labels.
+    larger receive limit when containers carry large environments or many
+    labels (or ask for smaller pages).
     """
 
     def __init__(self, channel):
@@ -122,7 +123,8 @@ class OrchestratorServiceServicer:
 
     Message sizes: requests and responses stay under gRPC's default 4 MiB
     message limit; ListContainers pages (at most 1000 containers) may need a
-    larger receive limit when containers carry many labels.
+    larger receive limit when containers carry large environments or many
+    labels (or ask for smaller pages).
     """
 
     def CreateContainer(self, request, context):
@@ -253,7 +255,8 @@ class OrchestratorService:
 
     Message sizes: requests and responses stay under gRPC's default 4 MiB
     message limit; ListContainers pages (at most 1000 containers) may need a
-    larger receive limit when containers carry many labels.
+    larger receive limit when containers carry large environments or many
+    labels (or ask for smaller pages).
     """
 
     @staticmethod
