@@ -41,12 +41,8 @@ KWOK_VERSION := $(call k8s_version,kwok,sigs.k8s.io/kwok)
 KUBE_APISERVER := $(TOOLS_CACHE)/kube-apiserver-$(KUBE_VERSION)/kube-apiserver
 KUBE_SCHEDULER := $(TOOLS_CACHE)/kube-scheduler-$(KUBE_VERSION)/kube-scheduler
 ETCD := $(TOOLS_CACHE)/etcd-$(ETCD_VERSION)/etcd
-# KWOK is built from its module's source with one file replaced
-# (tools/k8s/kwok/overlay/exec.go says why; go build -overlay refuses files in
-# the module cache); the file's hash is part of the cache key.
-KWOK_OVERLAY := $(shell sha256sum tools/k8s/kwok/overlay/exec.go | cut -c1-8)
-KWOK := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)-$(KWOK_OVERLAY)/kwok
-KWOK_STAGES := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)-$(KWOK_OVERLAY)/stages
+KWOK := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)/kwok
+KWOK_STAGES := $(TOOLS_CACHE)/kwok-$(KWOK_VERSION)/stages
 export SANDHUB_KUBE_APISERVER := $(KUBE_APISERVER)
 export SANDHUB_KUBE_SCHEDULER := $(KUBE_SCHEDULER)
 export SANDHUB_ETCD := $(ETCD)
@@ -185,11 +181,8 @@ $(ETCD):
 
 $(KWOK):
 	mkdir -p $(dir $@)
-	rm -rf $@.src
-	cd tools/k8s/kwok && go mod download sigs.k8s.io/kwok && cp -r "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)" $@.src
-	chmod -R u+w $@.src && cp tools/k8s/kwok/overlay/exec.go $@.src/pkg/utils/exec/exec.go
-	cd $@.src && go build -trimpath -ldflags='-s -w' -o $@.tmp ./cmd/kwok
-	rm -rf $@.src && mv $@.tmp $@
+	cd tools/k8s/kwok && go build -trimpath -ldflags='-s -w' -o $@.tmp sigs.k8s.io/kwok/cmd/kwok
+	mv $@.tmp $@
 
 # KWOK's own "fast" stages (what kwokctl configures): nodes become Ready,
 # pods Running with an IP, deleted pods go away. Copied from the same module

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo, OutputChunk, PtySize
 from sandhub.exec.v1 import exec_pb2, exec_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -132,50 +131,3 @@ async def serve(*servicers: Any) -> tuple[grpc.aio.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
-
-
-class FakeProcess:
-    """A finished `ls /`: one stdout chunk, then end of file, exit 0."""
-
-    pid = 2
-
-    def __init__(self) -> None:
-        self._chunks = [OutputChunk("stdout", b"bin\netc\nusr\n")]
-        self.killed = False
-
-    async def write_stdin(self, data: bytes) -> None: ...
-
-    async def close_stdin(self) -> None: ...
-
-    async def read(self, max_bytes: int = 65536) -> OutputChunk | None:
-        return self._chunks.pop(0) if self._chunks else None
-
-    async def resize(self, size: PtySize) -> None: ...
-
-    async def signal(self, signum: int) -> None: ...
-
-    async def wait(self) -> ExitInfo:
-        return ExitInfo(exit_code=0)
-
-    async def kill(self) -> None:
-        self.killed = True
-
-
-@dataclass
-class FakeDriver:
-    """An exec driver that answers every spawn with FakeProcess (the rest of
-    the ExecDriver protocol is not needed by the bench)."""
-
-    spawned: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    started: bool = False
-    closed: bool = False
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self) -> None:
-        self.closed = True
-
-    async def spawn(self, *, container_id: str, command: CommandSpec, pty: PtySize | None = None) -> FakeProcess:
-        self.spawned.append((container_id, command.argv))
-        return FakeProcess()

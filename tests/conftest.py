@@ -6,22 +6,25 @@ import asyncio
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 
 from hub_service.server import RunningHub, start_hub
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from sandhub import internal_auth
 from sandhub.config import HubConfig, LocalBackendConfig, OrchestratorConfig
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc
+from tests.container_shell import ContainerShell
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+T = TypeVar("T")
 ORCHESTRATOR_TOKEN = "test-orchestrator-token-" + "0123456789abcdef"
 """The tests' Hub <-> Orchestrator token (orchestrator_config sets it)."""
 
@@ -70,7 +73,7 @@ def sync_orchestrator_channel(port: int, token: str = ORCHESTRATOR_TOKEN) -> grp
 def hub_config(orchestrator: RunningOrchestrator, **overrides: object) -> HubConfig:
     """A Hub on port 0 in front of ``orchestrator``, with its token and KEYS."""
     base = HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orchestrator.port}", api_keys=KEYS,
-                     orchestrator_token=orchestrator.config.token, local=orchestrator.config.local)
+                     orchestrator_token=orchestrator.config.token)
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -136,6 +139,17 @@ def container_host_pids(container_id: str) -> list[int]:
     return sorted(found)
 
 
+async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """``get()`` until ``ok`` of what it gives, for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await get()
+        if ok(value) or time.monotonic() > deadline:
+            assert ok(value), f"still {value!r} after {timeout}s"
+            return value
+        await asyncio.sleep(0.02)
+
+
 def traversable(path: Path) -> Path:
     """Lets other uids (containers run as their own) pass through ``path`` and
     its pytest parents, which pytest makes 0700."""
@@ -152,6 +166,9 @@ def orchestrator_config(state: Path, net: PrivateNetwork | None = None, **overri
         local=LocalBackendConfig(
             state_dir=state / "local", images_dir=state / "images", bridge=net.bridge, subnet=net.subnet,
             egress_placements=("internet",),
+            # This checkout's agent (make exports it), not the newest build in
+            # the tools cache, which may be another checkout's.
+            agent_path=os.environ.get("SANDHUB_AGENT", ""),
         ),
         reap_interval_s=0.2,
         placements=("default", "internet"),
@@ -192,9 +209,8 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
             net,
         )
     finally:
-        # Leave nothing behind: stop the Hub (its exec supervisors then let go
-        # of the commands they hold, which a pid namespace waits for before it
-        # can end), delete every container, then stop the Orchestrator.
+        # Leave nothing behind: stop the Hub, delete every container, then
+        # stop the Orchestrator.
         await hub_channel.close()
         await hub.stop(0)
         containers = await orch.containers.backend.list()  # type: ignore[union-attr]
@@ -214,12 +230,6 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 @pytest.fixture
-async def driver(services: Services) -> AsyncIterator[LocalExecDriver]:
-    """The local exec driver on the services' backend: commands entered the
-    way ExecService enters them, without going through gRPC."""
-    d = LocalExecDriver(services.orchestrator.config.local)
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.close()
+def shell(services: Services) -> ContainerShell:
+    """Scripts and servers in the services' containers through the Hub, as tenant-a."""
+    return ContainerShell.through_hub(services.hub_channel, auth("key-a"))

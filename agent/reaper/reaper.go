@@ -9,14 +9,25 @@
 // takes, so a child that exits at once cannot be reaped before its pid is
 // registered. Nothing else in the process may wait for children (os/exec's
 // Wait would race with this loop), so every command goes through Start.
+//
+// Signals never hit a reused pid: once a pid was reaped the kernel may hand
+// it (and so its process group and session id) to any new process, so Kill
+// signals a command only while it is not reaped, under the lock the reaping
+// takes; and what must end with a command (its group, with a terminal its
+// whole session) is killed at its exit *before* it is reaped, while its
+// zombie still holds the pid.
 package reaper
 
 import (
+	"bytes"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,9 +35,28 @@ import (
 // Reaper owns the process's children.
 type Reaper struct {
 	mu      sync.Mutex
-	waiting map[int]chan unix.WaitStatus
+	waiting map[int]*started
 	orphans uint64
 }
+
+type started struct {
+	done chan unix.WaitStatus
+	end  End
+}
+
+// End says what is killed (SIGKILL) when a command exits, before it is reaped.
+type End int
+
+const (
+	// EndAlone kills nothing else (a background process: what it left
+	// behind may go on).
+	EndAlone End = iota
+	// EndGroup kills the command's process group.
+	EndGroup
+	// EndSession kills its group and every process of its session (a
+	// terminal's shell: its background jobs have groups of their own).
+	EndSession
+)
 
 // safetyTick re-checks for children without a SIGCHLD. Coalesced SIGCHLDs
 // are already covered (each wake-up reaps every exited child); this is a
@@ -37,7 +67,7 @@ const safetyTick = 30 * time.Second
 // when it is not pid 1, so orphans come to it in tests as they do in a
 // container.
 func New() *Reaper {
-	r := &Reaper{waiting: map[int]chan unix.WaitStatus{}}
+	r := &Reaper{waiting: map[int]*started{}}
 	if os.Getpid() != 1 {
 		_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 	}
@@ -61,22 +91,95 @@ func (r *Reaper) reap() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		// Look first (WNOWAIT): the zombie keeps its pid, so its group and
+		// session cannot be reused while they are killed.
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
 		if err == unix.EINTR {
 			continue
 		}
+		pid := siginfoPid(&info)
 		if err != nil || pid <= 0 {
 			return
 		}
-		if ws.Stopped() || ws.Continued() {
+		st := r.waiting[pid]
+		if st != nil && st.end != EndAlone {
+			_ = unix.Kill(-pid, unix.SIGKILL)
+			if st.end == EndSession {
+				killSession(pid, unix.SIGKILL)
+			}
+		}
+		var ws unix.WaitStatus
+		if _, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); err == unix.EINTR {
 			continue
 		}
-		if c, ok := r.waiting[pid]; ok {
+		if st != nil {
 			delete(r.waiting, pid)
-			c <- ws // buffered: never blocks
+			st.done <- ws // buffered: never blocks
 		} else {
 			r.orphans++
+		}
+	}
+}
+
+// siginfoPid is si_pid: the first field of siginfo's union, after three
+// ints aligned to a pointer (offset 16 on 64-bit Linux, 12 on 32-bit).
+func siginfoPid(info *unix.Siginfo) int {
+	off := uintptr(12)
+	if unsafe.Sizeof(uintptr(0)) == 8 {
+		off = 16
+	}
+	return int(*(*int32)(unsafe.Add(unsafe.Pointer(info), off)))
+}
+
+// Kill signals pid's process group (EndSession: and its whole session) if
+// pid was started here and is not reaped yet; it says whether it did.
+func (r *Reaper) Kill(pid int, sig unix.Signal, session bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if pid <= 0 || r.waiting[pid] == nil {
+		return false
+	}
+	_ = unix.Kill(-pid, sig)
+	if session {
+		killSession(pid, sig)
+	}
+	return true
+}
+
+// killSession signals every process whose session id is sid, found in /proc
+// (the agent is the container's init: it sees them all). A few passes catch
+// what forked during the previous one.
+func killSession(sid int, sig unix.Signal) {
+	for range 5 {
+		entries, err := os.ReadDir("/proc")
+		if err != nil {
+			return
+		}
+		hit := 0
+		for _, e := range entries {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == sid {
+				continue
+			}
+			b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+			if err != nil {
+				continue
+			}
+			// After "pid (comm) ": state ppid pgrp session ...
+			i := bytes.LastIndexByte(b, ')')
+			if i < 0 {
+				continue
+			}
+			f := strings.Fields(string(b[i+1:]))
+			if len(f) < 4 || f[0] == "Z" || f[3] != strconv.Itoa(sid) {
+				continue
+			}
+			_ = unix.Kill(pid, sig)
+			hit++
+		}
+		if hit == 0 {
+			return
 		}
 	}
 }
@@ -88,8 +191,9 @@ func (r *Reaper) Orphans() uint64 {
 	return r.orphans
 }
 
-// Start forks and execs; the channel receives the child's exit status once.
-func (r *Reaper) Start(path string, argv []string, attr *syscall.ProcAttr) (int, <-chan unix.WaitStatus, error) {
+// Start forks and execs; the channel receives the child's exit status once,
+// after what end names was killed.
+func (r *Reaper) Start(path string, argv []string, attr *syscall.ProcAttr, end End) (int, <-chan unix.WaitStatus, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	pid, err := syscall.ForkExec(path, argv, attr)
@@ -97,7 +201,7 @@ func (r *Reaper) Start(path string, argv []string, attr *syscall.ProcAttr) (int,
 		return 0, nil, err
 	}
 	c := make(chan unix.WaitStatus, 1)
-	r.waiting[pid] = c
+	r.waiting[pid] = &started{done: c, end: end}
 	return pid, c, nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sandhub/sandhub/agent/reaper"
 	execv1 "github.com/sandhub/sandhub/gen/go/sandhub/exec/v1"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -162,6 +163,9 @@ type child struct {
 type ioMode struct {
 	stdin bool            // a pipe we write to; else an empty, closed stdin
 	pty   *execv1.PtySize // non-nil: one terminal for all three
+	// background: what the command leaves running outlives it (StartProcess);
+	// else its group (with a terminal, its whole session) ends with it.
+	background bool
 }
 
 // pipe returns (ours, theirs) with ours non-blocking (the runtime poller
@@ -230,8 +234,15 @@ func (s *Server) start(sp spec, mode ioMode) (*child, error) {
 		files = []uintptr{inTheirs.Fd(), outTheirs.Fd(), errTheirs.Fd()}
 		sys.Setpgid = true
 	}
+	end := reaper.EndGroup
+	switch {
+	case mode.background:
+		end = reaper.EndAlone
+	case mode.pty != nil:
+		end = reaper.EndSession // an interactive shell's jobs have their own groups
+	}
 	c.start = time.Now()
-	pid, done, err := s.r.Start(sp.path, sp.argv, &syscall.ProcAttr{Dir: sp.dir, Env: sp.env, Files: files, Sys: sys})
+	pid, done, err := s.r.Start(sp.path, sp.argv, &syscall.ProcAttr{Dir: sp.dir, Env: sp.env, Files: files, Sys: sys}, end)
 	if err != nil {
 		closeAll(c.stdin, c.stdout, c.stderr)
 		return nil, err
@@ -257,11 +268,11 @@ func startErr(err error, field string, sp spec) error {
 	return internal("starting the command failed")
 }
 
-// killGroup signals the command's process group (ESRCH: already gone).
-func killGroup(pid int, sig unix.Signal) {
-	if pid > 0 {
-		_ = unix.Kill(-pid, sig)
-	}
+// kill signals the command's process group (with a terminal, session: its
+// whole session), only while the command is not reaped (its pid may be
+// another process's after that).
+func (s *Server) kill(c *child, sig unix.Signal, session bool) {
+	s.r.Kill(c.pid, sig, session && c.pty != nil)
 }
 
 // exitStatus converts a wait status (timedOut: we killed it for its timeout).

@@ -77,7 +77,7 @@ func (x *execution) serve(timeout time.Duration) error {
 	c := x.c
 	defer func() {
 		if !x.reaped.Load() { // the caller went away or the stream failed: kill it all
-			killGroup(c.pid, unix.SIGKILL)
+			x.s.kill(c, unix.SIGKILL, true)
 			<-c.done
 		}
 		closeAll(c.stdout, c.stderr)
@@ -151,9 +151,9 @@ func (x *execution) serve(timeout time.Duration) error {
 			case ws = <-done:
 				done = nil
 				x.reaped.Store(true)
-				// As Run: what the command left in its group ends with it;
+				// As Run: what the command left in its group (with a
+				// terminal, its session) was killed before it was reaped;
 				// what it wrote is still read to the end.
-				killGroup(c.pid, unix.SIGKILL)
 				close(exited)
 				continue
 			case err := <-inErr:
@@ -164,7 +164,7 @@ func (x *execution) serve(timeout time.Duration) error {
 				continue
 			case <-timer.C:
 				timedOut = true
-				killGroup(c.pid, unix.SIGKILL)
+				x.s.kill(c, unix.SIGKILL, true)
 				continue
 			case <-keep.C:
 				sendErr = x.stream.Send(&execv1.ExecResponse{Msg: &execv1.ExecResponse_Keepalive{Keepalive: &execv1.Keepalive{}}})
@@ -265,9 +265,7 @@ func (x *execution) readRequests() error {
 			if err != nil {
 				return err
 			}
-			if !x.reaped.Load() { // after that the pid may be reused
-				killGroup(x.c.pid, sig)
-			}
+			x.s.kill(x.c, sig, false) // not once reaped: the pid may be reused
 		default:
 			return invalidStream("an empty message: set one of stdin, close_stdin, resize, signal")
 		}

@@ -206,7 +206,11 @@ func TestExecCancelKillsTheGroup(t *testing.T) {
 func TestExecOutputCutIsAnError(t *testing.T) {
 	a := newAgent(t, func(c *Config) { c.DrainMax = 500 * time.Millisecond })
 	s, _ := a.client.Exec(authed(t))
-	_ = s.Send(execStart(sh("setsid sh -c \"trap '' PIPE; while :; do echo more || exit; sleep 0.01; done\" & echo first"), nil))
+	// The command waits until the writer has left its group (else the
+	// group kill at its exit may catch the writer before its setsid).
+	ready := filepath.Join(t.TempDir(), "ready")
+	_ = s.Send(execStart(sh(fmt.Sprintf("setsid sh -c \"touch %[1]s; trap '' PIPE; while :; do echo more || exit; sleep 0.01; done\" & "+
+		"while [ ! -e %[1]s ]; do sleep 0.01; done; echo first", ready)), nil))
 	_ = s.CloseSend()
 	r := collect(t, s, 0)
 	if r.exit == nil || r.exit.ExitCode != 0 {

@@ -27,7 +27,14 @@ const (
 	maxArchiveSlack = 64 << 20
 	// maxTarEntries bounds directory and pax-global entries besides files.
 	maxTarEntries = 4 * maxUploadFiles
-	tempPrefix    = ".sandhub-upload-"
+	// maxTrackedBytes bounds what one upload holds in memory until it
+	// commits: the names of its files (final and temporary), of its
+	// archive's directories and of the directories it made, plus
+	// trackedOverhead per entry. 10,000 files of 4096-byte paths would take
+	// 80 MiB otherwise, in a container that may have 16.
+	maxTrackedBytes = 16 << 20
+	trackedOverhead = 256
+	tempPrefix      = ".sandhub-upload-"
 )
 
 type putStream = grpc.ClientStreamingServer[execv1.PutFilesRequest, execv1.PutFilesResponse]
@@ -47,6 +54,21 @@ type upload struct {
 	ended bool
 	// made: directories this upload created, removed again if it fails.
 	made []string
+	// tracked: bytes held for files, dirs and made (maxTrackedBytes).
+	tracked int64
+}
+
+// track counts what an entry of files, dirs or made holds in memory.
+func (up *upload) track(paths ...string) error {
+	up.tracked += trackedOverhead
+	for _, p := range paths {
+		up.tracked += int64(len(p))
+	}
+	if up.tracked > maxTrackedBytes {
+		return payloadTooLarge(fmt.Sprintf("the upload names too many files and directories (their paths take more than %d bytes); "+
+			"split it, or send a TAR with shorter paths", maxTrackedBytes), fmt.Sprint(maxTrackedBytes))
+	}
+	return nil
 }
 
 type pendingFile struct {
@@ -236,6 +258,9 @@ func (up *upload) begin(path string, mode uint32, size int64) error {
 	var rnd [8]byte
 	_, _ = rand.Read(rnd[:])
 	temp := filepath.Join(dir, tempPrefix+hex.EncodeToString(rnd[:]))
+	if err := up.track(path, temp); err != nil {
+		return err
+	}
 	f, err := os.OpenFile(temp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fsErr(path, err)
@@ -279,6 +304,7 @@ func (up *upload) finishFile() error {
 		return invalidStream(fmt.Sprintf("%s: %d bytes sent, its header said %d", c.final, c.size, c.declared))
 	}
 	copy(c.sum[:], c.h.Sum(nil))
+	c.h = nil // its state is not needed any more
 	if err := c.f.Chmod(c.mode); err != nil {
 		return fsErr(c.final, err)
 	}
@@ -352,6 +378,9 @@ func (up *upload) mkdirs(dir string) error {
 			return fsErr(missing[i], err)
 		} else if err == nil {
 			up.made = append(up.made, missing[i])
+			if err := up.track(missing[i]); err != nil {
+				return err
+			}
 		}
 	}
 	// What exists must be a directory (or lead to one): MkdirAll says which is not.
@@ -451,6 +480,9 @@ func (up *upload) tar() error {
 		}
 		switch {
 		case h.Typeflag == tar.TypeDir:
+			if err := up.track(path); err != nil {
+				return err
+			}
 			up.dirs = append(up.dirs, path)
 		case (h.Typeflag == tar.TypeReg || h.Typeflag == tar.TypeRegA) && !isSparse(h):
 			if err := up.begin(path, uint32(h.Mode)&0o1777, h.Size); err != nil {

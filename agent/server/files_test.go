@@ -444,3 +444,29 @@ func TestUploadReplacesASymlinkAtTheTarget(t *testing.T) {
 		t.Fatalf("link is %v %v", st.Mode(), err)
 	}
 }
+
+// What one upload holds in memory until it commits is bounded: an archive
+// of 4,500 directory entries with ~3.8 KB paths (17 MB of names, far under
+// the entry cap) is RESOURCE_EXHAUSTED, and nothing is made.
+func TestPutTrackedPathsAreBounded(t *testing.T) {
+	a := newAgent(t)
+	dest := filepath.Join(t.TempDir(), "up")
+	seg := strings.Repeat("d", 250)
+	long := strings.Repeat(seg+"/", 15) // 3765 bytes
+	var es []entry
+	for i := range 4500 {
+		es = append(es, entry{h: tar.Header{Name: fmt.Sprintf("%s%d/", long, i), Typeflag: tar.TypeDir, Mode: 0o755}})
+	}
+	archive := mkTar(t, es...)
+	msgs := []*execv1.PutFilesRequest{start(dest, execv1.ArchiveFormat_ARCHIVE_FORMAT_TAR)}
+	for len(archive) > 0 {
+		n := min(len(archive), 1<<20)
+		msgs = append(msgs, data(archive[:n]))
+		archive = archive[n:]
+	}
+	_, err := put(t, a, msgs...)
+	wantErr(t, err, codes.ResourceExhausted, "PAYLOAD_TOO_LARGE", map[string]string{"limit": fmt.Sprint(maxTrackedBytes)})
+	if _, err := os.Stat(dest); !os.IsNotExist(err) {
+		t.Fatalf("the failed upload left %s: %v", dest, err)
+	}
+}

@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"net"
 	"path/filepath"
 	"sync"
@@ -63,7 +65,8 @@ func newAgent(t testing.TB, tweak ...func(*Config)) *agent {
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
 	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(8<<20)))
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(8<<20)),
+		grpc.WithUnaryInterceptor(signUnary), grpc.WithStreamInterceptor(signStream))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,11 +74,48 @@ func newAgent(t testing.TB, tweak ...func(*Config)) *agent {
 	return &agent{client: execv1.NewExecServiceClient(conn), cfg: srv.cfg, conn: conn}
 }
 
-// ctx carries the token and a bound on the whole test call.
+// ctx's calls prove the test token (the client interceptors sign each call
+// for its method, as the Hub does), within a bound on the whole test call.
 func authed(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
-	return metadata.AppendToOutgoingContext(ctx, TokenHeader, testToken)
+	return withToken(ctx, testToken)
+}
+
+type tokenKey struct{}
+type nonceKey struct{}
+
+// withToken: ctx's calls are signed with token (a wrong one in auth tests).
+func withToken(ctx context.Context, token string) context.Context {
+	return context.WithValue(ctx, tokenKey{}, token)
+}
+
+// withNonce: ctx's calls use this nonce instead of a random one.
+func withNonce(ctx context.Context, nonce string) context.Context {
+	return context.WithValue(ctx, nonceKey{}, nonce)
+}
+
+// sign adds the nonce and the auth header for method, when ctx has a token.
+func sign(ctx context.Context, method string) context.Context {
+	tok, ok := ctx.Value(tokenKey{}).(string)
+	if !ok {
+		return ctx
+	}
+	nonce, ok := ctx.Value(nonceKey{}).(string)
+	if !ok {
+		b := make([]byte, 16)
+		_, _ = rand.Read(b)
+		nonce = hex.EncodeToString(b)
+	}
+	return metadata.AppendToOutgoingContext(ctx, NonceHeader, nonce, AuthHeader, CallAuth([]byte(tok), nonce, method))
+}
+
+func signUnary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, inv grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	return inv(sign(ctx, method), method, req, reply, cc, opts...)
+}
+
+func signStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, str grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return str(sign(ctx, method), desc, cc, method, opts...)
 }
 
 // wantErr checks code, reason (ErrorInfo and ErrorDetail) and metadata.

@@ -28,6 +28,10 @@ var processIDRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 const (
 	defaultPageSize = 100
 	maxPageSize     = 1000
+	// maxPageBytes cuts a ListProcesses page before the encoded processes
+	// reach the caller's 4 MiB receive limit (a command alone may be
+	// 128 KiB, so 1000 of them would not fit); one process always fits.
+	maxPageBytes = 3<<20 + 512<<10
 	// attachRead is the most one AttachProcess chunk carries.
 	attachRead = chunkBytes
 	// quietPoll: how often an exited process is checked for output still
@@ -121,7 +125,7 @@ func (s *Server) StartProcess(_ context.Context, req *execv1.StartProcessRequest
 		p.out.Remove()
 		return nil, storageErr(err)
 	}
-	c, err := s.start(sp, ioMode{})
+	c, err := s.start(sp, ioMode{background: true})
 	if err != nil {
 		p.out.Remove()
 		p.err.Remove()
@@ -185,7 +189,7 @@ func (p *process) run(c *child, cfg Config) {
 	}{{c.stdout, p.out}, {c.stderr, p.err}} {
 		go func() {
 			pump(pair.f, never, 0, 0, func(b []byte) {
-				_, _ = pair.r.Write(b) // a full disk loses output, not the process
+				_, _ = pair.r.Write(b) // a full disk loses output (recorded: readers see dropped_before), not the process
 				p.lastOut.Store(time.Now().UnixNano())
 			})
 			p.open.Add(-1)
@@ -247,8 +251,8 @@ func (s *Server) GetProcess(_ context.Context, req *execv1.GetProcessRequest) (*
 	return &execv1.GetProcessResponse{Process: p.proto(req.ContainerId)}, nil
 }
 
-// SignalProcess signals a background process's group (nothing once exited:
-// its pid may belong to another process by then).
+// SignalProcess signals a background process's group (nothing once it was
+// reaped: its pid may belong to another process by then).
 func (s *Server) SignalProcess(_ context.Context, req *execv1.SignalProcessRequest) (*execv1.SignalProcessResponse, error) {
 	if err := s.checkContainer(req.ContainerId); err != nil {
 		return nil, err
@@ -261,11 +265,10 @@ func (s *Server) SignalProcess(_ context.Context, req *execv1.SignalProcessReque
 	if err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	if p.exit == nil {
-		killGroup(p.pid, sig)
-	}
-	p.mu.Unlock()
+	// Only while it is not reaped (the reaper checks): after that its pid,
+	// and so the group, may be another process's, even while its pipes are
+	// still being drained.
+	s.r.Kill(p.pid, sig, false)
 	return &execv1.SignalProcessResponse{Process: p.proto(req.ContainerId)}, nil
 }
 
@@ -324,6 +327,7 @@ func (s *Server) ListProcesses(_ context.Context, req *execv1.ListProcessesReque
 	s.procs.mu.Unlock()
 	resp := &execv1.ListProcessesResponse{}
 	var last uint64
+	bytes := 0
 	for _, p := range order {
 		if p.seq <= after {
 			continue
@@ -332,11 +336,13 @@ func (s *Server) ListProcesses(_ context.Context, req *execv1.ListProcessesReque
 		if req.State != execv1.ProcessState_PROCESS_STATE_UNSPECIFIED && pr.State != req.State {
 			continue
 		}
-		if len(resp.Processes) == size {
+		n := proto.Size(pr) + 8 // + the field's tag and length
+		if len(resp.Processes) == size || (len(resp.Processes) > 0 && bytes+n > maxPageBytes) {
 			resp.NextPageToken = pageToken(req.State, last)
 			break
 		}
 		resp.Processes = append(resp.Processes, pr)
+		bytes += n
 		last = p.seq
 	}
 	return resp, nil

@@ -4,10 +4,15 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	execv1 "github.com/sandhub/sandhub/gen/go/sandhub/exec/v1"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 )
 
@@ -216,5 +221,101 @@ func TestListProcessesPagingAndQuota(t *testing.T) {
 	wantErr(t, err, codes.InvalidArgument, "INVALID_FIELD", map[string]string{"field": "page_size"})
 	for _, id := range []string{"p0", "p2", "p3", "p4"} {
 		_, _ = a.client.SignalProcess(authed(t), &execv1.SignalProcessRequest{ContainerId: testContainer, ProcessId: id, Signal: execv1.Signal_SIGNAL_SIGKILL})
+	}
+}
+
+// Pages stay under the caller's 4 MiB receive limit however big the
+// commands are: 40 processes with 120 KB of environment each (4.8 MB) come
+// in several pages, every one of them received with the default limit.
+func TestListProcessesPagesStayUnderTheMessageLimit(t *testing.T) {
+	a := newAgent(t)
+	big := strings.Repeat("x", 120_000)
+	for i := range 40 {
+		startProc(t, a, fmt.Sprintf("big-%02d", i), &execv1.Command{Argv: []string{"sleep", "600"}, Env: map[string]string{"BIG": big}})
+	}
+	t.Cleanup(func() {
+		for i := range 40 {
+			_, _ = a.client.SignalProcess(authed(t), &execv1.SignalProcessRequest{ContainerId: testContainer,
+				ProcessId: fmt.Sprintf("big-%02d", i), Signal: execv1.Signal_SIGNAL_SIGKILL})
+		}
+	})
+	var seen []string
+	token, pages := "", 0
+	for {
+		resp, err := a.client.ListProcesses(authed(t), &execv1.ListProcessesRequest{ContainerId: testContainer,
+			PageSize: 1000, PageToken: token}, grpc.MaxCallRecvMsgSize(4<<20))
+		if err != nil {
+			t.Fatalf("page %d: %v", pages, err)
+		}
+		pages++
+		for _, p := range resp.Processes {
+			seen = append(seen, p.ProcessId)
+		}
+		if token = resp.NextPageToken; token == "" {
+			break
+		}
+	}
+	if len(seen) != 40 || pages < 2 || seen[0] != "big-00" || seen[39] != "big-39" {
+		t.Fatalf("%d pages, %d processes: %v", pages, len(seen), seen)
+	}
+}
+
+// Output a ring could not store (the container's disk was full) is not lost
+// silently: the offsets count it, and an attach skips it with
+// dropped_before. ROOT-ONLY: the state dir is a small tmpfs the test fills.
+func TestRingWriteFailuresShowAsDropped(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("ROOT-ONLY: mounts a tmpfs; runs in CI as root")
+	}
+	state, marks := t.TempDir(), t.TempDir()
+	if err := unix.Mount("tmpfs", state, "tmpfs", 0, "size=256k"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(state, unix.MNT_DETACH) })
+	a := newAgent(t, func(c *Config) { c.StateDir = state })
+	script := fmt.Sprintf(`printf first; while [ ! -e %[1]s/full ]; do sleep 0.01; done
+head -c 20000 /dev/zero; while [ ! -e %[1]s/freed ]; do sleep 0.01; done; printf after`, marks)
+	startProc(t, a, "full", sh(script))
+	for i := 0; ; i++ { // "first" is in its ring
+		resp, _ := a.client.GetProcess(authed(t), &execv1.GetProcessRequest{ContainerId: testContainer, ProcessId: "full"})
+		if resp != nil && resp.Process.StdoutBytes == 5 {
+			break
+		}
+		if i > 500 {
+			t.Fatal("no output")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	filler, err := os.Create(filepath.Join(state, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, err = filler.Write(make([]byte, 4096)); err == nil; _, err = filler.Write(make([]byte, 4096)) {
+	}
+	_ = os.WriteFile(filepath.Join(marks, "full"), nil, 0o644)
+	for i := 0; ; i++ { // the 20000 bytes were taken from the pipe
+		resp, _ := a.client.GetProcess(authed(t), &execv1.GetProcessRequest{ContainerId: testContainer, ProcessId: "full"})
+		if resp != nil && resp.Process.StdoutBytes == 20005 {
+			break
+		}
+		if i > 500 {
+			t.Fatalf("stdout_bytes stuck: %v", resp.GetProcess())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = filler.Close()
+	_ = os.Remove(filler.Name())
+	_ = os.WriteFile(filepath.Join(marks, "freed"), nil, 0o644)
+	p := waitExited(t, a, "full")
+	if p.StdoutBytes != 20010 {
+		t.Fatalf("stdout_bytes %d", p.StdoutBytes)
+	}
+	r := attach(t, a, &execv1.AttachProcessRequest{ProcessId: "full"})
+	first, last := r.outChunks[0], r.outChunks[len(r.outChunks)-1]
+	if first.Offset != 0 || !bytes.HasPrefix(first.Data, []byte("first")) || first.DroppedBefore {
+		t.Fatalf("first chunk %d %q %v", first.Offset, first.Data[:min(len(first.Data), 8)], first.DroppedBefore)
+	}
+	if last.Offset != 20005 || string(last.Data) != "after" || !last.DroppedBefore || len(r.out) >= 20010 {
+		t.Fatalf("last chunk %d %q dropped %v; %d bytes received", last.Offset, last.Data, last.DroppedBefore, len(r.out))
 	}
 }

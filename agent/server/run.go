@@ -73,17 +73,17 @@ wait:
 			break wait
 		case <-timer.C:
 			timedOut = true
-			killGroup(c.pid, unix.SIGKILL)
+			s.kill(c, unix.SIGKILL, false)
 		case <-ctx.Done():
-			killGroup(c.pid, unix.SIGKILL)
+			s.kill(c, unix.SIGKILL, false)
 			<-c.done
 			return nil, ctx.Err()
 		}
 	}
-	// The call ends with the command: what it left running in its group goes
-	// too (StartProcess is the way to leave something running). Its output
-	// already in the pipes is still read to the end.
-	killGroup(c.pid, unix.SIGKILL)
+	// The call ends with the command: what it left running in its group went
+	// too (killed by the reaper before it reaped the command; StartProcess is
+	// the way to leave something running). Its output already in the pipes
+	// is still read to the end.
 	close(exited)
 	wg.Wait()
 	return &execv1.RunResponse{

@@ -15,7 +15,8 @@ import (
 
 // Config is read once by main and passed down.
 type Config struct {
-	// Token every call must carry (x-sandhub-agent-token).
+	// Token is the per-container credential; calls prove they hold it
+	// (auth.go), it never travels.
 	Token []byte
 	// ContainerID is the only container_id requests may name.
 	ContainerID string
@@ -97,7 +98,8 @@ const (
 	maxStreams   = 256
 )
 
-// GRPCServer builds the grpc.Server with auth and bounds, ExecService registered.
+// GRPCServer builds the grpc.Server with auth and bounds, ExecService registered
+// (every method as a stream: unary.go).
 func (s *Server) GRPCServer() *grpc.Server {
 	g := grpc.NewServer(
 		grpc.MaxRecvMsgSize(maxRecvBytes),
@@ -109,8 +111,8 @@ func (s *Server) GRPCServer() *grpc.Server {
 		grpc.MaxHeaderListSize(64<<10),
 		grpc.ConnectionTimeout(10*time.Second),
 	)
-	execv1.RegisterExecServiceServer(g, s)
-	// Open without the token (auth.go), for a kubelet's gRPC readiness
+	g.RegisterService(streamedServiceDesc(), s)
+	// Open without credentials (auth.go), for a kubelet's gRPC readiness
 	// probe; it says only that the agent serves.
 	healthpb.RegisterHealthServer(g, health.NewServer())
 	return g

@@ -17,7 +17,8 @@ class HubBudgets:
     """Run, Exec, PutFiles, GetFiles and AttachProcess: each holds a process or a stream."""
     watches: TenantBudget
     output: TenantBudget
-    """Bytes of Run output held in memory (see hub_service.exec.run.OutputAllowance)."""
+    """Bytes of agent replies held in memory: Run output and process-call replies
+    (see hub_service.exec.agent_servicer.HeldReply)."""
 
     @classmethod
     def from_config(cls, config: HubConfig) -> HubBudgets:

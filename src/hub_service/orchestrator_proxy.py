@@ -3,7 +3,7 @@ with the caller's tenant, a request id and a deadline."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -27,11 +27,14 @@ class OrchestratorUnavailable(BackendUnavailable):
 
 class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
     def __init__(self, stub: pb_grpc.OrchestratorServiceStub, auth: ApiKeyAuth, *, timeout_s: float,
-                 budgets: HubBudgets) -> None:
+                 budgets: HubBudgets, deleted: Callable[[str], None] = lambda _: None) -> None:
+        """``deleted``: told the id of each container a DeleteContainer passed
+        on here deleted (the agent directory forgets it)."""
         self._stub = stub
         self._auth = auth
         self._timeout_s = timeout_s
         self._budgets = budgets
+        self._deleted = deleted
 
     def _call_options(self, context: rpc.Ctx) -> dict[str, Any]:
         """Metadata made here, nothing copied from the caller's: a caller's own
@@ -64,7 +67,9 @@ class OrchestratorProxy(pb_grpc.OrchestratorServiceServicer):
         return await self._unary(self._stub.ListContainers, request, context)  # type: ignore[no-any-return]
 
     async def DeleteContainer(self, request: pb.DeleteContainerRequest, context: rpc.Ctx) -> pb.DeleteContainerResponse:
-        return await self._unary(self._stub.DeleteContainer, request, context)  # type: ignore[no-any-return]
+        response = await self._unary(self._stub.DeleteContainer, request, context)
+        self._deleted(request.container_id)  # its agent's address may soon be another container's
+        return response  # type: ignore[no-any-return]
 
     async def ExtendContainer(self, request: pb.ExtendContainerRequest, context: rpc.Ctx) -> pb.ExtendContainerResponse:
         return await self._unary(self._stub.ExtendContainer, request, context)  # type: ignore[no-any-return]

@@ -12,10 +12,7 @@ from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
 from hub_service.exec.agent_servicer import AgentExecServicer
 from hub_service.exec.agents import AgentChannels, AgentDirectory
-from hub_service.exec.containers import ContainerLookup
 from hub_service.exec.relay import AgentRelay
-from hub_service.exec.drivers import Drivers
-from hub_service.exec.servicer import ExecServicer
 from hub_service.orchestrator_proxy import OrchestratorProxy
 from sandhub import internal_auth, rpc
 from sandhub.config import HubConfig
@@ -34,14 +31,12 @@ class RunningHub:
     server: grpc.aio.Server
     channel: grpc.aio.Channel
     port: int
-    drivers: Drivers
     config: HubConfig
     budgets: HubBudgets
     agent_channels: AgentChannels
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
-        await self.drivers.close()
         await self.agent_channels.close()
         await self.channel.close()
 
@@ -50,12 +45,9 @@ PROOF_TIMEOUT_S = 10.0
 """How long a relayed stream waits for the agent's header (connecting included)."""
 
 
-async def start_hub(config: HubConfig, *, exec_via_agent: bool = True) -> RunningHub:
-    """``exec_via_agent``: ExecService relays every call to the container's
-    agent (found through the Orchestrator's AgentDirectoryService), the way
-    every backend works now. False keeps the old path through the backend's
-    exec driver (Kubernetes pods/exec, for the tests and bench comparing
-    both) until it is removed."""
+async def start_hub(config: HubConfig) -> RunningHub:
+    """ExecService relays every call to the container's agent, found through
+    the Orchestrator's AgentDirectoryService."""
     if not config.api_keys:
         raise ValueError("no API keys configured: set SANDHUB_API_KEYS=key=tenant (or use `sandhub serve --dev`)")
     token = internal_auth.require_token(config.orchestrator_token, who="hub")
@@ -73,23 +65,19 @@ async def start_hub(config: HubConfig, *, exec_via_agent: bool = True) -> Runnin
     budgets = HubBudgets.from_config(config)
     server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("hub")])
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    directory = AgentDirectory(channel, agent_key=internal_auth.agent_key(token), timeout_s=config.backend_timeout_s)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-        OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s, budgets=budgets), server
+        OrchestratorProxy(stub, auth, timeout_s=config.backend_timeout_s, budgets=budgets,
+                          deleted=directory.forget_container), server
     )
-    drivers = Drivers(config)
-    lookup = ContainerLookup(stub, timeout_s=config.backend_timeout_s)
     agent_channels = AgentChannels()
-    if exec_via_agent:
-        directory = AgentDirectory(channel, agent_key=internal_auth.agent_key(token), timeout_s=config.backend_timeout_s)
-        relay = AgentRelay(directory, agent_channels, proof_timeout_s=PROOF_TIMEOUT_S)
-        exec_pb2_grpc.add_ExecServiceServicer_to_server(
-            AgentExecServicer(auth, relay, config.exec, budgets, call_timeout_s=config.backend_timeout_s), server)
-    else:
-        exec_pb2_grpc.add_ExecServiceServicer_to_server(ExecServicer(auth, lookup, drivers, config.exec, budgets), server)
+    relay = AgentRelay(directory, agent_channels, proof_timeout_s=PROOF_TIMEOUT_S)
+    exec_pb2_grpc.add_ExecServiceServicer_to_server(
+        AgentExecServicer(auth, relay, config.exec, budgets, call_timeout_s=config.backend_timeout_s), server)
     rpc.add_health_and_reflection(server, SERVICES)
     port = transport.bind(server, config.listen, server_credentials)
     await server.start()
     log.info("hub.serving", listen=config.listen, port=port, tls=server_credentials is not None,
              orchestrator=config.orchestrator,
              tenants=sorted(set(config.api_keys.values())))
-    return RunningHub(server, channel, port, drivers, config, budgets, agent_channels)
+    return RunningHub(server, channel, port, config, budgets, agent_channels)

@@ -6,7 +6,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from orchestrator_service.backends.exec_base import ENV_NAME
 from orchestrator_service.model import ContainerSpec, Port, Resources
 from sandhub.config import Limits
 from sandhub.errors import InvalidField, UnknownPlacement, clip
@@ -15,6 +14,8 @@ RESERVED_LABEL_PREFIX = "sandhub.dev/"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+"""Variable names every backend can pass on (a shell `export` included)."""
 MAX_ENV_VALUE = 32 * 1024
 MAX_ENV_NAME = 256
 MAX_REQUEST_ID = 128

@@ -328,15 +328,10 @@ class OrchestratorConfig:
 class ExecLimits:
     """Bounds on what an ExecService caller can make big."""
 
-    max_upload_bytes: int = 1 << 30
-    """Bytes one PutFiles call may carry; above it is RESOURCE_EXHAUSTED."""
-    max_upload_files: int = 10000
     max_upload_s: float = 3600.0
     """Seconds one PutFiles call may last (then DEADLINE_EXCEEDED, nothing
-    written). It also bounds how old an upload's temporary file can be: one
-    untouched for longer is a leftover of a Hub killed mid-upload, and the
-    next upload into its directory removes it. An hour carries the largest
-    upload at 300 KB/s."""
+    written). An hour carries the largest upload (the agent's 1 GiB) at
+    300 KB/s."""
     default_output_bytes: int = 1 << 20
     """Run: stdout and stderr kept per stream when the caller asks for no cap
     (bytes; the rest is dropped and the stream's ``*_truncated`` flag set)."""
@@ -350,12 +345,8 @@ class ExecLimits:
     default_run_timeout_s: float = 60.0
     max_run_timeout_s: float = 3600.0
     max_exec_timeout_s: float = 86400.0
-    max_command_bytes: int = 128 * 1024
-    """argv + env + cwd of one command, in bytes."""
     chunk_bytes: int = 64 * 1024
     """Largest output message; small writes are batched up to this."""
-    batch_window_s: float = 0.002
-    """How long output waits for more before it is sent (batching)."""
     keepalive_s: float = 15.0
     """A keepalive goes out on a stream idle this long, so proxies keep it open."""
     max_calls_per_tenant: int = 64
@@ -390,9 +381,6 @@ class HubConfig:
     """Deadline of every call to the orchestrator when the caller set none."""
     connect_timeout_s: float = 2.0
     """How long the Hub waits for an unreachable orchestrator before UNAVAILABLE."""
-    local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
-    """Where the local backend keeps its containers: the Hub enters them
-    directly, so it must run on the same host as a local orchestrator."""
     exec: ExecLimits = field(default_factory=ExecLimits)
     max_calls_per_tenant: int = 8
     """Short calls (every OrchestratorService call but Watch; StartProcess,
@@ -414,8 +402,6 @@ class HubConfig:
     RESOURCE_EXHAUSTED. A caller needs one or a few; 1,000 went unbounded."""
     max_watches: int = 1024
     """Watch streams open for all tenants together on one Hub."""
-    kubernetes: KubernetesBackendConfig = field(default_factory=KubernetesBackendConfig)
-    """Where the Kubernetes backend's pods are: the Hub execs into them itself."""
     orchestrator_token: str = field(default="", repr=False)
     """The Orchestrator's token (OrchestratorConfig.token), sent on every call
     to it. No default: "" refuses to start (see OrchestratorConfig.token)."""
@@ -767,8 +753,6 @@ def load_hub(env: Mapping[str, str]) -> HubConfig:
         api_keys=keys,
         backend_timeout_s=_float(env, "SANDHUB_BACKEND_TIMEOUT", 30.0),
         connect_timeout_s=_float(env, "SANDHUB_CONNECT_TIMEOUT", 2.0),
-        local=load_local(env),
-        kubernetes=load_kubernetes(env),
         orchestrator_token=load_orchestrator_token(env),
         exec=load_exec(env),
         tls_cert_file=tls[0],

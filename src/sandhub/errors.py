@@ -129,49 +129,6 @@ class ContainerNotRunning(SandhubError):
         )
 
 
-class ProcessNotFound(SandhubError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "PROCESS_NOT_FOUND"
-
-    def __init__(self, container_id: str, process_id: str) -> None:
-        super().__init__(
-            f"process {clip(process_id)!r} not found in container {clip(container_id)!r}",
-            metadata={"container_id": container_id, "process_id": process_id},
-        )
-
-
-class PayloadTooLarge(SandhubError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "PAYLOAD_TOO_LARGE"
-
-    def __init__(self, message: str, *, limit: int | None = None, error: str = "") -> None:
-        """``limit``: the byte or file count that was passed; ``error``: the OS
-        error when the container's disk is what ran out (ENOSPC), not a limit."""
-        metadata = {"limit": str(limit)} if limit is not None else {}
-        if error:
-            metadata["error"] = error
-        super().__init__(message, metadata=metadata)
-
-
-class PathNotAllowed(SandhubError):
-    """A path the caller gave (in request field ``field``, named in the
-    message) that the container's files can't be reached by."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "PATH_NOT_ALLOWED"
-
-    def __init__(self, field: str, path: str, message: str) -> None:
-        super().__init__(f"{field}: {message}", metadata={"path": path})
-
-
-class PathNotFound(SandhubError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "PATH_NOT_FOUND"
-
-    def __init__(self, path: str) -> None:
-        super().__init__(f"no such file or directory in the container: {clip(path)!r}", metadata={"path": path})
-
-
 class InvalidStream(SandhubError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_STREAM"

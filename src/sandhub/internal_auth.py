@@ -79,8 +79,11 @@ def metadata(token: str) -> tuple[tuple[str, str]]:
 # The contract is in proto/sandhub/internal/v1/agents.proto (AgentDirectoryService's
 # comment); the agent (agent/) implements the other half.
 
-AGENT_TOKEN_KEY = "x-sandhub-agent-token"
 AGENT_NONCE_KEY = "x-sandhub-agent-nonce"
+AGENT_AUTH_KEY = "x-sandhub-agent-auth"
+"""The Hub's signature of one call (agent_call_auth): the credential itself is
+never sent, so an address handed on to another container (a pod IP reused)
+learns nothing it could replay elsewhere."""
 AGENT_PROOF_KEY = "x-sandhub-agent-proof"
 _AGENT_KEY_LABEL = b"sandhub agent key v1"
 
@@ -99,6 +102,21 @@ def agent_token(key: bytes, container_id: str) -> str:
 
 def new_agent_nonce() -> str:
     return secrets.token_hex(16)
+
+
+def agent_call_auth(token: str, nonce: str, method: str) -> str:
+    """What the Hub sends an agent holding ``token`` with one call: signs the
+    nonce and the full method name ("/sandhub.exec.v1.ExecService/Run"), with a
+    "hub" label so it can never be mistaken for an agent's proof."""
+    message = b"hub\x00" + nonce.encode() + b"\x00" + method.encode()
+    return hmac.new(token.encode(), message, "sha256").hexdigest()
+
+
+def agent_call_metadata(token: str, method: str, nonce: str = "") -> tuple[tuple[str, str], ...]:
+    """The metadata one call to an agent carries (``nonce``: a fresh one by
+    default); for tools and tests that call an agent directly."""
+    nonce = nonce or new_agent_nonce()
+    return ((AGENT_NONCE_KEY, nonce), (AGENT_AUTH_KEY, agent_call_auth(token, nonce, method)))
 
 
 def agent_proof(token: str, nonce: str) -> str:

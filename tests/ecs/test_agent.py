@@ -75,13 +75,21 @@ class Setup:
             taskDefinition=task["taskDefinitionArn"])["taskDefinition"]
         [main] = [c for c in definition["containerDefinitions"] if c["name"] == "main"]
         [init] = [c for c in definition["containerDefinitions"] if c["name"] == "sandhub-agent-init"]
-        [override] = task["overrides"]["containerOverrides"]
-        env = {e["name"]: e["value"] for e in override["environment"]}
+        env, init_env = overrides(task)
         agent = await start_agent_as([*main["entryPoint"], *main["command"]], env,
                                      ip=container.network.ip_address, port=self.agent_port,
-                                     root=self.root / container.container_id, install=init["command"])
+                                     root=self.root / container.container_id, install=init["command"],
+                                     install_env=init_env)
         self.agents.append(agent)
         return agent
+
+
+def overrides(task: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """RunTask's environment overrides: the main container's, the init container's."""
+    by_name = {o["name"]: {e["name"]: e["value"] for e in o.get("environment") or ()}
+               for o in task["overrides"]["containerOverrides"]}
+    assert set(by_name) == {"main", "sandhub-agent-init"}
+    return by_name["main"], by_name["sandhub-agent-init"]
 
 
 @pytest.fixture
@@ -98,7 +106,7 @@ async def setup(aws: Aws) -> AsyncIterator[Setup]:
 
     orch = await start_orchestrator(config, backend=backend)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
-                                    orchestrator_token=config.token), exec_via_agent=True)
+                                    orchestrator_token=config.token))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     s = Setup(aws, orch, hub, channel, port, Path(tempfile.mkdtemp(prefix="sandhub-ecs-agent-")), [])
     yield s
@@ -114,8 +122,11 @@ async def test_the_task_carries_the_agent_and_the_directory_gives_its_address(se
     cid = container.container_id
     task = setup.task(cid)
     assert task["clusterArn"].endswith(CLUSTER)
-    env = {e["name"]: e["value"] for e in task["overrides"]["containerOverrides"][0]["environment"]}
-    assert env["SANDHUB_AGENT_TOKEN"] == internal_auth.agent_token(AGENT_KEY, cid)
+    env, init_env = overrides(task)
+    # Only the init container (which exits) gets the credential: it leaves it
+    # in a file for the agent, never in the main container's environment.
+    assert init_env == {"SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, cid)}
+    assert "SANDHUB_AGENT_TOKEN" not in env
     assert env["SANDHUB_CONTAINER_ID"] == cid and dict(container.env) == {"GREETING": "hi"}
     directory = agents_pb2_grpc.AgentDirectoryServiceStub(orchestrator_channel(setup.orchestrator.port))
     got = await directory.GetAgentEndpoint(agents_pb2.GetAgentEndpointRequest(container_id=cid),
@@ -132,6 +143,10 @@ async def test_exec_files_and_background_processes_reach_the_tasks_agent(setup: 
     r = await run(ex, cid, shell="echo hello from the task; echo $GREETING; echo ${SANDHUB_AGENT_TOKEN:-unset}")
     # The caller's env reaches commands; the agent's credential doesn't.
     assert (r.exit_status.exit_code, r.stdout) == (0, b"hello from the task\nhi\nunset\n")
+    # Nor is it in the agent's own environment (/proc/1/environ) or left in a file.
+    token = internal_auth.agent_token(AGENT_KEY, cid).encode()
+    assert token not in Path(f"/proc/{agent.process.pid}/environ").read_bytes()
+    assert not (setup.root / cid / "run" / "sandhub" / "agent-token").exists()
     blob = bytes(range(256)) * 4096
     got = await put(ex, cid, {"blob.bin": blob, "app/main.py": b"print(1)\n"}, destination="up")
     assert len(got.files) == 2 and (agent.work / "up" / "app" / "main.py").read_bytes() == b"print(1)\n"
@@ -164,10 +179,11 @@ async def test_another_tasks_agent_at_the_address_gets_no_call(setup: Setup) -> 
         taskDefinition=task["taskDefinitionArn"])["taskDefinition"]
     [main] = [c for c in definition["containerDefinitions"] if c["name"] == "main"]
     other = "cnt-othertask001"
+    [init] = [c for c in definition["containerDefinitions"] if c["name"] == "sandhub-agent-init"]
     setup.agents.append(await start_agent_as(
-        [*main["entryPoint"], *main["command"]],
-        {"SANDHUB_CONTAINER_ID": other, "SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, other)},
-        ip=container.network.ip_address, port=setup.agent_port, root=setup.root / other))
+        [*main["entryPoint"], *main["command"]], {"SANDHUB_CONTAINER_ID": other},
+        ip=container.network.ip_address, port=setup.agent_port, root=setup.root / other, install=init["command"],
+        install_env={"SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, other)}))
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await run(setup.exec, container.container_id, "echo", "secret")
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -62,9 +62,11 @@ async def test_create_tags_ip_and_placement(started: tuple[EcsBackend, Recording
     assert tags[t.CONTAINER_ID] == c.id and tags[t.TENANT] == "tenant-a" and tags["app"] == "web"
     assert tags[t.EXPIRE_TIME] == c.expire_time.isoformat() and t.text(tags, t.REQUEST_ID) == "req/1 ü"
     assert task["capacityProviderName"] == "FARGATE_SPOT"
-    env = {e["name"]: e["value"] for e in task["overrides"]["containerOverrides"][0]["environment"]}
-    assert env == {"GREETING": "hello", "SANDHUB_CONTAINER_ID": c.id,
-                   "SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, c.id)}
+    main, init = task["overrides"]["containerOverrides"]
+    assert main["name"] == "main" and init["name"] == "sandhub-agent-init"
+    assert {e["name"]: e["value"] for e in main["environment"]} == {"GREETING": "hello", "SANDHUB_CONTAINER_ID": c.id}
+    # The credential goes to the init container only (it leaves it in a file for the agent).
+    assert init["environment"] == [{"name": "SANDHUB_AGENT_TOKEN", "value": internal_auth.agent_token(AGENT_KEY, c.id)}]
     assert [e.type for e in events] == [EventType.ADDED]
 
 
@@ -80,7 +82,8 @@ async def test_task_definition_registered_once_and_found_after_restart(
                                                                 "sandhub/sandhub-agent:test")
     assert main["dependsOn"] == [{"containerName": "sandhub-agent-init", "condition": "COMPLETE"}]
     assert main["entryPoint"] == ["/sandhub/sandhub-agent"]
-    assert main["command"] == ["--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub"]
+    assert main["command"] == ["--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub",
+                               "--token-file", "/run/sandhub/agent-token"]
     assert (definition["cpu"], definition["memory"], definition["networkMode"]) == ("1024", "2048", "awsvpc")
     assert "taskRoleArn" not in definition
     tasks = {t.from_aws(x["tags"])[t.CONTAINER_ID]: x["taskDefinitionArn"] for x in aws.tasks()}
@@ -137,10 +140,12 @@ async def test_each_task_gets_its_own_agent_credential_so_creates_are_not_batche
     assert sorted(k["count"] for k in calls) == [1] * 25 and ecs.called("tag_resource") == []
     for k in calls:
         cid = t.from_aws(k["tags"])[t.CONTAINER_ID]
-        env = {e["name"]: e["value"] for e in k["overrides"]["containerOverrides"][0]["environment"]}
+        main, init = k["overrides"]["containerOverrides"]
         # The caller can't choose the agent's variables.
-        assert env == {"GREETING": "hello", "SANDHUB_CONTAINER_ID": cid,
-                       "SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, cid)}
+        assert {e["name"]: e["value"] for e in main["environment"]} == {
+            "GREETING": "hello", "SANDHUB_CONTAINER_ID": cid}
+        assert init == {"name": "sandhub-agent-init", "environment": [
+            {"name": "SANDHUB_AGENT_TOKEN", "value": internal_auth.agent_token(AGENT_KEY, cid)}]}
     assert [c.id for c in made] == ids and len({c.ip_address for c in made}) == 25
     assert all(c.env == {"GREETING": "hello"} for c in made), "the agent's variables are not the caller's env"
     assert [backend.agent_target(c) for c in made] == [f"{c.ip_address}:49983" for c in made]

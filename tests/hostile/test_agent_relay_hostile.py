@@ -11,6 +11,7 @@ unfiltered, or slow another container's calls. A real agent
 from __future__ import annotations
 
 import asyncio
+import hmac
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 
 import hub_service.server
 from sandhub import internal_auth, rpc
+from sandhub.config import ExecLimits
 from sandhub.errors import ECHO_CHARS, METADATA_KEYS
 from sandhub.exec.v1 import exec_pb2 as pb
 from sandhub.exec.v1 import exec_pb2_grpc as pb_grpc
@@ -45,12 +47,45 @@ class FakeAgent(pb_grpc.ExecServiceServicer):
     sent: int = 0
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def _prove(self, context: rpc.Ctx) -> None:
+    headers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """(method, invocation metadata) of each call."""
+
+    async def _prove(self, method: str, context: rpc.Ctx) -> None:
+        """Before it reads any request, as the real agent does (the Hub sends
+        none before the proof); an "unproven:" mode ends the call instead."""
+        self.headers.append((method, dict(context.invocation_metadata() or ())))
+        if self.mode.startswith("unproven:"):
+            self.mode = self.mode.removeprefix("unproven:")
+            await self._misbehave(context)
         if self.token is None:
             return
-        nonce = dict(context.invocation_metadata() or ()).get(internal_auth.AGENT_NONCE_KEY, "")
+        nonce = self.headers[-1][1].get(internal_auth.AGENT_NONCE_KEY, "")
         await context.send_initial_metadata(((internal_auth.AGENT_PROOF_KEY,
                                               internal_auth.agent_proof(self.token, str(nonce))),))
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """Every method as a bidi stream that proves itself first, as the real
+        agent registers them."""
+        handlers = {}
+        for method in pb.DESCRIPTOR.services_by_name["ExecService"].methods:
+            impl = getattr(self, method.name, None)
+            if impl is not None:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self._proving(method.name, impl, method.client_streaming, method.server_streaming),
+                    request_deserializer=getattr(pb, method.input_type.name).FromString,
+                    response_serializer=lambda m: m.SerializeToString())
+        return grpc.method_handlers_generic_handler("sandhub.exec.v1.ExecService", handlers)
+
+    def _proving(self, name: str, impl: Any, client_streaming: bool, server_streaming: bool) -> Any:
+        async def handler(requests: AsyncIterator[Any], context: rpc.Ctx) -> AsyncIterator[Any]:
+            await self._prove(name, context)
+            arg = requests if client_streaming else await requests.__anext__()
+            if server_streaming:
+                async for response in impl(arg, context):
+                    yield response
+            else:
+                yield await impl(arg, context)
+        return handler
 
     async def _misbehave(self, context: rpc.Ctx) -> None:
         if self.mode == "stall":
@@ -70,20 +105,18 @@ class FakeAgent(pb_grpc.ExecServiceServicer):
 
     async def Run(self, request: pb.RunRequest, context: rpc.Ctx) -> pb.RunResponse:
         self.received.append(request)
-        await self._prove(context)
         await self._misbehave(context)
         size = {"huge": 6 * MiB, "over-cap": request.max_output_bytes + 1}.get(self.mode, 5)
         return pb.RunResponse(stdout=b"s" * size, exit_status=pb.ExitStatus(exit_code=0))
 
     async def GetProcess(self, request: pb.GetProcessRequest, context: rpc.Ctx) -> pb.GetProcessResponse:
         self.received.append(request)
-        await self._prove(context)
         await self._misbehave(context)
-        return pb.GetProcessResponse(process=pb.Process(process_id=request.process_id))
+        argv = ["a" * MiB] * 3 if self.mode == "big-process" else []
+        return pb.GetProcessResponse(process=pb.Process(process_id=request.process_id, command=pb.Command(argv=argv)))
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
         self.received.append(request)
-        await self._prove(context)
         await self._misbehave(context)
         context.add_done_callback(lambda _: self.cancelled.set())  # it never ends otherwise
         yield pb.GetFilesResponse(info=pb.FileInfo(path="/x", size=-1))
@@ -92,13 +125,11 @@ class FakeAgent(pb_grpc.ExecServiceServicer):
             self.sent += 1
 
     async def PutFiles(self, request_iterator: AsyncIterator[pb.PutFilesRequest], context: rpc.Ctx) -> pb.PutFilesResponse:
-        await self._prove(context)
         async for request in request_iterator:
             self.received.append(request)
         return pb.PutFilesResponse(total_bytes=1)
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: rpc.Ctx) -> AsyncIterator[pb.ExecResponse]:
-        await self._prove(context)
         await self._misbehave(context)
         context.add_done_callback(lambda _: self.cancelled.set())
         async for request in request_iterator:
@@ -119,17 +150,18 @@ class Hostile:
 
 
 @pytest.fixture
-async def hostile() -> AsyncIterator[Hostile]:
+async def hostile(request: pytest.FixtureRequest) -> AsyncIterator[Hostile]:
     if not agent_sends_proof():
         pytest.fail("agent/ does not send x-sandhub-agent-proof yet; the good container needs a real agent that does")
     hub_service.server.PROOF_TIMEOUT_S = 1.0  # a stalled agent is given up on quickly here (read at start_hub)
     root = Path(tempfile.mkdtemp(prefix="shh-", dir="/tmp"))
     try:
-        async for relay in start_relay_hub(root, backend_timeout_s=2.0):
+        config = getattr(request, "param", {})
+        async for relay in start_relay_hub(root, backend_timeout_s=2.0, **config):
             await relay.agent(GOOD, tenant="tenant-b")
             fake = FakeAgent(token=internal_auth.agent_token(AGENT_KEY, EVIL))
             server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * MiB)])
-            pb_grpc.add_ExecServiceServicer_to_server(fake, server)
+            server.add_generic_rpc_handlers((fake.handlers(),))
             socket = root / "evil.sock"
             server.add_insecure_port(f"unix:{socket}")
             await server.start()
@@ -199,6 +231,7 @@ async def test_a_meaningful_error_is_passed_on_with_rebuilt_details(hostile: Hos
 
 
 async def test_answers_without_the_right_proof_are_dropped(hostile: Hostile) -> None:
+    """Unary calls too: the request itself goes out only after the proof."""
     for token in (None, internal_auth.agent_token(AGENT_KEY, GOOD), "x" * 64):
         hostile.agent.token = token
         e = await _run_error(hostile)
@@ -206,6 +239,37 @@ async def test_answers_without_the_right_proof_are_dropped(hostile: Hostile) -> 
         with pytest.raises(grpc.aio.AioRpcError) as got:
             await hostile.relay.stub.GetProcess(pb.GetProcessRequest(container_id=EVIL, process_id="p"), metadata=A)
         assert got.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert not hostile.agent.received, "a request reached an agent that did not prove itself"
+
+
+async def test_the_credential_is_never_sent_and_every_call_is_signed(hostile: Hostile) -> None:
+    token = internal_auth.agent_token(AGENT_KEY, EVIL)
+
+    async def upload() -> AsyncIterator[pb.PutFilesRequest]:
+        yield pb.PutFilesRequest(start=pb.PutFilesStart(container_id=EVIL))
+
+    await hostile.relay.stub.Run(_run(EVIL), metadata=A)
+    await hostile.relay.stub.GetProcess(pb.GetProcessRequest(container_id=EVIL, process_id="p"), metadata=A)
+    await hostile.relay.stub.PutFiles(upload(), metadata=A)
+    assert [m for m, _ in hostile.agent.headers] == ["Run", "GetProcess", "PutFiles"]
+    nonces = set()
+    for method, header in hostile.agent.headers:
+        assert not [k for k, v in header.items() if token in str(v)], header
+        nonce = header[internal_auth.AGENT_NONCE_KEY]
+        nonces.add(nonce)
+        expected = hmac.new(token.encode(), f"hub\x00{nonce}\x00/sandhub.exec.v1.ExecService/{method}".encode(),
+                            "sha256").hexdigest()
+        assert header[internal_auth.AGENT_AUTH_KEY] == expected
+    assert len(nonces) == 3
+
+
+async def test_a_status_before_the_proof_keeps_only_its_code_and_reason(hostile: Hostile) -> None:
+    hostile.agent.mode = "unproven:status:NOT_FOUND:PATH_NOT_FOUND:path=/agent-chosen,evil=1"
+    e = await _run_error(hostile)
+    assert (e.code(), rpc.error_reason(e)) == (grpc.StatusCode.NOT_FOUND, "PATH_NOT_FOUND")
+    assert "agent says" not in (e.details() or "") and "m" * 20 not in (e.details() or "")
+    assert dict(_error_info(e).metadata) == {"container_id": EVIL}
+    assert not hostile.agent.received
 
 
 async def test_streams_send_nothing_to_an_agent_that_does_not_prove(hostile: Hostile) -> None:
@@ -290,3 +354,21 @@ async def test_a_flooding_exec_is_cancelled_with_its_caller(hostile: Hostile) ->
     await _good_still_works(hostile)
     call.cancel()
     await asyncio.wait_for(hostile.agent.cancelled.wait(), 10)
+
+
+@pytest.mark.parametrize("hostile", [{"exec": ExecLimits(max_held_output_bytes_per_tenant=2 * MiB)}], indirect=True)
+async def test_process_replies_count_against_the_output_budget(hostile: Hostile) -> None:
+    """A 3 MiB GetProcess reply does not fit a 2 MiB budget: refused, and
+    nothing stays counted once the calls are over."""
+    budgets = hostile.relay.hub.budgets
+    get = pb.GetProcessRequest(container_id=EVIL, process_id="p")
+    await hostile.relay.stub.GetProcess(get, metadata=A)
+    hostile.agent.mode = "big-process"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await hostile.relay.stub.GetProcess(get, metadata=A)
+    assert (e.value.code(), rpc.error_reason(e.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+    for _ in range(100):
+        if budgets.output.used("tenant-a") == 0 and budgets.calls.count.used("tenant-a") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert budgets.output.used("tenant-a") == 0 and budgets.calls.count.used("tenant-a") == 0

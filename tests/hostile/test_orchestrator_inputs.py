@@ -24,9 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator_service.backends.exec_base import CommandSpec
 from orchestrator_service.backends.local import sandbox
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.backends.local.seccomp import syscall_number
 from orchestrator_service.rate import TokenBuckets
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
@@ -34,6 +32,7 @@ from orchestrator_service.validation import RawCreate
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.rpc import error_reason
 from tests.conftest import PrivateNetwork, Services, auth, orchestrator_config, traversable
+from tests.container_shell import ContainerShell
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -220,24 +219,14 @@ print(r, ctypes.get_errno())
 """
 
 
-async def test_io_uring_is_refused_inside_a_container(services: Services) -> None:
+async def test_io_uring_is_refused_inside_a_container(services: Services, shell: ContainerShell) -> None:
     made = await services.hub_stub.CreateContainer(pb.CreateContainerRequest(wait_until_running=True), metadata=A)
-    driver = LocalExecDriver(services.orchestrator.config.local)
-    await driver.start()
-    try:
-        script = IO_URING.format(nr=syscall_number("io_uring_setup"))
-        proc = await driver.spawn(container_id=made.container.container_id,
-                                  command=CommandSpec(argv=("/usr/bin/python3", "-c", script)))
-        out = bytearray()
-        async with asyncio.timeout(30):
-            while (chunk := await proc.read()) is not None:
-                out += chunk.data
-            exit_info = await proc.wait()
-    finally:
-        await driver.close()
+    script = IO_URING.format(nr=syscall_number("io_uring_setup"))
+    reply = await shell.run(made.container.container_id, ["/usr/bin/python3", "-c", script], timeout_s=30)
+    out = reply.stdout + reply.stderr
     print(f"\nio_uring_setup in a container: {out.decode().strip()!r}")
-    assert exit_info.exit_code == 0, out
-    assert out.decode().split() == ["-1", str(errno.EPERM)]
+    assert reply.exit_status.exit_code == 0, out
+    assert reply.stdout.decode().split() == ["-1", str(errno.EPERM)]
 
 
 async def _create_direct(orch: RunningOrchestrator, tenant: str) -> str:

@@ -24,7 +24,7 @@ from sandhub.config import HubConfig
 from sandhub.errors import ContainerNotFound
 from sandhub.exec.v1 import exec_pb2_grpc
 from sandhub.internal.v1 import agents_pb2, agents_pb2_grpc
-from sandhub.orchestrator.v1 import orchestrator_pb2
+from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tests.conftest import KEYS, ORCHESTRATOR_TOKEN, auth
 
 AGENT_KEY = internal_auth.agent_key(ORCHESTRATOR_TOKEN)
@@ -116,6 +116,22 @@ class FakeDirectory(agents_pb2_grpc.AgentDirectoryServiceServicer):
         return agents_pb2.GetAgentEndpointResponse(target=entry.target, state=entry.state, backend="local")  # type: ignore[arg-type]
 
 
+class FakeOrchestrator(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """DeleteContainer only: marks the directory's entry TERMINATED."""
+
+    def __init__(self, directory: FakeDirectory) -> None:
+        self.directory = directory
+
+    async def DeleteContainer(self, request: orchestrator_pb2.DeleteContainerRequest,
+                              context: rpc.Ctx) -> orchestrator_pb2.DeleteContainerResponse:
+        entry = self.directory.entries.get(request.container_id)
+        if entry is None:
+            raise ContainerNotFound(request.container_id)
+        entry.state = orchestrator_pb2.CONTAINER_STATE_TERMINATED
+        return orchestrator_pb2.DeleteContainerResponse(
+            container=orchestrator_pb2.Container(container_id=request.container_id, state=entry.state))  # type: ignore[arg-type]
+
+
 @dataclass
 class RelayHub:
     hub: RunningHub
@@ -148,11 +164,11 @@ async def start_relay_hub(root: Path, **config: object) -> AsyncIterator[RelayHu
     server = grpc.aio.server(interceptors=[rpc.CanonicalInterceptor("directory"),
                                            internal_auth.TokenServerInterceptor(ORCHESTRATOR_TOKEN)])
     agents_pb2_grpc.add_AgentDirectoryServiceServicer_to_server(directory, server)
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(FakeOrchestrator(directory), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{port}", api_keys=KEYS,
-                                    orchestrator_token=ORCHESTRATOR_TOKEN, **config),  # type: ignore[arg-type]
-                          exec_via_agent=True)
+                                    orchestrator_token=ORCHESTRATOR_TOKEN, **config))  # type: ignore[arg-type]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     relay = RelayHub(hub, directory, server, channel, [], root)
     try:

@@ -2,7 +2,7 @@
 
 Runs against the real agent binary ($SANDHUB_AGENT, built by `make agent`) as
 a local process on a unix socket, a fake AgentDirectoryService standing in for
-the Orchestrator, and the real Hub (start_hub with exec_via_agent).
+the Orchestrator, and the real Hub (start_hub).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from sandhub import rpc
 from sandhub.config import ExecLimits
 from sandhub.exec.v1 import exec_pb2 as pb
-from sandhub.orchestrator.v1 import orchestrator_pb2
+from sandhub.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tests.integration.agent_harness import A, B, Entry, RelayHub, agent_sends_proof, start_relay_hub
 
 CID = "cnt-relay0000001"
@@ -213,6 +213,20 @@ async def test_a_deleted_container_answers_not_found_or_not_running(relay: Relay
         async for _ in relay.stub.GetFiles(pb.GetFilesRequest(container_id=CID, path="x"), metadata=A):
             pass
     assert rpc.error_reason(e.value) == "CONTAINER_NOT_FOUND"
+
+
+async def test_deleting_through_the_hub_forgets_the_cached_agent(relay: RelayHub) -> None:
+    run = pb.RunRequest(container_id=CID, command=pb.Command(argv=["true"]))
+    await relay.stub.Run(run, metadata=A)
+    await relay.stub.Run(run, metadata=A)
+    assert relay.directory.asked == 1  # cached
+    orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(relay.channel)
+    await orchestrator.DeleteContainer(orchestrator_pb2.DeleteContainerRequest(container_id=CID), metadata=A)
+    # The agent still answers (a pod's address handed on would too): the Hub must ask again.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await relay.stub.Run(run, metadata=A)
+    assert rpc.error_reason(e.value) == "CONTAINER_NOT_RUNNING"
+    assert relay.directory.asked == 2
 
 
 async def test_an_unreachable_agent_is_unavailable(relay: RelayHub) -> None:

@@ -27,13 +27,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator_service.backends.local import runtime_tools
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.model import State
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate
 from sandhub.config import LocalBackendConfig
 from tests.conftest import PrivateNetwork, orchestrator_config, traversable
-from tests.integration.test_local_exec import run
+from tests.container_shell import agent_shell
 from tests.integration.test_rootless import as_nobody
 
 pytestmark = pytest.mark.root
@@ -137,13 +136,9 @@ async def test_containers_start_and_run_commands_from_a_private_checkout(
     status = orchestrator.containers.backend.status()  # type: ignore[union-attr]
     assert status["bwrap"].startswith(str(private.run_dir)) and status["init"] == "busybox"
 
-    driver = LocalExecDriver(orchestrator.config.local)
-    await driver.start()
-    try:
-        exit_info, out, _ = await run(driver, c.id, "sh", "-c", "id -u; ls /.sandhub")
-    finally:
-        await driver.close()
-    assert exit_info.exit_code == 0 and out.split() == [b"1000", b"busybox"]
+    async with agent_shell(orchestrator.containers.backend, c.id, orchestrator_token=orchestrator.config.token) as shell:
+        reply = await shell.run(c.id, ["sh", "-c", "id -u; ls /.sandhub"])
+    assert reply.exit_status.exit_code == 0 and reply.stdout.split() == [b"1000", b"busybox", b"sandhub-agent"]
 
 
 def doctor(env: dict[str, str], *argv: str) -> tuple[int, dict[str, dict[str, object]]]:

@@ -93,7 +93,7 @@ async def test_process_ids_are_lower_case_alphanumerics_and_dashes(services: Ser
 async def test_a_process_command_comes_back_as_it_was_asked_for(services: Services,
                                                                 ex: xpb_grpc.ExecServiceStub) -> None:
     """A `shell` command stays `shell` (it came back as ["/bin/sh", "-c", ...]);
-    an argv stays that argv. Read back from the driver's record each time."""
+    an argv stays that argv. Read back from the agent's record each time."""
     c = await create(services)
     shell = xpb.Command(shell="echo $((6 * 7)); sleep 60", env={"A": "1"}, cwd="/tmp")
     argv = xpb.Command(argv=["sh", "-c", "sleep 60"])

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.model import CREATE_INTERRUPTED, Container, State, new_container_id, utcnow
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate, build_spec
 from sandhub.config import OrchestratorConfig
-from tests.conftest import PrivateNetwork, orchestrator_config
-from tests.integration.test_local_exec import drain, eventually
+from tests.conftest import PrivateNetwork, eventually, orchestrator_config
+from tests.container_shell import agent_shell
 
 pytestmark = pytest.mark.root
 
@@ -84,15 +82,10 @@ async def test_a_create_cut_short_by_a_crash_is_started_again_under_its_request_
     again = await orch.containers.create(RAW, tenant="t", wait_until_running=True)
     assert again.state is State.RUNNING, again
     assert again.id != lost.id and again.request_id == RAW.request_id and again.labels == {"app": "x"}
-    driver = LocalExecDriver(config.local)
-    await driver.start()
-    try:
-        proc = await driver.spawn(container_id=again.id, command=CommandSpec(("sh", "-c", "echo $A; echo ok")))
-        out, _ = await drain(proc)
-        assert await proc.wait() == ExitInfo(0, 0)
-        assert out == b"1\nok\n"
-    finally:
-        await driver.close()
+    async with agent_shell(orch.containers.backend, again.id, orchestrator_token=config.token) as shell:
+        reply = await shell.run(again.id, ["sh", "-c", "echo $A; echo ok"])
+    assert (reply.exit_status.exit_code, reply.exit_status.signal_number) == (0, 0)
+    assert reply.stdout == b"1\nok\n"
 
     # Idempotent from here on: the same request_id is that container, and
     # the old record is gone (one container per request_id, none FAILED).

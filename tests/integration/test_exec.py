@@ -171,8 +171,7 @@ async def test_path_escapes_are_refused(services: Services, ex: xpb_grpc.ExecSer
 async def test_oversized_and_aborted_uploads_leave_nothing(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services, resources=pb.Resources(disk_mib=64))
     # Announced too big: refused before a byte is written.
-    limits = ExecLimits()
-    huge = xpb.FileHeader(path="huge.bin", size=limits.max_upload_bytes + 1)
+    huge = xpb.FileHeader(path="huge.bin", size=(1 << 30) + 1)  # the agent's bound: 1 GiB per call
 
     async def announce() -> AsyncIterator[xpb.PutFilesRequest]:
         yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=c.container_id))
@@ -402,7 +401,7 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
     # The Hub goes away and a new one comes up: the process belongs to the container.
     await services.hub.stop(0)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
-                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    api_keys=KEYS,
                                     orchestrator_token=services.orchestrator.config.token))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     ex = xpb_grpc.ExecServiceStub(channel)
@@ -443,7 +442,7 @@ async def test_background_web_server_survives_a_hub_restart(services: Services) 
 async def test_output_is_batched_and_idle_streams_get_keepalives(services: Services) -> None:
     limits = ExecLimits(keepalive_s=0.2)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
-                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    api_keys=KEYS,
                                     orchestrator_token=services.orchestrator.config.token, exec=limits))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     try:
@@ -501,7 +500,7 @@ async def test_list_processes_pages_and_filters(services: Services, ex: xpb_grpc
 
 async def test_open_exec_calls_are_bounded_per_tenant(services: Services) -> None:
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{services.orchestrator.port}",
-                                    api_keys=KEYS, local=services.orchestrator.config.local,
+                                    api_keys=KEYS,
                                     orchestrator_token=services.orchestrator.config.token,
                                     exec=ExecLimits(max_calls_per_tenant=2)))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")

@@ -1,8 +1,8 @@
 """What a student's code can try from inside a container, and how it is stopped.
 
 Each test creates real containers through the Hub (local backend, root) and
-runs the attempt inside through the local exec driver: the same entering path
-ExecService uses, so these processes carry the container's uid, cgroups,
+runs the attempt inside through the Hub's ExecService (the container's agent
+starts it), so these processes carry the container's uid, cgroups,
 namespaces, seccomp filter and no capabilities. Network probes go only to the
 containers' own addresses and to this host's loopback.
 """
@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExitInfo
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import Services, auth, container_host_pids
+from tests.container_shell import BB, ContainerShell
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
-BB = "/.sandhub/busybox"
 
 
 async def create(services: Services, **resources: int) -> pb.Container:
@@ -36,19 +34,6 @@ async def create(services: Services, **resources: int) -> pb.Container:
     )
     assert response.container.state == pb.CONTAINER_STATE_RUNNING, response.container.state_message
     return response.container
-
-
-async def sh(driver: LocalExecDriver, container_id: str, script: str, timeout_s: float = 20.0) -> tuple[ExitInfo, str]:
-    """Runs a busybox shell script inside; returns its exit and stdout+stderr."""
-    proc = await driver.spawn(container_id=container_id, command=CommandSpec(argv=(BB, "sh", "-c", script)))
-    out = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            while (chunk := await proc.read()) is not None:
-                out += chunk.data
-            return await proc.wait(), out.decode(errors="replace")
-    finally:
-        await proc.kill()
 
 
 def host_pids_of(pid_ns: int) -> list[int]:
@@ -70,14 +55,14 @@ def host_uid_of(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
-async def test_files_processes_and_signals_of_another_container(services: Services, driver: LocalExecDriver) -> None:
+async def test_files_processes_and_signals_of_another_container(services: Services, shell: ContainerShell) -> None:
     a, b = await create(services), await create(services)
-    exit_a, _ = await sh(driver, a.container_id, "echo secret-of-a > /work/secret && chmod 600 /work/secret")
+    exit_a, _ = await shell.sh(a.container_id, "echo secret-of-a > /work/secret && chmod 600 /work/secret")
     assert exit_a.exit_code == 0
     # B has its own /work and /tmp, and sees no process but its own.
-    exit_b, out = await sh(driver, b.container_id, "cat /work/secret")
+    exit_b, out = await shell.sh(b.container_id, "cat /work/secret")
     assert "secret-of-a" not in out and exit_b.exit_code != 0
-    exit_b, out = await sh(driver, b.container_id, f"exec {BB} ps -o pid,args")
+    exit_b, out = await shell.sh(b.container_id, f"exec {BB} ps -o pid,args")
     rows = [line.split(None, 1)[1] for line in out.strip().splitlines()[1:]]
     # Its own init (the agent) and this ps: nothing of A's, nothing of the host's.
     assert len(rows) == 2 and rows[0].startswith("/.sandhub/sandhub-agent ") and "ps" in rows[1], out
@@ -86,7 +71,7 @@ async def test_files_processes_and_signals_of_another_container(services: Servic
     assert a_host_pids
     # A's processes are invisible to B, by host pid and through /proc.
     for pid in a_host_pids:
-        exit_b, out = await sh(driver, b.container_id, f"kill -0 {pid} 2>&1; ls /proc/{pid}/root/work 2>&1")
+        exit_b, out = await shell.sh(b.container_id, f"kill -0 {pid} 2>&1; ls /proc/{pid}/root/work 2>&1")
         assert "secret" not in out
     # Each container has its own unprivileged host uid: even a process that
     # could see A's (a shared mount, a leaked pid) can neither signal nor read it.
@@ -103,13 +88,11 @@ def host_pids_of_container(container_id: str) -> list[int]:
     return container_host_pids(container_id)
 
 
-async def test_network_other_container_and_host_loopback(services: Services, driver: LocalExecDriver) -> None:
+async def test_network_other_container_and_host_loopback(services: Services, shell: ContainerShell) -> None:
     a, b = await create(services), await create(services)
     assert a.network.ip_address and b.network.ip_address and a.network.ip_address != b.network.ip_address
     assert [e.address for e in a.network.endpoints] == [f"{a.network.ip_address}:8000"]
-    server, _ = await driver.start_background(
-        container_id=a.container_id, process_id="nc", command=CommandSpec(argv=(BB, "nc", "-ll", "-p", "8000", "-e", BB, "echo", "hi"))
-    )
+    await shell.start(a.container_id, "nc", (BB, "nc", "-ll", "-p", "8000", "-e", BB, "echo", "hi"))
     # The host reaches A at its address...
     for _ in range(100):
         try:
@@ -128,21 +111,19 @@ async def test_network_other_container_and_host_loopback(services: Services, dri
     gateway = a.network.ip_address.rsplit(".", 1)[0] + ".1"
     try:
         for target in (f"{a.network.ip_address} 8000", f"127.0.0.1 {host_port}", f"{gateway} {host_port}"):
-            exit_b, out = await sh(driver, b.container_id, f"{BB} nc -w 2 {target} </dev/null && echo CONNECTED")
+            exit_b, out = await shell.sh(b.container_id, f"{BB} nc -w 2 {target} </dev/null && echo CONNECTED")
             assert "CONNECTED" not in out and "hi" not in out, (target, out)
     finally:
         listener.close()
 
 
 async def test_http_server_inside_is_reached_at_the_reported_address(
-    services: Services, driver: LocalExecDriver
+    services: Services, shell: ContainerShell
 ) -> None:
     c = await create(services)
-    exit_, _ = await sh(driver, c.container_id, "mkdir -p /work/site && echo '<h1>student app</h1>' > /work/site/index.html")
+    exit_, _ = await shell.sh(c.container_id, "mkdir -p /work/site && echo '<h1>student app</h1>' > /work/site/index.html")
     assert exit_.exit_code == 0
-    await driver.start_background(
-        container_id=c.container_id, process_id="web", command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
-    )
+    await shell.start(c.container_id, "web", (BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
     url = f"http://{c.network.endpoints[0].address}/index.html"
 
     def fetch() -> str:
@@ -159,12 +140,11 @@ async def test_http_server_inside_is_reached_at_the_reported_address(
         pytest.fail(f"no answer from {url}")
 
 
-async def test_python_http_server_does_not_stall_on_dns(services: Services, driver: LocalExecDriver) -> None:
+async def test_python_http_server_does_not_stall_on_dns(services: Services, shell: ContainerShell) -> None:
     """http.server looks up its own name at start; without egress that lookup
     must fail at once (rejected), not hang for the resolver's timeout."""
     c = await create(services)
-    await driver.start_background(container_id=c.container_id, process_id="py",
-                                  command=CommandSpec(argv=("python3", "-m", "http.server", "8000")))
+    await shell.start(c.container_id, "py", ("python3", "-m", "http.server", "8000"))
     url = f"http://{c.network.ip_address}:8000/"
     for _ in range(60):  # 3 s; a stalled lookup takes 20
         try:
@@ -177,10 +157,10 @@ async def test_python_http_server_does_not_stall_on_dns(services: Services, driv
     assert b"Directory listing" in body
 
 
-async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, driver: LocalExecDriver) -> None:
+async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, shell: ContainerShell) -> None:
     bomb, other = await create(services, pids=64), await create(services)
-    exit_, out = await sh(
-        driver, bomb.container_id,
+    exit_, out = await shell.sh(
+        bomb.container_id,
         # 200 background sleeps want 200 processes; the limit is 64.
         f"i=0; while [ $i -lt 200 ]; do {BB} sleep 30 >/dev/null 2>&1 & i=$((i+1)); done 2>&1; echo spawned",
     )
@@ -188,14 +168,14 @@ async def test_fork_bomb_hits_only_its_own_pids_limit(services: Services, driver
     events = [*Path("/sys/fs/cgroup").glob(f"pids/sandhub/*/{bomb.container_id}/pids.events"),  # v1
               *Path("/sys/fs/cgroup").glob(f"sandhub/*/{bomb.container_id}/pids.events")]  # v2
     assert len(events) == 1 and int(events[0].read_text().split()[1]) > 0
-    exit_o, out_o = await sh(driver, other.container_id, "echo still-fine")
+    exit_o, out_o = await shell.sh(other.container_id, "echo still-fine")
     assert exit_o.exit_code == 0 and out_o.strip() == "still-fine"
 
 
-async def test_memory_bomb_is_oom_killed_inside_and_reported(services: Services, driver: LocalExecDriver) -> None:
+async def test_memory_bomb_is_oom_killed_inside_and_reported(services: Services, shell: ContainerShell) -> None:
     bomb, other = await create(services, memory_mib=64), await create(services)
-    exit_, _ = await sh(driver, bomb.container_id, "python3 -c 'b = bytearray(256 * 1024 * 1024); print(len(b))'")
-    assert exit_.signal == 9 or exit_.exit_code == 137, exit_
+    exit_, _ = await shell.sh(bomb.container_id, "python3 -c 'b = bytearray(256 * 1024 * 1024); print(len(b))'")
+    assert exit_.signal_number == 9 or exit_.exit_code == 137, exit_
     for _ in range(100):  # the OOM watcher looks every second
         got = (await services.hub_stub.GetContainer(pb.GetContainerRequest(container_id=bomb.container_id), metadata=auth("key-a"))).container
         if got.state_reason == "OOMKilled":
@@ -204,19 +184,19 @@ async def test_memory_bomb_is_oom_killed_inside_and_reported(services: Services,
     assert got.state_reason == "OOMKilled" and got.state == pb.CONTAINER_STATE_RUNNING, got
     assert "64 MiB" in got.state_message
     # The container itself, and its neighbour, go on.
-    assert (await sh(driver, bomb.container_id, "echo alive"))[1].strip() == "alive"
-    assert (await sh(driver, other.container_id, "echo alive"))[1].strip() == "alive"
+    assert (await shell.sh(bomb.container_id, "echo alive"))[1].strip() == "alive"
+    assert (await shell.sh(other.container_id, "echo alive"))[1].strip() == "alive"
 
 
-async def test_disk_fill_is_capped(services: Services, driver: LocalExecDriver) -> None:
+async def test_disk_fill_is_capped(services: Services, shell: ContainerShell) -> None:
     c = await create(services, disk_mib=64)
-    exit_, out = await sh(driver, c.container_id, f"{BB} dd if=/dev/zero of=/work/big bs=1M count=500 2>&1; {BB} du -m /work/big")
+    exit_, out = await shell.sh(c.container_id, f"{BB} dd if=/dev/zero of=/work/big bs=1M count=500 2>&1; {BB} du -m /work/big")
     assert exit_.exit_code == 0  # du ran
     assert "No space left on device" in out, out
     assert int(out.strip().splitlines()[-1].split()[0]) <= 32  # /work is half the disk
 
 
-async def test_module_loading_mounting_and_privileges_are_refused(services: Services, driver: LocalExecDriver) -> None:
+async def test_module_loading_mounting_and_privileges_are_refused(services: Services, shell: ContainerShell) -> None:
     c = await create(services)
     attempts = {
         "mount": f"{BB} mount -t tmpfs none /work",
@@ -226,9 +206,9 @@ async def test_module_loading_mounting_and_privileges_are_refused(services: Serv
         "unshare": f"{BB} unshare -r true",
     }
     for name, cmd in attempts.items():
-        exit_, out = await sh(driver, c.container_id, f"{cmd} 2>&1")
+        exit_, out = await shell.sh(c.container_id, f"{cmd} 2>&1")
         assert exit_.exit_code != 0, (name, out)
-    status = (await sh(driver, c.container_id, "cat /proc/self/status"))[1]
+    status = (await shell.sh(c.container_id, "cat /proc/self/status"))[1]
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert fields["CapEff"].strip() == "0000000000000000"
     assert fields["CapBnd"].strip() == "0000000000000000"
@@ -237,20 +217,20 @@ async def test_module_loading_mounting_and_privileges_are_refused(services: Serv
     assert not Path("/etc/sandhub-test").exists()
 
 
-async def test_egress_is_granted_per_placement_by_configuration(services: Services, driver: LocalExecDriver) -> None:
+async def test_egress_is_granted_per_placement_by_configuration(services: Services, shell: ContainerShell) -> None:
     """The test config lets placement "internet" reach beyond the host: such a
     container gets a default route and a place in the firewall's egress set;
     a default one has neither (and so fails at once, ENETUNREACH)."""
     plain = await create(services)
     online = (await services.hub_stub.CreateContainer(
         pb.CreateContainerRequest(placement="internet", wait_until_running=True), metadata=auth("key-a"))).container
-    routes = {c.container_id: (await sh(driver, c.container_id, f"{BB} ip route"))[1] for c in (plain, online)}
+    routes = {c.container_id: (await shell.sh(c.container_id, f"{BB} ip route"))[1] for c in (plain, online)}
     assert "default via" not in routes[plain.container_id] and "default via" in routes[online.container_id], routes
     table = f"sandhub_{services.network.bridge}"
     members = subprocess.run(["nft", "list", "set", "inet", table, "egress"], capture_output=True, text=True,
                              check=True, timeout=60).stdout
     assert online.network.ip_address in members and plain.network.ip_address not in members
-    _, out = await sh(driver, plain.container_id, f"{BB} nc -w 2 192.0.2.1 80 </dev/null 2>&1; echo rc=$?")
+    _, out = await shell.sh(plain.container_id, f"{BB} nc -w 2 192.0.2.1 80 </dev/null 2>&1; echo rc=$?")
     assert "unreachable" in out.lower(), out  # refused by the kernel at once: nothing left the host
     await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=online.container_id), metadata=auth("key-a"))
     for _ in range(100):
@@ -263,7 +243,7 @@ async def test_egress_is_granted_per_placement_by_configuration(services: Servic
 
 
 async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
-    services: Services, driver: LocalExecDriver
+    services: Services, shell: ContainerShell
 ) -> None:
     """With ~1,000 containers the orchestrator holds over 1,024 fds, so the fds
     handed to a new sandbox are numbered above the container's open-files
@@ -274,7 +254,7 @@ async def test_create_works_with_over_1024_fds_open_and_limits_open_files(
     finally:
         for fd in held:
             os.close(fd)
-    _, out = await sh(driver, c.container_id, "ulimit -n; ulimit -Hn")
+    _, out = await shell.sh(c.container_id, "ulimit -n; ulimit -Hn")
     assert out.split() == ["200", "200"]
     # The container's init, the agent (it sets the limit for itself and what it starts).
     init = [p for p in host_pids_of_container(c.container_id)

@@ -84,6 +84,15 @@ async def test_the_agent_is_pid_1_and_its_commands_are_the_containers(services: 
     run.cancel()
 
 
+async def test_commands_inherit_no_descriptor_but_their_stdio(services: Services) -> None:
+    """Nothing of the launch (bwrap's stderr pipe, the agent's socket, token or
+    env memfds) is open in a command: only 0, 1 and 2."""
+    ex = xpb_grpc.ExecServiceStub(services.hub_channel)
+    c = await create(services)
+    r = await sh(ex, c.container_id, "ls /proc/$$/fd")  # the shell's own, listed by a child
+    assert r.stdout.decode().split() == ["0", "1", "2"], r.stdout
+
+
 async def test_pids_max_stops_a_fork_bomb_and_the_agent_goes_on(services: Services) -> None:
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     bomb, other = await create(services, pids=64), await create(services)
@@ -165,7 +174,7 @@ async def test_agents_outlive_an_orchestrator_restart_and_orphans_go(tmp_path: P
         async with grpc.aio.insecure_channel(ep.target) as channel:
             call = xpb_grpc.ExecServiceStub(channel).Run(
                 xpb.RunRequest(container_id=cid, command=xpb.Command(argv=["echo", "adopted"])),
-                metadata=((internal_auth.AGENT_TOKEN_KEY, token), (internal_auth.AGENT_NONCE_KEY, nonce)))
+                metadata=internal_auth.agent_call_metadata(token, "/sandhub.exec.v1.ExecService/Run", nonce))
             assert (await call).stdout == b"adopted\n"
             header = dict(await call.initial_metadata())
         assert internal_auth.proof_ok(token, nonce, header[internal_auth.AGENT_PROOF_KEY])

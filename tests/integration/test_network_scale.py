@@ -33,16 +33,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from orchestrator_service.backends.local.exec_driver import LocalExecDriver
 from orchestrator_service.backends.local.network import HostNetwork, NetworkConfig, veth_name
 from orchestrator_service.backends.local.veth import mac_of
-from orchestrator_service.backends.exec_base import CommandSpec
 from orchestrator_service.server import start_orchestrator
 from sandhub.bench.capacity import reached
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import PrivateNetwork, Services, auth, orchestrator_channel, orchestrator_config, traversable
-from tests.integration.test_isolation import BB, sh
+from tests.container_shell import BB, ContainerShell
 from tests.integration.test_network import OUT_FAR_IP, Box, fetch_from_host, outside, probe, start_box, stop_box
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -163,12 +161,11 @@ async def create(services: Services, placement: str = "") -> pb.Container:
     return container
 
 
-async def serve(driver: LocalExecDriver, c: pb.Container) -> None:
+async def serve(shell: ContainerShell, c: pb.Container) -> None:
     """busybox httpd inside ``c`` answering with its id, reached from the host."""
-    exit_, _ = await sh(driver, c.container_id, f"mkdir -p /work/site && echo {c.container_id} > /work/site/index.html")
+    exit_, _ = await shell.sh(c.container_id, f"mkdir -p /work/site && echo {c.container_id} > /work/site/index.html")
     assert exit_.exit_code == 0
-    await driver.start_background(container_id=c.container_id, process_id="web",
-                                  command=CommandSpec(argv=(BB, "httpd", "-f", "-p", "8000", "-h", "/work/site")))
+    await shell.start(c.container_id, "web", (BB, "httpd", "-f", "-p", "8000", "-h", "/work/site"))
     for _ in range(100):
         if await http_get(c.network.ip_address) == c.container_id:
             return
@@ -190,19 +187,19 @@ async def http_get(address: str) -> str:
 
 
 async def test_containers_through_the_hub_are_routed_reachable_and_isolated(
-    services: Services, driver: LocalExecDriver, ip_forward: None
+    services: Services, shell: ContainerShell, ip_forward: None
 ) -> None:
     made = [await create(services), await create(services), await create(services, "internet"),
             await create(services, "internet")]
     for c in made:
-        await serve(driver, c)
+        await serve(shell, c)
         veth = veth_name(c.container_id)
         assert not os.path.exists(f"/sys/class/net/{veth}/master")  # no bridge port: routed
         assert veth in ip("route", "show", f"{c.network.ip_address}/32")
     # No container reaches another, egress placements (default route via the host) included.
     for c in made:
         targets = " ".join(o.network.ip_address for o in made if o.container_id != c.container_id)
-        _, out = await sh(driver, c.container_id, f"for t in {targets}; do {BB} nc -w 2 $t 8000 </dev/null && echo REACHED $t; "
+        _, out = await shell.sh(c.container_id, f"for t in {targets}; do {BB} nc -w 2 $t 8000 </dev/null && echo REACHED $t; "
                                         f"{BB} wget -q -T 2 -O - http://$t:8000/index.html && echo REACHED $t; done; true")
         assert "REACHED" not in out and not any(o.container_id in out for o in made), (c.container_id, out)
 
@@ -218,7 +215,7 @@ async def test_containers_through_the_hub_are_routed_reachable_and_isolated(
     assert ip("route", "show", f"{gone.network.ip_address}/32").strip() == ""
     again = await create(services)
     assert again.network.ip_address == gone.network.ip_address
-    await serve(driver, again)
+    await serve(shell, again)
 
 
 async def test_a_restarted_orchestrator_adopts_routed_containers(tmp_path: Path) -> None:

@@ -15,5 +15,6 @@ __all__ = ["ListeningAgent", "free_port", "start_agent_as"]
 
 
 async def start_agent_as(argv: Sequence[str], env: dict[str, str], *, ip: str, port: int, root: Path,
-                         install: Sequence[str] = ()) -> ListeningAgent:
-    return await _start(agent_binary(), argv, env, ip=ip, port=port, root=root, install=install)
+                         install: Sequence[str] = (), install_env: dict[str, str] | None = None) -> ListeningAgent:
+    return await _start(agent_binary(), argv, env, ip=ip, port=port, root=root, install=install,
+                        install_env=install_env)

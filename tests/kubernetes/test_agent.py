@@ -68,7 +68,8 @@ class Cluster:
         main, [init] = pod.spec.containers[0], pod.spec.init_containers
         env = {e.name: e.value for e in main.env}
         agent = await start_agent_as(list(main.command), env, ip=pod.status.pod_ip, port=self.agent_port,
-                                     root=self.root / cid, install=init.command)
+                                     root=self.root / cid, install=init.command,
+                                     install_env={e.name: e.value for e in init.env})
         # The main container runs the copy its init container installed.
         assert agent.binary == self.root / cid / "sandhub" / "sandhub-agent"
         self.agents.append(agent)
@@ -82,8 +83,7 @@ async def cluster(control_plane: ControlPlane, namespace: str, kube: client.ApiC
     config = replace(config, reap_interval_s=5.0, kubernetes=replace(config.kubernetes, agent_port=port))
     orch = await start_orchestrator(config)
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}", api_keys=KEYS,
-                                    kubernetes=config.kubernetes, orchestrator_token=config.token),
-                          exec_via_agent=True)
+                                    orchestrator_token=config.token))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}")
     c = Cluster(orch, hub, channel, kube, namespace, port, Path(tempfile.mkdtemp(prefix="sandhub-k8s-agent-")),
                 [])
@@ -100,16 +100,23 @@ async def test_the_pod_carries_the_agent_and_the_directory_gives_its_address(clu
     cid = container.container_id
     pod = cluster.pod(cid)
     [init] = pod.spec.init_containers
-    assert (init.name, init.command) == (o.AGENT_INIT, ["/sandhub-agent", "install", "/sandhub/sandhub-agent"])
+    # The init container (which exits) holds the credential and leaves it in
+    # the state volume for the agent; the main container's environment never does.
+    assert (init.name, init.command) == (o.AGENT_INIT, [
+        "/sandhub-agent", "install", "--token-env", "SANDHUB_AGENT_TOKEN", "--token-file", "/run/sandhub/agent-token",
+        "/sandhub/sandhub-agent"])
+    assert {e.name: e.value for e in init.env} == {"SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, cid)}
+    assert {m.mount_path for m in init.volume_mounts} == {"/sandhub", "/run/sandhub"}
     volumes = {v.name: v for v in pod.spec.volumes}
     assert volumes[o.AGENT_VOLUME].empty_dir.medium == "Memory"
     main = pod.spec.containers[0]
     assert main.command == ["/sandhub/sandhub-agent", "--listen", f"tcp:0.0.0.0:{cluster.agent_port}",
-                            "--state-dir", "/run/sandhub", "--container-id", cid]
+                            "--state-dir", "/run/sandhub", "--token-file", "/run/sandhub/agent-token",
+                            "--container-id", cid]
     mounts = {m.name: m for m in main.volume_mounts}
     assert (mounts[o.AGENT_VOLUME].mount_path, mounts[o.AGENT_VOLUME].read_only) == ("/sandhub", True)
     env = {e.name: e.value for e in main.env}
-    assert env["SANDHUB_AGENT_TOKEN"] == internal_auth.agent_token(AGENT_KEY, cid)
+    assert "SANDHUB_AGENT_TOKEN" not in env
     assert main.readiness_probe.tcp_socket.port == cluster.agent_port
     # The caller never sees the credential.
     assert "SANDHUB_AGENT_TOKEN" not in container.env
@@ -131,6 +138,10 @@ async def test_exec_files_and_background_processes_reach_the_pods_agent(cluster:
     ex = cluster.exec
     r = await run(ex, cid, "echo", "hello from the pod")
     assert (r.exit_status.exit_code, r.stdout) == (0, b"hello from the pod\n")
+    # The credential is in no file and no environment of the running container.
+    token = internal_auth.agent_token(AGENT_KEY, cid).encode()
+    assert token not in Path(f"/proc/{agent.process.pid}/environ").read_bytes()
+    assert not (cluster.root / cid / "run" / "sandhub" / "agent-token").exists()
     # Files land in the agent's work dir (/work in a real pod).
     blob = bytes(range(256)) * 4096
     got = await put(ex, cid, {"app/main.py": b"print('hi')\n", "blob.bin": blob}, destination="up")
@@ -164,10 +175,12 @@ async def test_an_agent_with_another_pods_credential_gets_no_call(cluster: Clust
     cid = (await cluster.create()).container_id
     pod = cluster.pod(cid)
     main = pod.spec.containers[0]
+    [init] = pod.spec.init_containers
     env = {e.name: e.value for e in main.env}
-    env["SANDHUB_AGENT_TOKEN"] = internal_auth.agent_token(AGENT_KEY, "cnt-someoneelse1")
-    cluster.agents.append(await start_agent_as(list(main.command), env, ip=pod.status.pod_ip,
-                                               port=cluster.agent_port, root=cluster.root / cid))
+    cluster.agents.append(await start_agent_as(
+        list(main.command), env, ip=pod.status.pod_ip, port=cluster.agent_port, root=cluster.root / cid,
+        install=init.command,
+        install_env={"SANDHUB_AGENT_TOKEN": internal_auth.agent_token(AGENT_KEY, "cnt-someoneelse1")}))
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await run(cluster.exec, cid, "echo", "secret")
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE

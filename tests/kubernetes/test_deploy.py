@@ -2,8 +2,8 @@
 as control_plane.py starts it): every object is created for real in fresh
 namespaces (the API server validates it; nothing runs, KWOK nodes run no
 containers), and the Roles grant exactly what the code calls: every verb the
-backend and the exec driver use is allowed to their service account, and
-nothing else (other verbs, other resources, other namespaces) is.
+backend uses is allowed to its service account, and nothing else (other
+verbs, other resources, other namespaces) is; the Hub's account gets nothing.
 """
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 BACKEND = REPO / "src" / "orchestrator_service" / "backends" / "kubernetes"
 SYSTEM_NS, CONTAINERS_NS = "sandhub-system", "sandhub"
-HUB_FILES = {"exec_driver.py", "exec_ws.py", "exec_process.py"}
+HUB = REPO / "src" / "hub_service"
 
 ORCHESTRATOR_GRANTS = {
     ("", "pods", ""): {"create", "get", "list", "watch", "patch", "delete"},
     ("networking.k8s.io", "networkpolicies", ""): {"create", "get", "update", "delete"},
 }
-HUB_GRANTS = {
-    ("", "pods", ""): {"get"},
-    ("", "pods", "exec"): {"create", "get"},
-}
+HUB_GRANTS: dict[tuple[str, str, str], set[str]] = {}
+"""The Hub calls no Kubernetes API: it relays exec to each pod's agent."""
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 RESOURCES = [
     ("", "pods", ""), ("", "pods", "exec"), ("", "pods", "log"), ("", "pods", "attach"),
@@ -59,13 +57,11 @@ def manifests() -> list[dict[str, Any]]:
     return docs
 
 
-def used_grants(files: set[str] | None, exclude: frozenset[str] = frozenset()) -> dict[tuple[str, str, str], set[str]]:
-    """What the code calls, read from its source: `<verb>_namespaced_<kind>`
-    calls, watch=True lists, and the pods/exec websocket (a GET upgrade)."""
+def used_grants(root: Path) -> dict[tuple[str, str, str], set[str]]:
+    """What the code under ``root`` calls, read from its source:
+    `<verb>_namespaced_<kind>` calls and watch=True lists."""
     used: dict[tuple[str, str, str], set[str]] = {}
-    for path in BACKEND.glob("*.py"):
-        if (files is not None and path.name not in files) or path.name in exclude:
-            continue
+    for path in root.rglob("*.py"):
         text = path.read_text()
         for method, kind in re.findall(r"\.(delete_collection|create|read|list|patch|delete|replace)_namespaced_"
                                        r"(pod|network_policy)\b", text):
@@ -74,17 +70,16 @@ def used_grants(files: set[str] | None, exclude: frozenset[str] = frozenset()) -
             used.setdefault(("", "pods", ""), set()).add("get")
         if re.search(r"list_namespaced_pod\([^)]*watch=True", text, re.S):
             used.setdefault(("", "pods", ""), set()).add("watch")
-        if "/exec" in text and "pods/" in text:
-            # A websocket exec is a GET; since 1.31 it is authorized as create as well.
-            used.setdefault(("", "pods", "exec"), set()).update({"create", "get"})
     return used
 
 
 def test_role_verbs_are_the_calls_the_code_makes() -> None:
-    assert used_grants(None, exclude=frozenset(HUB_FILES)) == ORCHESTRATOR_GRANTS
-    assert used_grants(HUB_FILES) == HUB_GRANTS
+    assert used_grants(BACKEND) == ORCHESTRATOR_GRANTS
+    assert used_grants(HUB) == HUB_GRANTS
+    assert not any(re.search(r"^\s*(from|import) kubernetes\b", p.read_text(), re.M) for p in HUB.rglob("*.py"))
     roles = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Role"}
-    for name, expected in (("sandhub-orchestrator", ORCHESTRATOR_GRANTS), ("sandhub-hub", HUB_GRANTS)):
+    assert set(roles) == {"sandhub-orchestrator"}
+    for name, expected in (("sandhub-orchestrator", ORCHESTRATOR_GRANTS),):
         granted: dict[tuple[str, str, str], set[str]] = {}
         for rule in roles[name]["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule

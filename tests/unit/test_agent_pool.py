@@ -7,9 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from hub_service.exec.agents import AgentChannels, _usable_target
-from sandhub.exec.v1 import exec_pb2 as pb
-from sandhub.exec.v1 import exec_pb2_grpc as pb_grpc
+from hub_service.exec.agents import AgentCalls, AgentChannels, _usable_target
 
 
 def test_usable_targets_are_the_contracts_two_forms() -> None:
@@ -20,9 +18,9 @@ def test_usable_targets_are_the_contracts_two_forms() -> None:
         assert not _usable_target(bad), bad
 
 
-async def _closed(stub: pb_grpc.ExecServiceStub) -> bool:
+async def _closed(calls: AgentCalls) -> bool:
     try:
-        await stub.Run(pb.RunRequest(), timeout=0.05)
+        await calls.open("Run", timeout=0.05).read()
     except grpc.aio.AioRpcError:
         return False  # open (nobody listens there)
     except (grpc.aio.UsageError, asyncio.CancelledError):  # closed before, or while, the call was made

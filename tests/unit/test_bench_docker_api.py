@@ -32,7 +32,7 @@ from sandhub.bench.docker_api import (
     parse_time,
 )
 from sandhub.bench.dockerd import busybox_rootfs_tar, daemon_json, dockerd_argv, mounts_under
-from sandhub.bench.rpc_cpu import CLK_TCK, parse_stat, tree_delta_s
+from sandhub.bench.rpc_cpu import CLK_TCK, parse_stat
 
 
 def test_get_with_query_is_encoded_sorted_and_percent_quoted() -> None:
@@ -200,7 +200,6 @@ def test_proc_stat_with_spaces_and_parens_in_the_name() -> None:
     line = "1234 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 150 50 20 10 20 0 1 0 777 0 0"
     own, reaped, start = parse_stat(line)
     assert (own, reaped, start) == (200 / CLK_TCK, 30 / CLK_TCK, 777)
-    assert tree_delta_s({(1, 5): 1.0}, {(1, 5): 1.5, (2, 9): 0.25}) == pytest.approx(0.75)
 
 
 async def fake_engine(path: Path, answers: dict[bytes, bytes]) -> asyncio.AbstractServer:

@@ -86,7 +86,7 @@ def sample_matrix() -> dict[str, Any]:
         "options": {"burst_sizes": [20], "gradual_sizes": [1]},
         "runs": runs,
         "rpc_cpu": {"calls": 1000, "concurrency": 4, "failures": 0, "run_wall_s": 9.5, "get_wall_s": 2.25,
-                    "hub_per_1000_run_ms": 2500.0, "forkserver_per_1000_run_ms": 600.0,
+                    "hub_per_1000_run_ms": 2500.0, "agent_per_1000_run_ms": 600.0,
                     "hub_per_1000_get_ms": 1200.0, "orchestrator_per_1000_get_ms": 800.0},
         "interrupted": False, "wall_s": 600, "notes": ["a note"],
     }

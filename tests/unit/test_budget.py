@@ -1,5 +1,6 @@
-"""Per-tenant budgets and fair turns (sandhub.budget), and Run output held
-against its tenant's budget (hub_service.exec.run): no servers needed."""
+"""Per-tenant budgets and fair turns (sandhub.budget): no servers needed.
+Run output held against its tenant's budget is tested through the relay
+(tests/integration/test_agent_relay.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 
 import pytest
 
-from hub_service.exec.run import Capped, OutputAllowance
 from sandhub.budget import FairGate, TenantBudget
 from sandhub.errors import QuotaExceeded
 
@@ -84,34 +84,6 @@ async def test_fair_gate_a_waiter_that_leaves_keeps_no_turn() -> None:
     assert gate.running == 0
     async with gate.turn("b"):
         assert gate.running == 1
-
-
-def test_run_output_beyond_the_tenants_budget_is_truncated_and_given_back() -> None:
-    b = budget(per_tenant=100, total=1000)
-    first = OutputAllowance(b, "a", first=10)
-    out = Capped(1000, first)
-    out.add(b"x" * 60)
-    second = OutputAllowance(b, "a", first=10)
-    other = Capped(1000, second)
-    other.add(b"y" * 60)  # its 10 reserved + the 30 left of the tenant's 100
-    assert (out.size, out.truncated) == (60, False)
-    assert (other.size, other.truncated) == (40, True)
-    with pytest.raises(QuotaExceeded):
-        OutputAllowance(b, "a", first=10)  # no room: refused before it runs
-    assert other.take() == b"y" * 40 and other.chunks == []
-    first.close()
-    second.close()
-    assert b.used_total == 0
-
-
-def test_run_output_is_capped_per_stream_without_using_budget_beyond_the_cap() -> None:
-    b = budget(per_tenant=100, total=1000)
-    allowance = OutputAllowance(b, "a", first=10)
-    out = Capped(5, allowance)
-    out.add(b"abcdefgh")
-    assert (out.take(), out.truncated) == (b"abcde", True)
-    assert b.used("a") == 10  # only the first reservation
-    allowance.close()
 
 
 async def test_fair_gate_one_tenant_never_holds_every_turn() -> None:

@@ -95,7 +95,9 @@ def test_pod_for_an_ec2_node_group() -> None:
                 "name": "sandhub-agent-install",
                 "image": "sandhub/sandhub-agent:latest",
                 "imagePullPolicy": "IfNotPresent",
-                "command": ["/sandhub-agent", "install", "/sandhub/sandhub-agent"],
+                "command": ["/sandhub-agent", "install", "--token-env", "SANDHUB_AGENT_TOKEN",
+                            "--token-file", "/run/sandhub/agent-token", "/sandhub/sandhub-agent"],
+                "env": [{"name": "SANDHUB_AGENT_TOKEN", "value": TOKEN}],
                 "resources": {"requests": {"cpu": "50m", "memory": "32Mi"},
                               "limits": {"cpu": "500m", "memory": "64Mi"}},
                 "securityContext": {
@@ -103,17 +105,18 @@ def test_pod_for_an_ec2_node_group() -> None:
                     "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                     "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
                 },
-                "volumeMounts": [{"name": "sandhub-agent", "mountPath": "/sandhub"}],
+                "volumeMounts": [{"name": "sandhub-agent", "mountPath": "/sandhub"},
+                                 {"name": "sandhub-agent-state", "mountPath": "/run/sandhub"}],
             }],
             "containers": [{
                 "name": "main",
                 "image": "python:3.12-slim",
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["/sandhub/sandhub-agent", "--listen", "tcp:0.0.0.0:49983", "--state-dir", "/run/sandhub",
-                            "--container-id", CID],
+                            "--token-file", "/run/sandhub/agent-token", "--container-id", CID],
                 "workingDir": "/work",
                 "env": [{"name": "HOME", "value": "/work"}, {"name": "DEBUG", "value": "1"},
-                        {"name": "SANDHUB_CONTAINER_ID", "value": CID}, {"name": "SANDHUB_AGENT_TOKEN", "value": TOKEN}],
+                        {"name": "SANDHUB_CONTAINER_ID", "value": CID}],
                 "ports": [{"containerPort": 8000, "name": "http", "protocol": "TCP"}],
                 "resources": {"requests": {"cpu": "500m", "memory": "256Mi"},
                               "limits": {"cpu": "500m", "memory": "256Mi", "ephemeral-storage": "1024Mi"}},
@@ -210,11 +213,12 @@ def test_each_pod_carries_its_own_agent_credential_and_callers_cannot_set_it() -
             for cid in (CID, other)]
     for cid, pod in zip((CID, other), pods):
         env = pod["spec"]["containers"][0]["env"]
-        assert [e["name"] for e in env].count("SANDHUB_AGENT_TOKEN") == 1
-        assert {e["name"]: e["value"] for e in env}["SANDHUB_AGENT_TOKEN"] == internal_auth.agent_token(AGENT_KEY, cid)
+        assert "SANDHUB_AGENT_TOKEN" not in [e["name"] for e in env]  # the init container's only
+        assert pod["spec"]["initContainers"][0]["env"] == [
+            {"name": "SANDHUB_AGENT_TOKEN", "value": internal_auth.agent_token(AGENT_KEY, cid)}]
         assert {e["name"]: e["value"] for e in env}["SANDHUB_CONTAINER_ID"] == cid
         assert pod["spec"]["containers"][0]["command"][-2:] == ["--container-id", cid]
-    assert pods[0]["spec"]["containers"][0]["env"] != pods[1]["spec"]["containers"][0]["env"]
+    assert pods[0]["spec"]["initContainers"][0]["env"] != pods[1]["spec"]["initContainers"][0]["env"]
 
 
 def test_a_port_that_is_the_agents_is_refused() -> None:

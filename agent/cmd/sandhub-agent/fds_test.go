@@ -14,7 +14,6 @@ import (
 	execv1 "github.com/sandhub/sandhub/gen/go/sandhub/exec/v1"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // The local backend's way: the parent binds and listens, hands the socket
@@ -59,7 +58,7 @@ func TestBinaryInheritsListenerTokenAndReadyFDs(t *testing.T) {
 	if err != nil || string(got) != "R" {
 		t.Fatalf("ready fd: %q %v", got, err)
 	}
-	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix:"+sock, dialOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +152,7 @@ func TestBinaryTakesTokenAndEnvFromMemfdsAndLimitsOpenFiles(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix:"+sock, dialOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,5 +184,118 @@ func TestInstallPreparesDirectoriesForAnotherUser(t *testing.T) {
 		if out, err := exec.Command(binary(t), bad...).CombinedOutput(); err == nil {
 			t.Fatalf("%v succeeded: %s", bad, out)
 		}
+	}
+}
+
+// The agent's stderr is a pipe nobody reads any more (the local backend's
+// start-up pipe once the Orchestrator moved on) and gRPC logs to it: the
+// agent (pid 1) must live on. Commands see only their own fds 0-2, whatever
+// the agent inherited, and get SIGPIPE as usual.
+func TestBinarySurvivesABrokenStderrAndLeaksNoFDs(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "agent.sock")
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = errR.Close() // writes to fd 2 now fail with EPIPE
+	leakR, leakW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer leakR.Close()
+	cmd := exec.Command(binary(t), "--listen", "unix:"+sock, "--container-id", "c-bin",
+		"--workdir", dir, "--state-dir", filepath.Join(dir, "state"))
+	// gRPC logs every connection at this level, to fd 2.
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "SANDHUB_AGENT_TOKEN=" + token,
+		"GRPC_GO_LOG_SEVERITY_LEVEL=info", "GRPC_GO_LOG_VERBOSITY_LEVEL=99"}
+	cmd.Stderr, cmd.Stdout = errW, errW
+	cmd.ExtraFiles = []*os.File{leakW} // fd 3, not the agent's business
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-exited })
+	_ = errW.Close()
+	_ = leakW.Close()
+	for range 500 {
+		if c, err := net.Dial("unix", sock); err == nil {
+			_ = c.Close()
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for i := range 5 { // new connections: more log lines
+		conn, err := grpc.NewClient("unix:"+sock, dialOpts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := &running{cmd: cmd, client: execv1.NewExecServiceClient(conn)}
+		_, err = r.client.Run(ctx(t), &execv1.RunRequest{ContainerId: "c-bin", Command: &execv1.Command{Shell: "true"}})
+		_ = conn.Close()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // the closing connections' log lines
+	select {
+	case err := <-exited:
+		t.Fatalf("the agent died: %v", err)
+	default:
+	}
+	conn, err := grpc.NewClient("unix:"+sock, dialOpts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := &running{cmd: cmd, client: execv1.NewExecServiceClient(conn)}
+	// 3 is ls's own directory: nothing else.
+	if out := runSh(t, r, "ls /proc/self/fd"); out != "0\n1\n2\n3\n" {
+		t.Fatalf("a command's fds: %q", out)
+	}
+	if out := runSh(t, r, `exec 3>&1; { yes; echo "st=$?" >&3; } | head -c1 >/dev/null`); out != "st=141\n" {
+		t.Fatalf("SIGPIPE in a command: %q", out)
+	}
+}
+
+// `install --token-env VAR --token-file PATH`: the init container's variable
+// becomes a 0600 file (owned by --chown's user) the agent later reads and
+// removes; an empty or short variable is refused.
+func TestInstallWritesTheTokenFile(t *testing.T) {
+	root := t.TempDir()
+	dest, tf := filepath.Join(root, "agent"), filepath.Join(root, "run", "sandhub", "agent-token")
+	args := []string{"install", "--token-env", "TOK", "--token-file", tf, dest}
+	if os.Getuid() == 0 {
+		args = append([]string{"install", "--chown", "1234:2345"}, args[1:]...)
+	}
+	cmd := exec.Command(binary(t), args...)
+	cmd.Env = []string{"TOK=" + token}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("install: %v %s", err, out)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(tf, &st); err != nil || st.Mode&0o777 != 0o600 {
+		t.Fatalf("token file: %+v %v", st, err)
+	}
+	if os.Getuid() == 0 && (st.Uid != 1234 || st.Gid != 2345) {
+		t.Fatalf("token file owner %d:%d", st.Uid, st.Gid)
+	}
+	if b, _ := os.ReadFile(tf); string(b) != token {
+		t.Fatalf("token file holds %q", b)
+	}
+	entries, _ := os.ReadDir(filepath.Dir(tf))
+	if len(entries) != 1 {
+		t.Fatalf("left behind: %v", entries)
+	}
+	for _, env := range [][]string{{}, {"TOK=short"}} {
+		cmd := exec.Command(binary(t), "install", "--token-env", "TOK", "--token-file", tf+"2", dest)
+		cmd.Env = env
+		if out, err := cmd.CombinedOutput(); err == nil {
+			t.Fatalf("%v: install succeeded: %s", env, out)
+		}
+	}
+	if out, err := exec.Command(binary(t), "install", "--token-env", "TOK", dest).CombinedOutput(); err == nil {
+		t.Fatalf("--token-env without --token-file succeeded: %s", out)
 	}
 }

@@ -18,7 +18,6 @@ import (
 
 	"github.com/sandhub/sandhub/agent/reaper"
 	"github.com/sandhub/sandhub/agent/server"
-	"golang.org/x/sys/unix"
 )
 
 // stopGrace: on SIGTERM/SIGINT the commands' groups get the signal and this
@@ -60,6 +59,7 @@ func run() error {
 	ringBytes := flag.Int64("ring-bytes", 1<<20, "output buffer per background stream, bytes")
 	maxProcs := flag.Int("max-processes", 64, "background processes kept per container")
 	flag.Parse()
+	surviveBrokenPipes()
 
 	token, err := readToken(*tokenFile, *tokenFD)
 	if err != nil {
@@ -101,6 +101,9 @@ func run() error {
 		forward(r, sig.(syscall.Signal))
 		g.Stop()
 	}()
+	if err := detachStdio(); err != nil {
+		return fmt.Errorf("pointing stdio at /dev/null: %w", err)
+	}
 	// The listener already accepts (the kernel queues connections), so the
 	// agent is ready before Serve's loop runs.
 	if err := ready(*readyFD); err != nil {
@@ -130,7 +133,7 @@ func ready(fd int) error {
 // time for them to end.
 func forward(r *reaper.Reaper, sig syscall.Signal) {
 	for _, pid := range r.Pids() {
-		_ = unix.Kill(-pid, sig)
+		r.Kill(pid, sig, false)
 	}
 	deadline := time.Now().Add(stopGrace)
 	for r.Running() > 0 && time.Now().Before(deadline) {

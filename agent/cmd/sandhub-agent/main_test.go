@@ -5,7 +5,9 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"debug/elf"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -118,7 +120,7 @@ func startAgent(t *testing.T, sys *syscall.SysProcAttr, tokenFile bool, extra ..
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix:"+sock, dialOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +136,26 @@ func startAgent(t *testing.T, sys *syscall.SysProcAttr, tokenFile bool, extra ..
 func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
-	return metadata.AppendToOutgoingContext(c, server.TokenHeader, token)
+	return c
+}
+
+// dialOpts sign every call as the Hub does: a fresh nonce and the auth
+// header for its method (agent/server/auth.go).
+var dialOpts = []grpc.DialOption{
+	grpc.WithTransportCredentials(insecure.NewCredentials()),
+	grpc.WithUnaryInterceptor(func(c context.Context, method string, req, reply any, cc *grpc.ClientConn, inv grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		return inv(sign(c, method), method, req, reply, cc, opts...)
+	}),
+	grpc.WithStreamInterceptor(func(c context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, str grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		return str(sign(c, method), desc, cc, method, opts...)
+	}),
+}
+
+func sign(c context.Context, method string) context.Context {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	nonce := hex.EncodeToString(b)
+	return metadata.AppendToOutgoingContext(c, server.NonceHeader, nonce, server.AuthHeader, server.CallAuth([]byte(token), nonce, method))
 }
 
 func runSh(t *testing.T, r *running, script string) string {

@@ -1,2 +1,2 @@
-"""ExecService on the Hub: files, runs, interactive streams and background
-processes, built once on top of each backend's exec driver."""
+"""ExecService on the Hub: every call relayed to the sandhub-agent inside the
+container (relay.py), found through the Orchestrator (agents.py)."""

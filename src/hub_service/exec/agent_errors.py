@@ -45,7 +45,15 @@ def _reason_codes() -> dict[str, grpc.StatusCode]:
     return found
 
 
-REASON_CODES = _reason_codes()
+AGENT_ONLY_REASONS = {
+    "PROCESS_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "PATH_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "PATH_NOT_ALLOWED": grpc.StatusCode.INVALID_ARGUMENT,
+    "PAYLOAD_TOO_LARGE": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+"""Reasons only the agent gives (no Python code raises them, so no
+SandhubError subclass carries them), with their codes as errors.proto pairs them."""
+REASON_CODES = {**AGENT_ONLY_REASONS, **_reason_codes()}
 
 
 class AgentError(SandhubError):
@@ -90,9 +98,12 @@ def _error_info(e: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
-def passed_on(e: grpc.aio.AioRpcError, *, container_id: str) -> SandhubError | None:
+def passed_on(e: grpc.aio.AioRpcError, *, container_id: str, proven: bool = True) -> SandhubError | None:
     """The caller's error for an agent's status, or None when the agent
-    could not serve the call (the caller then gets ``agent_unavailable``)."""
+    could not serve the call (the caller then gets ``agent_unavailable``).
+    ``proven``: whether the agent proved it is this container's before it
+    ended the call; if not, only its code and reason go on, with a message
+    the Hub writes (whoever answered may not be this container's agent)."""
     code = e.code()
     if code not in PASSED_CODES:
         return None
@@ -106,7 +117,15 @@ def passed_on(e: grpc.aio.AioRpcError, *, container_id: str) -> SandhubError | N
             return errors.NotSupported(f"the agent of container {container_id} does not offer this call "
                                        "(it is older than this Hub)")
         return None
+    if not proven:
+        message = unproven_message(container_id, info.reason)
+        return AgentError(code, info.reason, message, {"container_id": container_id})
     metadata = {k: v for k, v in info.metadata.items() if k in METADATA_KEYS}
     if "container_id" in metadata:
         metadata["container_id"] = container_id  # the only container it may speak of
     return AgentError(code, info.reason, clip(e.details() or info.reason, MESSAGE_CHARS), metadata)
+
+
+def unproven_message(container_id: str, reason: str) -> str:
+    return (f"the agent of container {container_id} refused the call ({reason}) before it proved "
+            "it is that container's; its own words are not passed on")

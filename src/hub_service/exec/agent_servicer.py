@@ -16,6 +16,7 @@ from typing import Any, cast
 from hub_service.auth import ApiKeyAuth
 from hub_service.budgets import HubBudgets
 from hub_service.exec.agent_errors import agent_unavailable
+from hub_service.exec.agents import MESSAGE_BYTES
 from hub_service.exec.keepalives import with_keepalives
 from hub_service.exec.relay import AgentRelay
 from sandhub import rpc
@@ -50,12 +51,10 @@ def _seconds(duration: Any, *, default: float, maximum: float) -> float:
     return default if value <= 0 else min(value, maximum)
 
 
-class RunReply:
-    """The bytes one Run's reply may hold in the Hub: taken from the tenant's
-    output budget before the call (at least one chunk, or QUOTA_EXCEEDED before
-    the command runs) and given back once the reply has gone. The agent is
-    asked to keep no more than that (``max_output_bytes``), so a tenant near
-    its budget gets truncated output rather than an error."""
+class HeldReply:
+    """The bytes one reply may hold in the Hub: taken from the tenant's output
+    budget before the call (at least ``first``, or QUOTA_EXCEEDED before the
+    agent is asked) and given back once the reply has gone."""
 
     def __init__(self, budget: TenantBudget, tenant: str, *, first: int, want: int) -> None:
         budget.take(tenant, first)
@@ -64,7 +63,17 @@ class RunReply:
 
     @property
     def per_stream(self) -> int:
+        """What a Run's agent may keep of each of stdout and stderr."""
         return max(1, (self.held - REPLY_FIELDS_BYTES) // 2)
+
+    def resize(self, size: int) -> None:
+        """Holds exactly ``size`` (the reply that came): what is left over goes
+        back at once, more is taken or QUOTA_EXCEEDED (the reply is dropped)."""
+        if size > self.held:
+            self._budget.take(self._tenant, size - self.held)
+        else:
+            self._budget.give_back(self._tenant, self.held - size)
+        self.held = size
 
     def close(self) -> None:
         self._budget.give_back(self._tenant, self.held)
@@ -119,7 +128,7 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
         # the call was cancelled), not until this returns: a client that does
         # not read would otherwise pile up replies the budget no longer counts.
         self._slots.take(tenant)
-        held: list[RunReply] = []
+        held: list[HeldReply] = []
 
         def release() -> None:
             if held:
@@ -128,7 +137,7 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
 
         try:
             agent = await self._relay.find(request.container_id, tenant=tenant)
-            reply = RunReply(self._budgets.output, tenant, first=limits.chunk_bytes,
+            reply = HeldReply(self._budgets.output, tenant, first=limits.chunk_bytes,
                              want=2 * cap + REPLY_FIELDS_BYTES)
             held.append(reply)
             sent = pb.RunRequest()
@@ -158,14 +167,33 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
                 yield response
 
     async def _process_call(self, method: str, request: Any, context: rpc.Ctx) -> Any:
+        """Like Run, the call's slot and its reply (up to a message's 4 MiB)
+        stay counted until the reply has gone: a caller that does not read
+        cannot pile up replies the budgets no longer see."""
         tenant = self._auth.tenant(context)
-        async with self._calls.call(tenant):
-            agent = await self._relay.find(request.container_id, tenant=tenant)
-            response = await self._relay.unary(method, request, agent=agent,
-                                               timeout_s=self._deadline(context, self._call_timeout_s))
-        # An agent speaks for its own container only, whatever it wrote there.
-        for process in response.processes if method == "ListProcesses" else [response.process]:
-            process.container_id = agent.container_id
+        self._calls.count.take(tenant)
+        held: list[HeldReply] = []
+
+        def release() -> None:
+            if held:
+                held.pop().close()
+            self._calls.count.give_back(tenant, 1)
+
+        try:
+            reply = HeldReply(self._budgets.output, tenant, first=self._limits.chunk_bytes, want=MESSAGE_BYTES)
+            held.append(reply)
+            async with self._calls.gate.turn(tenant):
+                agent = await self._relay.find(request.container_id, tenant=tenant)
+                response = await self._relay.unary(method, request, agent=agent,
+                                                   timeout_s=self._deadline(context, self._call_timeout_s))
+            reply.resize(response.ByteSize())
+            # An agent speaks for its own container only, whatever it wrote there.
+            for process in response.processes if method == "ListProcesses" else [response.process]:
+                process.container_id = agent.container_id
+        except BaseException:
+            release()
+            raise
+        context.add_done_callback(cast(Any, lambda _: release()))
         return response
 
     async def StartProcess(self, request: pb.StartProcessRequest, context: rpc.Ctx) -> pb.StartProcessResponse:

@@ -5,7 +5,12 @@ tenant, so another tenant's container is NOT_FOUND). Its answer is kept per
 container id, because a container's tenant never changes and its target
 rarely does; a call whose agent fails at the transport level or can't prove
 itself drops the entry (``forget``), and the next look-up asks again, which is
-also how a deleted container comes to answer NOT_FOUND / NOT_RUNNING.
+also how a deleted container comes to answer NOT_FOUND / NOT_RUNNING. A
+DeleteContainer the Hub passes on drops it too (``forget_container``), and a
+cluster target ("ip:port") is kept at most TCP_TARGET_TTL_S: a pod's or task's
+address is handed on to another container once it is gone, and the proof alone
+would only turn that into failed calls. A unix target names the container's own
+socket and is kept until it fails.
 
 Channels are pooled per target, a bounded number (LRU); an evicted channel is
 closed once the calls that hold it end. Every agent is untrusted (the tenant
@@ -17,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -28,7 +36,7 @@ from hub_service.orchestrator_proxy import translate
 from sandhub import internal_auth, rpc
 from sandhub.container_ids import check_container_id
 from sandhub.errors import BackendUnavailable, ContainerNotFound, ContainerNotRunning, clip
-from sandhub.exec.v1 import exec_pb2_grpc
+from sandhub.exec.v1 import exec_pb2
 from sandhub.internal.v1 import agents_pb2, agents_pb2_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2
 
@@ -36,6 +44,8 @@ log = structlog.get_logger("sandhub.hub.agents")
 
 CACHE_SIZE = 100_000
 """Container ids whose agent is remembered (~200 bytes each)."""
+TCP_TARGET_TTL_S = 30.0
+"""How long an "ip:port" target is used before the Orchestrator is asked again."""
 MESSAGE_BYTES = (4 << 20) + (64 << 10)
 """Largest message either way: the contract's 4 MiB plus framing slack (a Run
 reply with both streams at their cap is 4 MiB - 64 KiB plus a few fields)."""
@@ -65,7 +75,10 @@ class Agent:
     tenant: str
     target: str
     token: str
-    """The per-container credential it is sent (internal_auth.agent_token)."""
+    """The per-container credential (internal_auth.agent_token): never sent, only
+    used to sign each call and to check the agent's proof."""
+    expires: float = field(default=math.inf, compare=False)
+    """time.monotonic() after which the entry is asked for again."""
 
 
 class AgentDirectory:
@@ -83,6 +96,9 @@ class AgentDirectory:
         """``field``: where the request holds the id, for the error a malformed one gets."""
         check_container_id(container_id, field=field)
         known = self._known.get(container_id)
+        if known is not None and known.expires <= time.monotonic():
+            del self._known[container_id]
+            known = None
         if known is not None:
             if known.tenant != tenant:
                 raise ContainerNotFound(container_id)
@@ -115,6 +131,10 @@ class AgentDirectory:
         if self._known.get(agent.container_id) == agent:
             del self._known[agent.container_id]
 
+    def forget_container(self, container_id: str) -> None:
+        """Drops whatever is cached for ``container_id`` (it was deleted)."""
+        self._known.pop(container_id, None)
+
     async def recheck(self, agent: Agent) -> None:
         """After ``agent`` failed: forgets it and asks the Orchestrator again,
         raising what it says when the container is gone or not running (the
@@ -140,8 +160,9 @@ class AgentDirectory:
         if not _usable_target(got.target):
             log.error("hub.agent_target_unusable", container_id=container_id, target=clip(got.target, 80))
             raise BackendUnavailable(f"the orchestrator gave no usable address for container {container_id}'s agent")
+        ttl = math.inf if got.target.startswith("unix:") else TCP_TARGET_TTL_S
         return Agent(container_id=container_id, tenant=tenant, target=got.target,
-                     token=internal_auth.agent_token(self._key, container_id))
+                     token=internal_auth.agent_token(self._key, container_id), expires=time.monotonic() + ttl)
 
 
 def _usable_target(target: str) -> bool:
@@ -154,10 +175,40 @@ def _usable_target(target: str) -> bool:
     return bool(host) and port.isdigit()
 
 
-class _Pooled:
+SERVICE = exec_pb2.DESCRIPTOR.services_by_name["ExecService"]
+
+
+def method_path(method: str) -> str:
+    """"Run" -> "/sandhub.exec.v1.ExecService/Run" (what the agent's check signs)."""
+    return f"/{SERVICE.full_name}/{method}"
+
+
+class AgentCalls:
+    """One target's channel, every ExecService method opened as a bidi stream:
+    the agent sends its proof before it reads a request of any kind, and a
+    unary or server-stream call would send its request with the call itself."""
+
     def __init__(self, target: str) -> None:
         self.channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
-        self.stub = exec_pb2_grpc.ExecServiceStub(self.channel)
+        self._methods: dict[str, grpc.aio.StreamStreamMultiCallable[Any, Any]] = {}
+        for m in SERVICE.methods:
+            self._methods[m.name] = self.channel.stream_stream(
+                method_path(m.name),
+                request_serializer=_message(m.input_type).SerializeToString,
+                response_deserializer=_message(m.output_type).FromString)
+
+    def open(self, method: str, **options: Any) -> grpc.aio.StreamStreamCall[Any, Any]:
+        return self._methods[method](**options)
+
+
+def _message(descriptor: Any) -> Any:
+    return getattr(exec_pb2, descriptor.name)
+
+
+class _Pooled:
+    def __init__(self, target: str) -> None:
+        self.calls = AgentCalls(target)
+        self.channel = self.calls.channel
         self.leases = 0
         self.evicted = False
 
@@ -173,8 +224,8 @@ class AgentChannels:
         self._closing: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
-    def lease(self, target: str) -> Iterator[exec_pb2_grpc.ExecServiceStub]:
-        """The ExecService stub of ``target``'s channel, held for one call."""
+    def lease(self, target: str) -> Iterator[AgentCalls]:
+        """``target``'s channel, held for one call."""
         pooled = self._pool.get(target)
         if pooled is None:
             pooled = self._pool[target] = _Pooled(target)
@@ -187,7 +238,7 @@ class AgentChannels:
             self._pool.move_to_end(target)
         pooled.leases += 1
         try:
-            yield pooled.stub
+            yield pooled.calls
         finally:
             pooled.leases -= 1
             if pooled.evicted and not pooled.leases:

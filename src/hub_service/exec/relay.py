@@ -1,13 +1,12 @@
 """Relays one ExecService call to a container's agent, one function per RPC kind.
 
-Every call carries the container's credential and a fresh nonce, and is
-answered only once the agent proved it holds that credential
-(``x-sandhub-agent-proof``, see agents.proto). Streams wait for that proof
-before a single request payload goes out (client and bidi streams) or a
-single response comes back (server streams), so an address handed on to
-another container neither receives nor gives this container's data. A unary
-request goes out with the call itself; its answer, error or not, is dropped
-without a proof.
+The container's credential is never sent: every call carries a fresh nonce
+and the Hub's signature of it and of the method (``x-sandhub-agent-auth``, see
+agents.proto), and is answered only once the agent proved it holds that
+credential (``x-sandhub-agent-proof``). Every call, whatever its kind, is
+opened as a bidi stream and waits for that proof before a single request
+payload goes out or a single response comes back, so an address handed on to
+another container neither receives nor gives this container's data.
 
 Flow control: one message in flight each way (every write is awaited before
 the next is read from the caller, every response is handed to the caller
@@ -21,20 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import structlog
 
 from hub_service.exec.agent_errors import agent_unavailable, passed_on
-from hub_service.exec.agents import Agent, AgentChannels, AgentDirectory
+from hub_service.exec.agents import Agent, AgentChannels, AgentDirectory, method_path
 from sandhub import internal_auth, rpc
 from sandhub.errors import SandhubError
 
 log = structlog.get_logger("sandhub.hub.relay")
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Metadata = tuple[tuple[str, str | bytes], ...] | grpc.aio.Metadata | None
 
 
@@ -48,7 +45,7 @@ def _proven(agent: Agent, nonce: str, header: Metadata) -> bool:
 
 class AgentRelay:
     def __init__(self, directory: AgentDirectory, channels: AgentChannels, *, proof_timeout_s: float) -> None:
-        """``proof_timeout_s``: how long a stream waits for the agent's header
+        """``proof_timeout_s``: how long a call waits for the agent's header
         (connecting included) before the agent counts as unreachable."""
         self._directory = directory
         self._channels = channels
@@ -58,22 +55,23 @@ class AgentRelay:
         return await self._directory.find(container_id, tenant=tenant, field=field)
 
     @staticmethod
-    def _metadata(agent: Agent, nonce: str) -> tuple[tuple[str, str], ...]:
+    def _metadata(agent: Agent, nonce: str, method: str) -> tuple[tuple[str, str], ...]:
         """Made here, nothing copied from the caller's metadata: the caller's API
         key never reaches the agent."""
-        pairs = [(internal_auth.AGENT_TOKEN_KEY, agent.token), (internal_auth.AGENT_NONCE_KEY, nonce)]
+        pairs = list(internal_auth.agent_call_metadata(agent.token, method_path(method), nonce))
         info = rpc.current_rpc.get()
         if info is not None:
             pairs.append((rpc.REQUEST_ID_KEY, info.request_id))
         return tuple(pairs)
 
-    async def _failure(self, agent: Agent, e: grpc.aio.AioRpcError | None, what: str) -> Exception:
-        """The caller's error when a call to ``agent`` went wrong: its own
-        status if it proved itself and the status means something to the
-        caller; else the Orchestrator's word on the container if that changed
+    async def _failure(self, agent: Agent, e: grpc.aio.AioRpcError | None, what: str, *,
+                       proven: bool = True) -> Exception:
+        """The caller's error when a call to ``agent`` went wrong: its status
+        if it means something to the caller (an unproven agent's without its
+        text); else the Orchestrator's word on the container if that changed
         (NOT_FOUND, NOT_RUNNING), else UNAVAILABLE."""
         if e is not None:
-            passed = passed_on(e, container_id=agent.container_id)
+            passed = passed_on(e, container_id=agent.container_id, proven=proven)
             if passed is not None:
                 return passed
         log.warning("hub.agent_failed", container_id=agent.container_id, target=agent.target, what=what,
@@ -88,13 +86,26 @@ class AgentRelay:
             return agent_unavailable(agent.container_id, f"is unreachable and the orchestrator said {err.code().name}")
         return agent_unavailable(agent.container_id, what)
 
-    async def _error(self, agent: Agent, nonce: str, e: grpc.aio.AioRpcError) -> Exception:
-        """An error status counts only from an agent that proved itself."""
+    async def _error(self, agent: Agent, e: grpc.aio.AioRpcError) -> Exception:
+        """An error status of a call whose agent proved itself."""
         if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) and not e.initial_metadata():
             return await self._failure(agent, e, "did not answer in time")  # raised here, not by the agent
-        if not _proven(agent, nonce, e.initial_metadata()):
-            return await self._failure(agent, None, f"failed ({e.code().name}) without proving it is this container's")
         return await self._failure(agent, e, f"failed ({e.code().name})")
+
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, agent: Agent, timeout_s: float) -> AsyncIterator[Any]:
+        """``method``'s call to ``agent``, opened and proven; its errors become
+        the caller's (see _failure), and it is cancelled on the way out."""
+        nonce = internal_auth.new_agent_nonce()
+        with self._channels.lease(agent.target) as calls:
+            call = calls.open(method, metadata=self._metadata(agent, nonce, method), timeout=timeout_s)
+            try:
+                await self._prove(call, agent, nonce)
+                yield call
+            except grpc.aio.AioRpcError as e:
+                raise await self._error(agent, e) from None
+            finally:
+                call.cancel()  # no-op once done; ends the agent's call if the caller went away
 
     async def _prove(self, call: Any, agent: Agent, nonce: str) -> None:
         """Waits (bounded) for the agent's header and checks its proof."""
@@ -107,81 +118,53 @@ class AgentRelay:
         if _proven(agent, nonce, header):
             return
         if call.done() and await call.code() is not grpc.StatusCode.OK:
-            # The call ended before its header reached us: grpc.aio drops the
-            # header of a stream whose status is handled first (40% of streams
-            # the agent ends at once with PATH_NOT_FOUND lost it). Nothing was
-            # relayed yet and a status carries none of the container's data,
-            # so the status is judged alone (a wrong agent refusing the
-            # credential says UNAUTHENTICATED: UNAVAILABLE after the recheck).
+            # Ended before a proof reached us (the agent refused the Hub's
+            # signature, or is not this container's): nothing was sent yet, and
+            # of its status only a code and reason the contract pairs go on,
+            # in words the Hub writes (a wrong agent's refusal of the
+            # signature, UNAUTHENTICATED, is UNAVAILABLE after the recheck).
             ended = grpc.aio.AioRpcError(await call.code(), grpc.aio.Metadata(),
                                          await call.trailing_metadata() or grpc.aio.Metadata(),
                                          details=await call.details())
-            raise await self._failure(agent, ended, f"failed ({ended.code().name}) at once")
+            raise await self._failure(agent, ended, f"failed ({ended.code().name}) without a proof", proven=False)
         call.cancel()
         raise await self._failure(agent, None, "could not be reached, or did not prove it is this container's")
 
     async def unary(self, method: str, request: Any, *, agent: Agent, timeout_s: float) -> Any:
-        """Run, StartProcess, GetProcess, ListProcesses, SignalProcess."""
-        nonce = internal_auth.new_agent_nonce()
-        with self._channels.lease(agent.target) as stub:
-            call = getattr(stub, method)(request, metadata=self._metadata(agent, nonce), timeout=timeout_s)
-            try:
-                response = await call
-                header = await call.initial_metadata()
-            except grpc.aio.AioRpcError as e:
-                raise await self._error(agent, nonce, e) from None
-            finally:
-                call.cancel()  # no-op once done; ends the agent's call if the caller went away
-        if not _proven(agent, nonce, header):
-            raise await self._failure(agent, None, "did not prove it is this container's agent")
-        return response
+        """Run, StartProcess, GetProcess, ListProcesses, SignalProcess: the
+        request goes out after the proof, then exactly one reply and an OK."""
+        async with self._call(method, agent, timeout_s) as call:
+            if await _send(call, request):
+                await _half_close(call)
+            return await _only_reply(call, agent)
 
     async def server_stream(self, method: str, request: Any, *, agent: Agent, timeout_s: float) -> AsyncIterator[Any]:
-        """GetFiles, AttachProcess: nothing is passed on before the proof."""
-        nonce = internal_auth.new_agent_nonce()
-        with self._channels.lease(agent.target) as stub:
-            call = getattr(stub, method)(request, metadata=self._metadata(agent, nonce), timeout=timeout_s)
-            try:
-                await self._prove(call, agent, nonce)
-                while (response := await call.read()) is not grpc.aio.EOF:
-                    yield response
-            except grpc.aio.AioRpcError as e:
-                raise await self._error(agent, nonce, e) from None
-            finally:
-                call.cancel()
+        """GetFiles, AttachProcess."""
+        async with self._call(method, agent, timeout_s) as call:
+            if await _send(call, request):
+                await _half_close(call)
+            while (response := await call.read()) is not grpc.aio.EOF:
+                yield response
 
     async def client_stream(self, method: str, first: Any, rest: AsyncIterator[Any], *, agent: Agent,
                             timeout_s: float) -> Any:
-        """PutFiles: ``first`` (already read by the servicer) and then ``rest``
-        go out only after the proof."""
-        nonce = internal_auth.new_agent_nonce()
-        with self._channels.lease(agent.target) as stub:
-            call = getattr(stub, method)(metadata=self._metadata(agent, nonce), timeout=timeout_s)
-            try:
-                await self._prove(call, agent, nonce)
-                if await _send(call, first):
-                    async for request in rest:
-                        if not await _send(call, request):
-                            break  # the agent ended the call: its status says why
-                    else:
-                        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                            await call.done_writing()
-                return await call
-            except grpc.aio.AioRpcError as e:
-                raise await self._error(agent, nonce, e) from None
-            finally:
-                call.cancel()
+        """PutFiles: ``first`` (already read by the servicer), then ``rest``."""
+        async with self._call(method, agent, timeout_s) as call:
+            if await _send(call, first):
+                async for request in rest:
+                    if not await _send(call, request):
+                        break  # the agent ended the call: its status says why
+                else:
+                    await _half_close(call)
+            return await _only_reply(call, agent)
 
     async def bidi_stream(self, method: str, first: Any, rest: AsyncIterator[Any], *, agent: Agent,
                           timeout_s: float) -> AsyncIterator[Any]:
         """Exec: requests go up in a task of their own while responses come down;
         the caller half-closing half-closes the agent's call."""
-        nonce = internal_auth.new_agent_nonce()
-        with self._channels.lease(agent.target) as stub:
-            call = getattr(stub, method)(metadata=self._metadata(agent, nonce), timeout=timeout_s)
-            upstream: asyncio.Task[None] | None = None
+        upstream: asyncio.Task[None] | None = None
+        async with self._call(method, agent, timeout_s) as call:
             try:
-                await self._prove(call, agent, nonce)
                 if await _send(call, first):  # else the agent ended the call: read() raises its status
                     upstream = asyncio.ensure_future(_pump(call, rest))
                 while True:
@@ -197,14 +180,27 @@ class AgentRelay:
                     if response is grpc.aio.EOF:
                         break
                     yield response
-            except grpc.aio.AioRpcError as e:
-                raise await self._error(agent, nonce, e) from None
             finally:
-                call.cancel()
                 if upstream is not None:
                     upstream.cancel()
                     with contextlib.suppress(BaseException):
                         await upstream
+
+
+async def _only_reply(call: Any, agent: Agent) -> Any:
+    """The one reply of a call with a single response, once the call ended OK
+    (read() raises the status of one that did not)."""
+    reply = await call.read()
+    if reply is grpc.aio.EOF:
+        raise agent_unavailable(agent.container_id, "ended the call without a reply")
+    if await call.read() is not grpc.aio.EOF:
+        raise agent_unavailable(agent.container_id, "sent more than one reply")
+    return reply
+
+
+async def _half_close(call: Any) -> None:
+    with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        await call.done_writing()
 
 
 async def _send(call: Any, request: Any) -> bool:
@@ -230,8 +226,7 @@ async def _pump(call: Any, requests: AsyncIterator[Any]) -> None:
         async for request in requests:
             if not await _send(call, request):
                 return  # the command ended: what the caller still sends is dropped
-        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
-            await call.done_writing()
+        await _half_close(call)
     except asyncio.CancelledError:
         raise
     except BaseException:

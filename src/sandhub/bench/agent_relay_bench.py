@@ -122,8 +122,7 @@ async def measure(*, runs: int, upload_mib: int, agent: str = "") -> AgentRelayR
         ls = xpb.RunRequest(container_id=CONTAINER_ID, command=xpb.Command(argv=["ls", "/"]))
 
         def agent_md() -> tuple[tuple[str, str], ...]:
-            return ((internal_auth.AGENT_TOKEN_KEY, agent_token),
-                    (internal_auth.AGENT_NONCE_KEY, internal_auth.new_agent_nonce()))
+            return internal_auth.agent_call_metadata(agent_token, "/sandhub.exec.v1.ExecService/Run")
 
         for name in ("hub", "agent", "subprocess"):
             results.ls_ms[name] = []

@@ -48,8 +48,7 @@ async def serve(targets: dict[str, str], *, token: str, api_key: str, tenant: st
     port = directory.add_insecure_port("127.0.0.1:0")
     await directory.start()
     hub = await start_hub(HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{port}",
-                                    api_keys={api_key: tenant}, orchestrator_token=token),
-                          exec_via_agent=True)
+                                    api_keys={api_key: tenant}, orchestrator_token=token))
     print(json.dumps({"hub_port": hub.port}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the bench closes it
     await hub.stop(0)

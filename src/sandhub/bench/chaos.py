@@ -9,8 +9,7 @@ state disk, then the invariants:
   one container, and at most one live container carries that request's label;
 - no orphan: every cgroup, veth and process of the run's containers on the
   host belongs to a container the Orchestrator knows and has not called
-  TERMINATED; once everything is deleted nothing is left, and no exec directory
-  or fork server of a killed Hub remains;
+  TERMINATED; once everything is deleted nothing is left;
 - every failed call got a specific code: never INTERNAL or UNKNOWN.
 
 `tests/chaos/test_chaos.py` runs it briefly in `make test`; `sandhub bench
@@ -382,8 +381,6 @@ async def delete_everything(services: ChaosServices, clients: Clients, result: C
                                                     f"({known[cid].state_reason})")
     for line in traces.of(traces.container_ids()):
         result.violate("nothing left after delete", line)
-    for d in chaos_host.exec_dirs_of_dead_hubs(services.tmp):
-        result.violate("nothing left after delete", f"{d}: a killed Hub's exec directory, still there")
 
 
 def take_figures(services: ChaosServices) -> dict[str, ProcessFigures | None]:
@@ -428,10 +425,6 @@ async def run_chaos(options: ChaosOptions, *, progress: Callable[[str], None] = 
         await clients.close()
         clients = None
         await services.stop()
-        for d in chaos_host.exec_dirs(services.tmp):
-            result.violate("nothing left after delete", f"{d}: left after the Hub stopped")
-        for pid in chaos_host.fork_servers(services.tmp):
-            result.violate("no orphan", f"exec fork server pid {pid} outlived its Hub")
     finally:
         if clients is not None:
             await clients.close()

@@ -1,7 +1,6 @@
 """What a chaos run's containers left on this host, found without the
 backend's own code: cgroups under the run's parent, host veths with the run's
-alias, processes in those cgroups or carrying a container id the run knows,
-the Hubs' exec directories and their fork servers."""
+alias, processes in those cgroups or carrying a container id the run knows."""
 
 from __future__ import annotations
 
@@ -14,8 +13,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_HIERARCHIES = ("", "cpu", "memory", "pids", "unified")
 """v2 at the root, or the v1 controllers the local backend uses (and a v2 mount beside them)."""
 ENV_CONTAINER_ID = b"SANDHUB_CONTAINER_ID="
-EXEC_DIR_PREFIX = "sandhub-exec-"
-SPAWNER_MODULE = b"orchestrator_service.backends.local.spawner"
 
 
 @dataclass
@@ -87,29 +84,3 @@ def scan(*, cgroup_parent: str, veth_alias_prefix: str, known_ids: Iterable[str]
         if owner:
             traces.processes.setdefault(owner.decode(errors="replace"), []).append(int(pid))
     return traces
-
-
-def exec_dirs(tmp: Path) -> list[str]:
-    """The Hubs' exec directories (their fork servers' sockets) under a TMPDIR."""
-    try:
-        return sorted(str(tmp / d) for d in os.listdir(tmp) if d.startswith(EXEC_DIR_PREFIX))
-    except OSError:
-        return []
-
-
-def exec_dirs_of_dead_hubs(tmp: Path) -> list[str]:
-    """Exec directories under ``tmp`` that no live fork server listens in:
-    what a killed Hub left (a live Hub's fork server names its socket there)."""
-    live = b"\0".join(_read(f"/proc/{pid}/cmdline") for pid in fork_servers(tmp))
-    return [d for d in exec_dirs(tmp) if (d + "/").encode() not in live]
-
-
-def fork_servers(tmp: Path) -> list[int]:
-    """Live exec fork servers (and their pre-forked helpers) whose socket is under ``tmp``."""
-    found = []
-    needle = str(tmp).encode() + b"/"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        cmdline = _read(f"/proc/{pid}/cmdline")
-        if SPAWNER_MODULE in cmdline and needle in cmdline:
-            found.append(int(pid))
-    return found

@@ -90,7 +90,7 @@ def add_parser(subparsers: Any) -> None:
                        help="the same sandboxes created by the local backend directly, without gRPC or the Hub")
     f.set_defaults(func=cmd_floor)
 
-    e = sub.add_parser("exec", help="`ls /` through the Hub beside the exec driver and nsenter, and upload "
+    e = sub.add_parser("exec", help="`ls /` through the Hub (relayed to the agent) beside nsenter, and upload "
                                     "MB/s beside plain gRPC, on a Hub and Orchestrator of its own")
     e.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs per path (default 200)")
     e.add_argument("--upload-mib", type=_positive_int, default=100, help="MiB per transfer (default 100)")
@@ -105,9 +105,9 @@ def add_parser(subparsers: Any) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_agent_relay)
 
-    k = sub.add_parser("k8s-exec", help="`ls /` in a Kubernetes container through the Hub, by the exec agent and "
-                                        "by pods/exec, on a KWOK control plane of its own (make k8s-tools)")
-    k.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs per path (default 200)")
+    k = sub.add_parser("k8s-exec", help="`ls /` in a Kubernetes container through the Hub and its agent, "
+                                        "on a KWOK control plane of its own (make k8s-tools)")
+    k.add_argument("--runs", type=_positive_int, default=200, help="`ls /` runs (default 200)")
     k.add_argument("--agent", default="", help="the sandhub-agent binary (default $SANDHUB_AGENT)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_k8s_exec)

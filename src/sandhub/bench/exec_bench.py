@@ -1,10 +1,10 @@
 """`sandhub bench exec`: the cost of reaching into a container, beside its floors.
 
 In one run, on one container, interleaved so load hits all alike:
-- `ls /` through the Hub (ExecService.Run over gRPC, as a caller does it);
-- the same through the local exec driver in this process (no gRPC, no Hub);
+- `ls /` through the Hub (ExecService.Run over gRPC, as a caller does it,
+  relayed to the container's agent);
 - the same with `nsenter` (the physical floor: namespaces only, no cgroup join,
-  no seccomp, no fork server);
+  no seccomp, no gRPC);
 and the transfer rate of a PutFiles upload (and a GetFiles download) beside a
 plain gRPC client stream of the same bytes, in the same message size, to a
 trivial server in this process (what gRPC in Python can carry at all). The
@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from sandhub.bench.local import TENANT, LocalServices
+from sandhub.bench.local import TENANT, LocalServices, init_pid
 from sandhub.bench.stats import Summary, histogram, summarize
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
@@ -101,13 +101,8 @@ async def _client(kind: str, address: str, mib: int, *extra: str) -> dict[str, l
     return rates
 
 
-def _init_pid(services: LocalServices, container_id: str) -> int:
-    record = services.local_config.state_dir / "containers" / f"{container_id}.json"
-    return int(json.loads(record.read_text())["runtime"]["init_pid"])
-
-
-def _nsenter_ls(init_pid: int) -> float:
-    argv = ["nsenter", "-t", str(init_pid), "--all", "-r", "-w", "-S", "1000", "-G", "1000", "ls", "/"]
+def _nsenter_ls(pid: int) -> float:
+    argv = ["nsenter", "-t", str(pid), "--all", "-r", "-w", "-S", "1000", "-G", "1000", "ls", "/"]
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, timeout=30)
     elapsed = time.perf_counter() - start
@@ -117,40 +112,27 @@ def _nsenter_ls(init_pid: int) -> float:
 
 
 async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
-    from orchestrator_service.backends.exec_base import CommandSpec
-    from orchestrator_service.backends.local.exec_driver import LocalExecDriver
-
     results = ExecBenchResults(runs=runs, upload_mib=upload_mib)
     services = LocalServices(api_key=API_KEY)
     sink = _Sink()
     await services.start()
     channel = grpc.aio.insecure_channel(services.hub_address)
     md = (("authorization", f"Bearer {API_KEY}"),)
-    driver = LocalExecDriver(services.local_config)
     try:
         await sink.start()
-        await driver.start()
         containers = pb_grpc.OrchestratorServiceStub(channel)
         ex = xpb_grpc.ExecServiceStub(channel)
         c = (await containers.CreateContainer(
             pb.CreateContainerRequest(wait_until_running=True, labels={"bench": "exec"}), metadata=md)).container
-        init_pid = _init_pid(services, c.container_id)
+        agent_pid = init_pid(services.local_config, c.container_id)
         ls = xpb.RunRequest(container_id=c.container_id, command=xpb.Command(argv=["ls", "/"]))
 
-        async def via_driver() -> None:
-            proc = await driver.spawn(container_id=c.container_id, command=CommandSpec(("ls", "/")))
-            while await proc.read() is not None:
-                pass
-            await proc.wait()
-            await proc.kill()
-
-        for name in ("hub", "driver", "nsenter"):
+        for name in ("hub", "nsenter"):
             results.ls_ms[name] = []
-        await ex.Run(ls, metadata=md)  # warm: the Hub starts its fork server on first use
+        await ex.Run(ls, metadata=md)  # warm: the Hub connects to the agent on first use
         for _ in range(runs):
             results.ls_ms["hub"].append(1000 * await _timed(ex.Run(ls, metadata=md)))
-            results.ls_ms["driver"].append(1000 * await _timed(via_driver()))
-            results.ls_ms["nsenter"].append(1000 * await asyncio.to_thread(_nsenter_ls, init_pid))
+            results.ls_ms["nsenter"].append(1000 * await asyncio.to_thread(_nsenter_ls, agent_pid))
 
         # Transfers are driven from a process of their own, as a caller's are.
         for name, rates in (await _client("sink", f"127.0.0.1:{sink.port}", upload_mib)).items():
@@ -160,7 +142,6 @@ async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
     except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
         results.failures.append(str(e))
     finally:
-        await driver.close()
         await channel.close()
         await sink.stop()
         await services.stop()
@@ -170,8 +151,7 @@ async def measure(*, runs: int, upload_mib: int) -> ExecBenchResults:
 def text(r: ExecBenchResults) -> str:
     lines = [f"`ls /` in one container, {r.runs} runs each, interleaved (ms)"]
     sums = r.summaries()
-    for name, label in (("hub", "through the Hub (Run RPC)"), ("driver", "local exec driver, no gRPC"),
-                        ("nsenter", "nsenter (floor)")):
+    for name, label in (("hub", "through the Hub (Run RPC)"), ("nsenter", "nsenter (floor)")):
         s = sums.get(name)
         if s is None:
             continue

@@ -6,28 +6,33 @@ service layers cost.
 The spec goes through the orchestrator's own validation, so defaults (pids,
 disk, open files) are exactly what a CreateContainer would get.
 
-Commands (`ls /`) enter the sandbox through the local exec driver, the one
-the Hub's Run uses, called directly. Uploads and background processes are
-not offered by the floor (they are Hub features built on the driver), so the
-webserver scenario reports them as failures here.
+Commands (`ls /`) go straight to the container's agent over its unix socket
+(ExecService.Run, as the Hub relays it, without the Hub). Uploads and
+background processes are not offered by the floor (only `ls /` is measured
+here), so the webserver scenario reports them as failures here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator_service.backends.exec_base import CommandSpec, ExecDriver
+import grpc
+
 from orchestrator_service.model import Event, State, new_container_id
 from orchestrator_service.validation import RawCreate, build_spec
+from sandhub import internal_auth
 from sandhub.bench.target import Created, CreateParams, FileToPut, RunResult, TargetError, not_running
 from sandhub.config import Limits, LocalBackendConfig
 from sandhub.errors import SandhubError
+from sandhub.exec.v1 import exec_pb2 as xpb
+from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
 
 TENANT = "bench"
 _ID = re.compile(r"cnt-[a-z0-9]{12}")
@@ -37,16 +42,13 @@ class FloorTarget:
     name = "floor"
     cgroup_parent = "sandhub"
 
-    def __init__(self, *, limits: Limits | None = None, exec_driver: ExecDriver | None = None) -> None:
-        """``exec_driver``: enter containers with this one (started and
-        closed here) instead of the local exec driver."""
+    def __init__(self, *, limits: Limits | None = None) -> None:
         self._limits = limits or Limits()
         self._state: Path | None = None
         self._backend: Any = None
         self._config: LocalBackendConfig | None = None
-        self._exec: ExecDriver | None = None
-        self._given_driver = exec_driver
-        self._exec_lock = asyncio.Lock()
+        self._agent_key = secrets.token_bytes(32)
+        self._agents: dict[str, grpc.aio.Channel] = {}
 
     @property
     def detail(self) -> str:
@@ -59,7 +61,7 @@ class FloorTarget:
 
         self._state = Path(tempfile.mkdtemp(prefix="sandhub-floor-"))
         self._config = private_backend_config(self._state)
-        self._backend = LocalBackend(self._config, notify=self._ignore)
+        self._backend = LocalBackend(self._config, notify=self._ignore, agent_key=self._agent_key)
         await self._backend.start()
 
     @staticmethod
@@ -68,9 +70,9 @@ class FloorTarget:
 
     async def close(self) -> list[str]:
         swept: list[str] = []
-        if self._exec is not None:
-            await self._exec.close()
-            self._exec = None
+        for channel in self._agents.values():
+            await channel.close()
+        self._agents.clear()
         if self._backend is not None:
             swept = await self._sweep()
             await self._backend.close()
@@ -117,40 +119,23 @@ class FloorTarget:
         cct = (c.ready_time - c.create_time).total_seconds() * 1000 if c.ready_time else None
         return Created(container_id=c.id, cct_ms=cct, ip_address=c.ip_address)
 
-    async def _driver(self) -> ExecDriver:
-        async with self._exec_lock:
-            if self._exec is None:
-                driver = self._given_driver or self._local_driver()
-                try:
-                    await driver.start()
-                except SandhubError as e:
-                    raise TargetError(f"the local exec driver did not start: {e.message}") from None
-                self._exec = driver
-            return self._exec
-
-    def _local_driver(self) -> ExecDriver:
-        assert self._config is not None
-        try:
-            from orchestrator_service.backends.local.exec_driver import LocalExecDriver
-        except ImportError:
-            raise TargetError("the floor can't enter containers: the local exec driver is not installed") from None
-        driver: ExecDriver = LocalExecDriver(self._config)
-        return driver
-
     async def run(self, container_id: str, argv: Sequence[str]) -> RunResult:
-        driver = await self._driver()
         try:
-            proc = await driver.spawn(container_id=container_id, command=CommandSpec(argv=tuple(argv)))
+            channel = self._agents.get(container_id)
+            if channel is None:
+                target = self._backend.agent_target(await self._backend.get(container_id=container_id))
+                channel = self._agents[container_id] = grpc.aio.insecure_channel(target)
+            token = internal_auth.agent_token(self._agent_key, container_id)
+            reply = await xpb_grpc.ExecServiceStub(channel).Run(
+                xpb.RunRequest(container_id=container_id, command=xpb.Command(argv=list(argv))),
+                metadata=internal_auth.agent_call_metadata(token, "/sandhub.exec.v1.ExecService/Run"), timeout=60)
         except SandhubError as e:
             raise TargetError(f"{type(e).__name__}: {_ID.sub('cnt-...', e.message)}") from None
-        out, err = bytearray(), bytearray()
-        try:
-            while (chunk := await proc.read()) is not None:
-                (out if chunk.stream == "stdout" else err).extend(chunk.data)
-            info = await proc.wait()
-        finally:
-            await proc.kill()
-        return RunResult(exit_code=-1 if info.signal else info.exit_code, stdout=bytes(out), stderr=bytes(err))
+        except grpc.aio.AioRpcError as e:
+            raise TargetError(f"the agent: {e.code().name}: {_ID.sub('cnt-...', e.details() or '')}") from None
+        status = reply.exit_status
+        return RunResult(exit_code=-1 if status.signal_number else status.exit_code, stdout=reply.stdout,
+                         stderr=reply.stderr)
 
     def _hub_only(self, what: str) -> NoReturn:
         raise TargetError(f"the floor has no {what} (a Hub feature); only `ls /` runs here")
@@ -162,6 +147,8 @@ class FloorTarget:
         self._hub_only("background processes")
 
     async def delete(self, container_id: str) -> None:
+        if (channel := self._agents.pop(container_id, None)) is not None:
+            await channel.close()
         try:
             await self._backend.delete(container_id=container_id, grace_period_s=0, reason="Deleted")
         except SandhubError as e:

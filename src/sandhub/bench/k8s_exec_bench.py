@@ -1,16 +1,13 @@
-"""`sandhub bench k8s-exec`: `ls /` in a Kubernetes container through the Hub,
-by the exec agent and by pods/exec, in one run, interleaved.
+"""`sandhub bench k8s-exec`: `ls /` in a Kubernetes container through the Hub.
 
 It starts a real control plane of its own (etcd, kube-apiserver,
 kube-scheduler, KWOK: `make k8s-tools`), an Orchestrator on the kubernetes
-backend and two Hubs in front of it:
-- agent: caller -> Hub -> (Orchestrator's AgentDirectoryService, cached) ->
-  sandhub-agent at the pod's IP and agent port. KWOK runs no containers, so
-  the bench runs the real agent itself, installed and started with the pod's
-  own init and main commands, on the pod IP KWOK gave (a loopback podCIDR);
-- pods/exec: caller -> Hub -> kube-apiserver -> KWOK (websocket, v5 channel
-  protocol) -> the command on this host (KWOK's local exec, as nobody).
-Both run `ls /` on this host; what differs is the path to it.
+backend and a Hub in front of it: caller -> Hub -> (Orchestrator's
+AgentDirectoryService, cached) -> sandhub-agent at the pod's IP and agent
+port. KWOK runs no containers, so the bench runs the real agent itself,
+installed and started with the pod's own init and main commands, on the pod
+IP KWOK gave (a loopback podCIDR). The pods/exec path it was once compared
+with is gone (issue 14); BENCHMARKS.md keeps that run's figures.
 
 What only a real cluster shows is printed with the figures (REAL_CLUSTER).
 """
@@ -41,11 +38,10 @@ NAMESPACE = "bench"
 NODE = "kwok-bench"
 POD_CIDR = "127.245.0.0/16"
 """Loopback pod IPs: the bench's agents listen on exactly the address the backend gives."""
-PATHS = (("agent", "Hub -> agent (pod IP:port)"), ("pods_exec", "Hub -> pods/exec (API server, KWOK)"))
+PATHS = (("agent", "Hub -> agent (pod IP:port)"),)
 REAL_CLUSTER = (
     "Only a real cluster shows: pod-network latency between the Hub's node and the pod's (here loopback); "
-    "the kubelet and container runtime in the pods/exec path (KWOK execs locally, so pods/exec is faster here "
-    "than on EKS, ~200 ms there); whether the CNI enforces the NetworkPolicy that admits only the Hub to the "
+    "whether the CNI enforces the NetworkPolicy that admits only the Hub to the "
     "agent port; the agent image's pull and the init container's copy in pod start-up; on Fargate, the ENI "
     "set-up per pod."
 )
@@ -128,9 +124,8 @@ async def measure(*, runs: int, agent: str = "") -> K8sExecResults:
                                                            kubernetes=kube, placements=("default",), token=token))
         stops.append(orch)
         hub_config = HubConfig(listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}",
-                               api_keys={API_KEY: TENANT}, kubernetes=kube, orchestrator_token=token)
-        hubs = {"agent": await start_hub(hub_config, exec_via_agent=True),
-                "pods_exec": await start_hub(hub_config, exec_via_agent=False)}
+                               api_keys={API_KEY: TENANT}, orchestrator_token=token)
+        hubs = {"agent": await start_hub(hub_config)}
         stops += hubs.values()
         channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{hub.port}") for name, hub in hubs.items()}
         md = (("authorization", f"Bearer {API_KEY}"),)
@@ -140,7 +135,8 @@ async def measure(*, runs: int, agent: str = "") -> K8sExecResults:
         pod = await asyncio.to_thread(_read_pod, cp, cid)
         main, [init] = pod.spec.containers[0], pod.spec.init_containers
         running = await start_agent_as(binary, main.command, {e.name: e.value for e in main.env},
-                                       ip=pod.status.pod_ip, port=port, root=root / "pod", install=init.command)
+                                       ip=pod.status.pod_ip, port=port, root=root / "pod", install=init.command,
+                                       install_env={e.name: e.value for e in init.env or ()})
         stubs = {name: xpb_grpc.ExecServiceStub(ch) for name, ch in channels.items()}
         ls = xpb.RunRequest(container_id=cid, command=xpb.Command(argv=["ls", "/"]))
         for name, stub in stubs.items():
@@ -164,16 +160,12 @@ async def measure(*, runs: int, agent: str = "") -> K8sExecResults:
 
 
 def text(r: K8sExecResults) -> str:
-    lines = [f"`ls /` on the kubernetes backend through the Hub, {r.runs} runs each, interleaved (ms; "
-             "KWOK control plane on this host)"]
+    lines = [f"`ls /` on the kubernetes backend through the Hub, {r.runs} runs (ms; KWOK control plane on this host)"]
     sums = r.summaries()
     for name, label in PATHS:
         s = sums.get(name)
         if s is not None:
             lines.append(f"  {label:<38} p50 {s.p50:7.2f}  p90 {s.p90:7.2f}  p99 {s.p99:7.2f}  max {s.max:7.2f}")
-    agent, exec_ = sums.get("agent"), sums.get("pods_exec")
-    if agent and exec_:
-        lines.append(f"  pods/exec / agent: p50 {exec_.p50 / agent.p50:.1f}x, p99 {exec_.p99 / agent.p99:.1f}x")
     lines.append(REAL_CLUSTER)
     for f in r.failures:
         lines.append(f"FAILED: {f}")

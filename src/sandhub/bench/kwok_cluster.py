@@ -9,16 +9,13 @@ from tools/k8s/*/go.mod) and the dev extra (cryptography, for its PKI).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -61,8 +58,7 @@ class Binaries:
         """Where `make k8s-tools` put them (the Makefile exports the same paths)."""
         kube = _version("kubernetes", "k8s.io/kubernetes")
         etcd = _version("etcd", "go.etcd.io/etcd/server/v3")
-        overlay = (REPO / "tools" / "k8s" / "kwok" / "overlay" / "exec.go").read_bytes()
-        kwok = _version("kwok", "sigs.k8s.io/kwok") + "-" + hashlib.sha256(overlay).hexdigest()[:8]
+        kwok = _version("kwok", "sigs.k8s.io/kwok")
         env = os.environ.get
         return cls(
             kube_apiserver=Path(env("SANDHUB_KUBE_APISERVER") or TOOLS_CACHE / f"kube-apiserver-{kube}/kube-apiserver"),
@@ -91,7 +87,6 @@ class ControlPlane:
     api_port: int = 0
     kubeconfig: Path = Path()
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    exec_dir: Path | None = None
 
     @property
     def server(self) -> str:
@@ -147,7 +142,7 @@ class ControlPlane:
             # It taints new nodes not-ready until kube-controller-manager's node
             # lifecycle controller clears it; that controller doesn't run here.
             "--disable-admission-plugins=TaintNodesByCondition",
-            # exec and logs go through KWOK's kubelet server on loopback.
+            # logs (and any exec) go through KWOK's kubelet server on loopback.
             f"--kubelet-client-certificate={kubelet_crt}", f"--kubelet-client-key={kubelet_key}",
             "--kubelet-preferred-address-types=InternalIP",
             f"--cert-dir={self.root / 'apiserver-certs'}", "--profiling=false", "--v=1",
@@ -181,7 +176,7 @@ class ControlPlane:
         stages = sorted(self.binaries.kwok_stages.glob("*.yaml"))
         # Stages only: without a KwokConfiguration document KWOK takes its own
         # defaults (one given with empty options would zero them).
-        config.write_text("\n---\n".join([*(p.read_text() for p in stages), STAGES.read_text(), self._cluster_exec()]))
+        config.write_text("\n---\n".join([*(p.read_text() for p in stages), STAGES.read_text()]))
         port = free_port()
         self._spawn("kwok", [
             str(self.binaries.kwok), f"--kubeconfig={self.kubeconfig}", f"--config={config}",
@@ -190,24 +185,6 @@ class ControlPlane:
             f"--tls-cert-file={crt}", f"--tls-private-key-file={key}", "--cidr=10.244.0.0/16",
             "--node-lease-duration-seconds=40",
         ])
-
-    def _cluster_exec(self) -> str:
-        """KWOK serves pods/exec by running the command on this host: as nobody,
-        in a scratch directory of the session's own (TMPDIR too, where the exec
-        driver keeps background-process state). Not under pytest's basetemp:
-        every pytest session that starts makes /tmp/pytest-of-<user> 0700
-        again, which would lock nobody out mid-run."""
-        self.exec_dir = Path(tempfile.mkdtemp(prefix="sandhub-kwok-exec-"))
-        (self.exec_dir / "tmp").mkdir()
-        for d in (self.exec_dir, self.exec_dir / "tmp"):
-            d.chmod(0o1777)
-        return (
-            "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterExec\nmetadata:\n  name: local\nspec:\n  execs:\n"
-            f"  - local:\n      workDir: {self.exec_dir}\n"
-            f"      envs:\n      - name: TMPDIR\n        value: {self.exec_dir / 'tmp'}\n"
-            "      - name: PATH\n        value: /usr/local/bin:/usr/bin:/bin\n"
-            "      securityContext:\n        runAsUser: 65534\n        runAsGroup: 65534\n"
-        )
 
     def _wait(self, name: str, ready: object, *, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -244,8 +221,6 @@ class ControlPlane:
                     proc.kill()
                     proc.wait(5)
         self.procs.clear()
-        if self.exec_dir is not None:
-            shutil.rmtree(self.exec_dir, ignore_errors=True)
 
 
 def fake_node(name: str, labels: dict[str, str], taints: list[Any], pod_cidr: str | None = None) -> Any:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -30,6 +32,12 @@ T = TypeVar("T")
 TENANT = "bench"
 
 
+def init_pid(config: LocalBackendConfig, container_id: str) -> int:
+    """Host pid of a container's pid 1 (its agent), read from the backend's record."""
+    record = config.state_dir / "containers" / f"{container_id}.json"
+    return int(json.loads(record.read_text())["runtime"]["init_pid"])
+
+
 def private_backend_config(state: Path) -> LocalBackendConfig:
     """A local backend of the bench's own: its state under ``state``, and a
     network device and /19 subnet (8,190 addresses: room for `bench capacity`'s
@@ -42,6 +50,7 @@ def private_backend_config(state: Path) -> LocalBackendConfig:
         images_dir=state / "images",
         bridge=f"shb{secrets.token_hex(4)}",
         subnet=f"10.{224 + n // 8}.{(n % 8) * 32}.0/19",
+        agent_path=os.environ.get("SANDHUB_AGENT", ""),  # this checkout's (make exports it)
     )
 
 
@@ -127,11 +136,6 @@ class LocalServices:
             listen="127.0.0.1:0", orchestrator=f"127.0.0.1:{self._orch.port}", api_keys={self._api_key: TENANT},
             orchestrator_token=token,
         )
-        if any(f.name == "local" for f in dataclasses.fields(HubConfig)):
-            # A Hub that enters local containers itself must look where this
-            # orchestrator keeps them.
-            changes: dict[str, Any] = {"local": self._local}
-            hub = dataclasses.replace(hub, **changes)
         self._hub = await start_hub(hub)
         self.hub_address = f"127.0.0.1:{self._hub.port}"
 

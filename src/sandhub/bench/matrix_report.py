@@ -135,8 +135,8 @@ def rpc_cpu_lines(matrix: Mapping[str, Any]) -> list[str]:
         "| calls | process | CPU per 1,000 calls (ms) | wall for the batch (s) |",
         "|---|---|---:|---:|",
         f"| Run(`ls /`) × {calls:,} | Hub | {r['hub_per_1000_run_ms']:,.0f} | {r['run_wall_s']:.1f} |",
-        f"| Run(`ls /`) × {calls:,} | Hub's fork server tree (enters the container, runs `ls`) | "
-        f"{r['forkserver_per_1000_run_ms']:,.0f} | |",
+        f"| Run(`ls /`) × {calls:,} | the container's agent (serves the call, runs `ls`) | "
+        f"{r['agent_per_1000_run_ms']:,.0f} | |",
         f"| GetContainer × {calls:,} | Hub | {r['hub_per_1000_get_ms']:,.0f} | {r['get_wall_s']:.1f} |",
         f"| GetContainer × {calls:,} | Orchestrator | {r['orchestrator_per_1000_get_ms']:,.0f} | |",
         "",
@@ -170,7 +170,7 @@ METHOD = """\
   inspect).
 - **`ls /` mean**: the mean of every `ls /` run of the cell, 10 per
   container, each to completion with its output (Hub: the Run RPC; floor:
-  the local exec driver called directly; Docker: exec create + attached
+  Run straight to the container's agent, no Hub; Docker: exec create + attached
   start + exec inspect, what `docker exec` does).
 - **burst** asks for a container every 0.1 s, **gradual** every 1 s, on an
   open loop (requests go out on schedule even when earlier ones are still

@@ -8,9 +8,9 @@ container is created, every measured call goes to it; after a warm-up, the
 user + system CPU time of each process (/proc/<pid>/stat, all threads) is
 read before and after a batch of calls issued by a few concurrent clients:
 
-- Run(`ls /`): the Hub (auth, tenant lookup, the exec driver's client side)
-  and, separately, its fork server tree (the processes that enter the
-  container, plus the `ls` they reap);
+- Run(`ls /`): the Hub (auth, tenant lookup, the relay to the agent) and,
+  separately, the container's agent (its pid 1: the call, plus the `ls` it
+  starts and reaps, counted in the container's own cgroup);
 - GetContainer: the Hub's proxy path plus the Orchestrator behind it.
 
 Optionally py-spy records the Hub during the Run batch and the Orchestrator
@@ -37,7 +37,7 @@ import grpc
 
 from sandhub import internal_auth
 from sandhub.bench.hub import HubTarget
-from sandhub.bench.local import private_backend_config, remove_cgroup_parent, remove_network
+from sandhub.bench.local import init_pid, private_backend_config, remove_cgroup_parent, remove_network
 from sandhub.bench.target import CreateParams, TargetError
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -59,6 +59,12 @@ def process_cpu_s(pid: int) -> float:
     return parse_stat(Path(f"/proc/{pid}/stat").read_text())[0]
 
 
+def cpu_with_reaped_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and of the children it has reaped."""
+    own, reaped, _ = parse_stat(Path(f"/proc/{pid}/stat").read_text())
+    return own + reaped
+
+
 def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -77,32 +83,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu(pid: int) -> dict[tuple[int, int], float]:
-    """CPU seconds (own + reaped children) of each process below ``pid``, keyed
-    by (pid, start ticks) so a reused pid is a different process."""
-    out = {}
-    for p in descendants(pid):
-        try:
-            own, reaped, start = parse_stat(Path(f"/proc/{p}/stat").read_text())
-        except (OSError, ValueError, IndexError):
-            continue
-        out[(p, start)] = own + reaped
-    return out
-
-
-def tree_delta_s(before: dict[tuple[int, int], float], after: dict[tuple[int, int], float]) -> float:
-    """CPU spent between two snapshots by the processes alive at the second
-    one (a process that ended meanwhile is lost, unless its parent reaped it)."""
-    return sum(v - before.get(k, 0.0) for k, v in after.items())
-
-
 @dataclass
 class RpcCpu:
     calls: int
     concurrency: int
     run_wall_s: float = 0.0
     hub_run_cpu_s: float = 0.0
-    forkserver_run_cpu_s: float = 0.0
+    agent_run_cpu_s: float = 0.0
     get_wall_s: float = 0.0
     hub_get_cpu_s: float = 0.0
     orchestrator_get_cpu_s: float = 0.0
@@ -115,7 +102,7 @@ class RpcCpu:
         k = 1000 / self.calls * 1000 if self.calls else 0.0
         return {
             "hub_per_1000_run_ms": self.hub_run_cpu_s * k,
-            "forkserver_per_1000_run_ms": self.forkserver_run_cpu_s * k,
+            "agent_per_1000_run_ms": self.agent_run_cpu_s * k,
             "hub_per_1000_get_ms": self.hub_get_cpu_s * k,
             "orchestrator_per_1000_get_ms": self.orchestrator_get_cpu_s * k,
         }
@@ -268,12 +255,13 @@ async def measure(*, calls: int = 1000, concurrency: int = 4, warmup: int = 100,
             else:
                 result.profiles["hub during Run(ls /)"] = str(out)
                 await asyncio.sleep(1)  # py-spy attaches
-        hub0, tree0 = process_cpu_s(hub_pid), tree_cpu(hub_pid)
+        agent_pid = init_pid(servers.local, c.container_id)
+        hub0, agent0 = process_cpu_s(hub_pid), cpu_with_reaped_s(agent_pid)
         start = time.perf_counter()
         result.failures += await _batch(calls, concurrency, run_ls)
         result.run_wall_s = time.perf_counter() - start
         result.hub_run_cpu_s = process_cpu_s(hub_pid) - hub0
-        result.forkserver_run_cpu_s = tree_delta_s(tree0, tree_cpu(hub_pid))
+        result.agent_run_cpu_s = cpu_with_reaped_s(agent_pid) - agent0
         if spy is not None:
             await spy.wait()
 

@@ -80,11 +80,11 @@ def restore(undo: Undo) -> None:
 def instrument(timings: Timings) -> Undo:
     """Wraps the steps with timers; returns what restore() puts back."""
     undo: Undo = []
-    from orchestrator_service.backends.local import backend, cgroups, exec_driver, network, nettools, sandbox, store, veth
+    from orchestrator_service.backends.local import backend, cgroups, network, nettools, sandbox, store, veth
 
     _wrap_async(backend.LocalBackend, "create", "create: LocalBackend.create, all of it (= CCT)", timings, undo)
-    # sandbox's own reference to the subprocess module, so `ip` and the exec
-    # driver's Popen calls elsewhere are not counted as bwrap's.
+    # sandbox's own reference to the subprocess module, so Popen calls
+    # elsewhere (`ip`) are not counted as bwrap's.
     proxy = _ModuleProxy(getattr(sandbox, "subprocess"))
     undo.append((sandbox, "subprocess", getattr(sandbox, "subprocess")))
     setattr(sandbox, "subprocess", proxy)
@@ -100,10 +100,6 @@ def instrument(timings: Timings) -> Undo:
                timings, undo)
     _wrap_async(nettools, "run", "create: network: ip or nft run (network setup, egress)", timings, undo)
     _wrap_sync(store.Store, "save", "create: record write (store.save, every state change)", timings, undo)
-    _wrap_async(exec_driver.LocalExecDriver, "_connect", "ls: connect to the fork server", timings, undo)
-    _wrap_async(exec_driver.LocalExecDriver, "_call",
-                "ls: request to first reply (supervisor forks, joins namespaces+cgroups, execs)", timings, undo)
-    _wrap_sync(exec_driver.LocalExecDriver, "_request", "ls: build request (reads the container record)", timings, undo)
     return undo
 
 
@@ -129,7 +125,7 @@ async def measure(n: int, interval_s: float, runs: int) -> Timings:
             for _ in range(runs):
                 start = time.perf_counter()
                 await target.run(c.container_id, ("ls", "/"))
-                timings["ls: whole run through the exec driver (floor)"].append((time.perf_counter() - start) * 1000)
+                timings["ls: whole run through the agent's socket (floor)"].append((time.perf_counter() - start) * 1000)
 
         await asyncio.gather(*(one(i) for i in range(n)))
     finally:

@@ -52,10 +52,9 @@ def main(argv: list[str]) -> int:
         path = argv[6] if len(argv) > 6 else "/work/blob.bin"  # where PutFiles puts blob.bin
         prefix = "agent_" if kind == "agent" else ""
 
-        def md() -> tuple[tuple[str, str], ...]:
+        def md(method: str) -> tuple[tuple[str, str], ...]:
             if kind == "agent":  # a fresh nonce per call, as the Hub sends
-                return ((internal_auth.AGENT_TOKEN_KEY, api_key),
-                        (internal_auth.AGENT_NONCE_KEY, internal_auth.new_agent_nonce()))
+                return internal_auth.agent_call_metadata(api_key, f"/sandhub.exec.v1.ExecService/{method}")
             return (("authorization", f"Bearer {api_key}"),)
         ex = xpb_grpc.ExecServiceStub(channel)
 
@@ -66,11 +65,11 @@ def main(argv: list[str]) -> int:
                 yield xpb.PutFilesRequest(data=payload[i:i + CHUNK])
 
         def download() -> None:
-            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path=path), metadata=md()):
+            for _ in ex.GetFiles(xpb.GetFilesRequest(container_id=container_id, path=path), metadata=md("GetFiles")):
                 pass
 
         for _ in range(repeats):
-            timed(prefix + "put_files", lambda: ex.PutFiles(requests(), metadata=md()))
+            timed(prefix + "put_files", lambda: ex.PutFiles(requests(), metadata=md("PutFiles")))
             timed(prefix + "get_files", download)
     print(json.dumps(rates))
     return 0

@@ -1,7 +1,7 @@
 """EcsBackend: a container is an ECS task; its tags are the record.
 
 Creates go through the launcher (RunTask calls within ECS's rates; one task
-per call, since each carries its own agent credential: agent_environment).
+per call, since each carries its own agent credential: init_environment).
 One loop (poller.py) describes every task that is settling, 100 per call,
 and every live task now and then (stops ECS makes itself: Spot
 interruptions, OOM, lost hosts); each change goes to ``notify``. A restart
@@ -49,15 +49,16 @@ ORPHAN_AGE_S = 60.0
 orchestrator stopped between RunTask and TagResource): it is stopped."""
 
 
-def agent_environment(agent_key: bytes, container_id: str) -> dict[str, str]:
-    """The agent's own credential and container id, in RunTask's overrides.
-    Creates share a RunTask call only when their environments are equal, so
+def init_environment(agent_key: bytes, container_id: str) -> dict[str, str]:
+    """The agent's credential, in RunTask's overrides of the init container
+    (which writes it to a file for the agent: cluster_agent.TOKEN_FILE).
+    Creates share a RunTask call only when their overrides are equal, so
     this per-container token ends batching: one RunTask call per task. Kept so
     on purpose (a shared token would open every task's agent to any one
     task's owner who reads it); the rates allow it: RunTask's 20 calls/s
     equals Fargate's sustained 20 launches/s, so only the first 100-task
     burst is slower (see launcher.py and `sandhub bench ecs-burst`)."""
-    return agent.agent_environment(agent_key, container_id)
+    return agent.init_environment(agent_key, container_id)
 
 
 class EcsBackend:
@@ -248,7 +249,7 @@ class EcsBackend:
         t.check_labels(spec.labels)
         agent.check_ports(spec.ports, self._config.agent_port)
         callers = {k: v for k, v in spec.env.items() if k not in agent.AGENT_ENV}
-        env = {**callers, **agent_environment(self._agent_key, container_id)}
+        env = {**callers, agent.CONTAINER_ID_ENV: container_id}
         if len(json.dumps(spec.env)) > MAX_ENV_BYTES:
             raise InvalidField("env", f"the ECS backend passes at most {MAX_ENV_BYTES} bytes of environment")
         size = self._size(spec, placement)
@@ -264,7 +265,8 @@ class EcsBackend:
         key = LaunchKey(task_definition=arn, capacity_provider=placement.capacity_provider,
                         subnets=placement.subnets or self._config.subnets,
                         security_groups=placement.security_groups or self._config.security_groups,
-                        environment=tuple(sorted(env.items())))
+                        environment=tuple(sorted(env.items())),
+                        init_environment=tuple(sorted(init_environment(self._agent_key, container_id).items())))
         task, missing, _ = await self.launcher.launch(key, tags)
         if missing:
             await self._tag_new(task, missing)

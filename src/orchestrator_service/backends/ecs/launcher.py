@@ -11,7 +11,7 @@ of 1,000 creates is spread over Fargate's 100-then-20-a-second instead of
 being throttled.
 
 Today no two creates share a call: each task's environment holds its own
-agent credential (backend.agent_environment), so a batch is one task with
+agent credential (backend.init_environment), so a batch is one task with
 all its tags on the call, and no TagResource follows. Batching is kept for
 creates that would share everything (it costs nothing when they don't).
 """
@@ -30,6 +30,7 @@ import structlog
 
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.client import EcsApi, error_code, error_message
+from orchestrator_service.backends.ecs.taskdefs import AGENT_INIT, MAIN
 from sandhub.errors import BackendError, BackendUnavailable, InvalidField, QuotaExceeded
 
 log = structlog.get_logger("sandhub.ecs")
@@ -47,6 +48,9 @@ class LaunchKey:
     subnets: tuple[str, ...]
     security_groups: tuple[str, ...]
     environment: tuple[tuple[str, str], ...]
+    """The main container's."""
+    init_environment: tuple[tuple[str, str], ...] = ()
+    """The agent's init container's (its credential)."""
 
 
 @dataclass
@@ -164,8 +168,9 @@ class Launcher:
             "networkConfiguration": {"awsvpcConfiguration": {
                 "subnets": list(key.subnets), "securityGroups": list(key.security_groups),
                 "assignPublicIp": self._public_ip}},
-            "overrides": {"containerOverrides": [{"name": "main", "environment": [
-                {"name": k, "value": v} for k, v in key.environment]}]},
+            "overrides": {"containerOverrides": [
+                {"name": MAIN, "environment": [{"name": k, "value": v} for k, v in key.environment]},
+                {"name": AGENT_INIT, "environment": [{"name": k, "value": v} for k, v in key.init_environment]}]},
             "startedBy": self._started_by,
             "tags": t.to_aws(shared),
             "propagateTags": "TASK_DEFINITION",

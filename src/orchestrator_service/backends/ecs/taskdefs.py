@@ -62,8 +62,10 @@ def make_task_definition(shape: TaskShape, config: EcsBackendConfig) -> dict[str
         "essential": True,
         # The agent is pid 1 of the main container: it starts and supervises
         # everything that runs there (exec, files, background processes).
-        # The container id and token come per task in RunTask's environment
-        # overrides (SANDHUB_CONTAINER_ID, SANDHUB_AGENT_TOKEN): this definition is shared.
+        # The container id comes per task in RunTask's environment overrides
+        # (SANDHUB_CONTAINER_ID): this definition is shared. The token does
+        # too, but to the init container only, which leaves it in a file
+        # (--token-file) the agent deletes: never in this container's environment.
         "entryPoint": [AGENT_PATH],
         "command": agent.listen_arguments(config.agent_port),
         "dependsOn": [{"containerName": AGENT_INIT, "condition": "COMPLETE"}],
@@ -84,9 +86,10 @@ def make_task_definition(shape: TaskShape, config: EcsBackendConfig) -> dict[str
         "image": config.agent_image,
         "essential": False,
         # The agent copies itself into the task volume (its image holds
-        # nothing else, not even a shell) and, as root, hands the main
-        # container's writable volumes to its user: ECS bind mounts start
-        # root:root 0755, which the main container could not write.
+        # nothing else, not even a shell), writes its token file and, as
+        # root, hands the main container's writable volumes (and that file)
+        # to its user: ECS bind mounts start root:root 0755, which the main
+        # container could not write.
         "command": agent.install_command(owner=int(config.run_as_user), directories=(agent.STATE_DIR, WORK_DIR)),
         "user": "0",
         "mountPoints": [{"sourceVolume": AGENT_VOLUME, "containerPath": AGENT_DIR, "readOnly": False},

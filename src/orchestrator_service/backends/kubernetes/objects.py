@@ -122,25 +122,23 @@ def container_env(spec: ContainerSpec, container_id: str) -> tuple[list[client.V
     return [client.V1EnvVar(name=k, value=v) for k, v in env.items()], defaulted
 
 
-def agent_env(container_id: str, agent_key: bytes) -> list[client.V1EnvVar]:
-    """The agent's credential, visible to whoever may read pods in the
-    namespace; it opens this container's agent only."""
-    token = agent.agent_environment(agent_key, container_id)[agent.TOKEN_ENV]
-    return [client.V1EnvVar(name=agent.TOKEN_ENV, value=token)]
-
-
-def agent_init_container(config: KubernetesBackendConfig) -> client.V1Container:
-    """Copies the agent into the pod's agent volume, then exits."""
+def agent_init_container(config: KubernetesBackendConfig, container_id: str, agent_key: bytes) -> client.V1Container:
+    """Copies the agent into the pod's agent volume and leaves its credential
+    in the state volume for it, then exits: the credential is in this
+    container's environment only, never the main one's."""
+    token = agent.init_environment(agent_key, container_id)
     return client.V1Container(
         name=AGENT_INIT,
         image=config.agent_image,
         image_pull_policy=config.image_pull_policy,
-        command=list(agent.INSTALL_COMMAND),
+        command=agent.install_command(),
+        env=[client.V1EnvVar(name=k, value=v) for k, v in token.items()],
         # Small and bounded; the pod's request is the larger of this and the main container's.
         resources=client.V1ResourceRequirements(requests={"cpu": "50m", "memory": "32Mi"},
                                                 limits={"cpu": "500m", "memory": "64Mi"}),
         security_context=security_context(config),
-        volume_mounts=[client.V1VolumeMount(name=AGENT_VOLUME, mount_path=agent.AGENT_DIR)],
+        volume_mounts=[client.V1VolumeMount(name=AGENT_VOLUME, mount_path=agent.AGENT_DIR),
+                       client.V1VolumeMount(name=AGENT_STATE_VOLUME, mount_path=agent.STATE_DIR)],
     )
 
 
@@ -181,7 +179,7 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
         # The agent is pid 1: it starts and reaps every command run in the container.
         command=agent.agent_command(config.agent_port, container_id),
         working_dir=WORK_DIR,
-        env=env + agent_env(container_id, agent_key),
+        env=env,
         ports=[client.V1ContainerPort(container_port=p.port, protocol=p.protocol, name=p.name or None)
                for p in spec.ports] or None,
         resources=client.V1ResourceRequirements(
@@ -206,7 +204,7 @@ def make_pod(spec: ContainerSpec, *, container_id: str, config: KubernetesBacken
                                         defaulted_env=defaulted),
         ),
         spec=client.V1PodSpec(
-            init_containers=[agent_init_container(config)],
+            init_containers=[agent_init_container(config, container_id, agent_key)],
             containers=[container],
             restart_policy="Never",
             automount_service_account_token=False,

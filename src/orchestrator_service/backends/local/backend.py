@@ -30,7 +30,6 @@ from orchestrator_service.backends.local.agent_binary import find_agent
 from orchestrator_service.backends.local.agent_sockets import AgentSockets, directory_for
 from orchestrator_service.backends.local.network import (AddressesExhausted, HostNetwork, NetworkConfig, NetworkError,
                                                          veth_name)
-from orchestrator_service.backends.local.exec_state import remove_container_state
 from orchestrator_service.backends.local.images import Images
 from orchestrator_service.backends.local.store import Record, Runtime, Store
 from orchestrator_service.backends.local.uids import UidClaims
@@ -606,8 +605,6 @@ class LocalBackend:
             pids = self._cgroups.processes(container_id)
             log.error("local.cgroup_busy", container_id=container_id, pids=pids)
             left.append(f"its cgroup, which still holds {len(pids)} process(es)" if pids else "its cgroup")
-        # Background processes' records and output: they died with the container.
-        await asyncio.to_thread(remove_container_state, self._config.state_dir, container_id)
         self._sockets.remove(container_id)
         record = self._records.get(container_id)
         if record is not None and record.runtime.host_uid and not left:

@@ -1,6 +1,5 @@
-"""Small Linux facts shared by the sandbox builder, the seccomp filter and the
-exec fork server. Standard library only: the fork server imports it, and every
-module it imports is memory each fork copies."""
+"""Small Linux facts shared by the sandbox builder, the seccomp filter, the
+network and the uid claims. Standard library only."""
 
 from __future__ import annotations
 

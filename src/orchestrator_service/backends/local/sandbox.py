@@ -234,7 +234,9 @@ async def spawn(
     block_r, block_w = os.pipe()
     err_r, err_w = os.pipe()
     mine = [info_r, ready_r, block_w, err_r]
-    theirs = [info_w, ready_w, block_r, err_w]
+    # err_w goes in as bwrap's stderr only (fd 2), never in pass_fds: an extra
+    # copy would be kept open by the agent and every command in the container.
+    theirs = [info_w, ready_w, block_r]
     try:
         token_fd = sealed_memfd(spec.agent_token.encode(), "sandhub-agent-token")
         theirs.append(token_fd)
@@ -248,7 +250,7 @@ async def spawn(
             seccomp_fd = write_filter_to_memfd()
             theirs.append(seccomp_fd)
     except BaseException:
-        for fd in mine + theirs:
+        for fd in mine + theirs + [err_w]:
             os.close(fd)
         raise
     args = bwrap_argv(
@@ -271,10 +273,10 @@ async def spawn(
             start_new_session=True,
         )
     except OSError as e:
-        for fd in mine + theirs:
+        for fd in mine + theirs + [err_w]:
             os.close(fd)
         raise SpawnError(f"cannot run bwrap: {e.strerror}") from e
-    for fd in theirs:
+    for fd in theirs + [err_w]:
         os.close(fd)
     child_pid = 0
     try:

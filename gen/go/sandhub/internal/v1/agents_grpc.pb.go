@@ -34,14 +34,19 @@ const (
 // (`x-sandhub-tenant`): another tenant's container is NOT_FOUND
 // (CONTAINER_NOT_FOUND), as in OrchestratorService.
 //
-// The Hub calls each agent with the per-container credential
-// `x-sandhub-agent-token` = lowercase hex HMAC-SHA256(agent key, container id),
-// where agent key = HMAC-SHA256(Orchestrator token, "sandhub agent key v1"),
-// and a fresh random `x-sandhub-agent-nonce` (32 hex characters). Before it
-// relays any request payload, it requires the agent's response header
-// `x-sandhub-agent-proof` = hex HMAC-SHA256(that credential, nonce): an address
-// reused by another container (a pod IP handed on) then cannot receive this
-// container's data, because its agent does not hold this container's credential.
+// Each agent holds its container's credential C = lowercase hex
+// HMAC-SHA256(agent key, container id), where agent key =
+// HMAC-SHA256(Orchestrator token, "sandhub agent key v1"). C itself never
+// travels: the Hub calls the agent with a fresh random `x-sandhub-agent-nonce`
+// (32 hex characters; the agent accepts at most 64) and `x-sandhub-agent-auth`
+// = lowercase hex HMAC-SHA256(C, "hub\0" + nonce + "\0" + full method name,
+// e.g. "/sandhub.exec.v1.ExecService/Run"); a missing or wrong one is
+// UNAUTHENTICATED. For every method, unary ones included, the agent answers
+// before it reads any request message with the response header
+// `x-sandhub-agent-proof` = lowercase hex HMAC-SHA256(C, nonce). The Hub opens
+// each call as a stream and sends no request payload before it has checked
+// that proof: an address reused by another container (a pod IP handed on)
+// then neither receives this container's data nor learns its credential.
 type AgentDirectoryServiceClient interface {
 	// Where the container's agent listens, and whether it is RUNNING. A container
 	// that is not RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING); one whose
@@ -79,14 +84,19 @@ func (c *agentDirectoryServiceClient) GetAgentEndpoint(ctx context.Context, in *
 // (`x-sandhub-tenant`): another tenant's container is NOT_FOUND
 // (CONTAINER_NOT_FOUND), as in OrchestratorService.
 //
-// The Hub calls each agent with the per-container credential
-// `x-sandhub-agent-token` = lowercase hex HMAC-SHA256(agent key, container id),
-// where agent key = HMAC-SHA256(Orchestrator token, "sandhub agent key v1"),
-// and a fresh random `x-sandhub-agent-nonce` (32 hex characters). Before it
-// relays any request payload, it requires the agent's response header
-// `x-sandhub-agent-proof` = hex HMAC-SHA256(that credential, nonce): an address
-// reused by another container (a pod IP handed on) then cannot receive this
-// container's data, because its agent does not hold this container's credential.
+// Each agent holds its container's credential C = lowercase hex
+// HMAC-SHA256(agent key, container id), where agent key =
+// HMAC-SHA256(Orchestrator token, "sandhub agent key v1"). C itself never
+// travels: the Hub calls the agent with a fresh random `x-sandhub-agent-nonce`
+// (32 hex characters; the agent accepts at most 64) and `x-sandhub-agent-auth`
+// = lowercase hex HMAC-SHA256(C, "hub\0" + nonce + "\0" + full method name,
+// e.g. "/sandhub.exec.v1.ExecService/Run"); a missing or wrong one is
+// UNAUTHENTICATED. For every method, unary ones included, the agent answers
+// before it reads any request message with the response header
+// `x-sandhub-agent-proof` = lowercase hex HMAC-SHA256(C, nonce). The Hub opens
+// each call as a stream and sends no request payload before it has checked
+// that proof: an address reused by another container (a pod IP handed on)
+// then neither receives this container's data nor learns its credential.
 type AgentDirectoryServiceServer interface {
 	// Where the container's agent listens, and whether it is RUNNING. A container
 	// that is not RUNNING is FAILED_PRECONDITION (CONTAINER_NOT_RUNNING); one whose
