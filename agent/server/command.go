@@ -251,15 +251,21 @@ func (s *Server) start(sp spec, mode ioMode) (*child, error) {
 	return c, nil
 }
 
-// startErr maps a failed start: the command's own fault is INVALID_ARGUMENT,
-// short resources are UNAVAILABLE (nothing ran; retry).
+// startErr maps a failed start: the command's own fault is INVALID_ARGUMENT;
+// a fork refused by the container's pids limit (EAGAIN: cgroup pids.max or
+// RLIMIT_NPROC) is that quota, RESOURCE_EXHAUSTED QUOTA_EXCEEDED limit
+// "pids" (the caller's to free, as before the agent); other short resources
+// are UNAVAILABLE (nothing ran; retry).
 func startErr(err error, field string, sp spec) error {
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
 		switch errno {
 		case unix.ENOENT, unix.EACCES, unix.ENOEXEC, unix.EISDIR, unix.ENOTDIR, unix.ELOOP:
 			return invalidField(field+".argv", fmt.Sprintf("%q: %v", sp.argv[0], errno))
-		case unix.EAGAIN, unix.ENOMEM, unix.EMFILE, unix.ENFILE:
+		case unix.EAGAIN:
+			return quotaExceeded("the container holds as many processes as its pids limit allows; "+
+				"end some of its processes and retry", "pids")
+		case unix.ENOMEM, unix.EMFILE, unix.ENFILE:
 			return unavailable(fmt.Sprintf("the container is short of resources (%v); the command was not started, retry", errno))
 		case unix.ENOSPC:
 			return quotaExceeded("the container holds all the pseudo-terminals it may; close some or run without a PTY", "ptys")

@@ -129,7 +129,8 @@ async def test_a_container_out_of_processes_still_moves_files_and_refuses_comman
 ) -> None:
     """Files are read and written by the agent itself (no process started), so
     they work in a container whose every pid is taken; a command that can't be
-    forked is refused as a retryable UNAVAILABLE with its reason, never INTERNAL."""
+    forked is the container's pids quota (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED,
+    limit "pids": the caller's to free), never INTERNAL or UNAVAILABLE."""
     ex = xpb_grpc.ExecServiceStub(services.hub_channel)
     c = await create(services, resources=pb.Resources(pids=16))
     await _put(ex, c.container_id, "/work/before.txt")
@@ -151,7 +152,8 @@ async def test_a_container_out_of_processes_still_moves_files_and_refuses_comman
     await _put(ex, c.container_id, "/work/new.txt", b"written while full")
     assert await _get(ex, c.container_id, "/work/new.txt") == len(b"written while full")
     err = await _error(_sh(ex, c.container_id, "true"))
-    assert err.code() is grpc.StatusCode.UNAVAILABLE and reason_of(err)[0], (err.code(), err.details())
+    assert (err.code(), reason_of(err)[0]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"), err.details()
+    assert reason_of(err)[1].get("limit") == "pids"
 
 
 @pytest.mark.root
