@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import secrets
 import tempfile
 import time
@@ -148,6 +149,18 @@ async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], t
             assert ok(value), f"still {value!r} after {timeout}s"
             return value
         await asyncio.sleep(0.02)
+
+
+def agent_for_others(directory: Path) -> Path:
+    """A copy of this checkout's sandhub-agent in ``directory`` that any uid
+    can run: a user other than root builds the agent into their own home,
+    and root's tools cache (/root is 0700) is out of their reach."""
+    from orchestrator_service.backends.local.agent_binary import find_agent
+
+    agent = directory / "sandhub-agent"
+    shutil.copy2(find_agent(os.environ.get("SANDHUB_AGENT", "")), agent)
+    agent.chmod(0o755)
+    return agent
 
 
 def traversable(path: Path) -> Path:

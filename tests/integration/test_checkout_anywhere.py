@@ -31,7 +31,7 @@ from orchestrator_service.model import State
 from orchestrator_service.server import RunningOrchestrator, start_orchestrator
 from orchestrator_service.validation import RawCreate
 from sandhub.config import LocalBackendConfig
-from tests.conftest import PrivateNetwork, orchestrator_config, traversable
+from tests.conftest import PrivateNetwork, agent_for_others, orchestrator_config, traversable
 from tests.container_shell import agent_shell
 from tests.integration.test_rootless import as_nobody
 
@@ -134,7 +134,8 @@ async def test_containers_start_and_run_commands_from_a_private_checkout(
     c = await orchestrator.containers.create(raw, tenant="t", wait_until_running=True)
     assert c.state is State.RUNNING, (c.state_reason, c.state_message)
     status = orchestrator.containers.backend.status()  # type: ignore[union-attr]
-    assert status["bwrap"].startswith(str(private.run_dir)) and status["init"] == "busybox"
+    assert status["bwrap"].startswith(str(private.run_dir)), status
+    assert status["init"].startswith(f"sandhub-agent ({private.run_dir}/"), status  # its runtime copy, pid 1
 
     async with agent_shell(orchestrator.containers.backend, c.id, orchestrator_token=orchestrator.config.token) as shell:
         reply = await shell.run(c.id, ["sh", "-c", "id -u; ls /.sandhub"])
@@ -169,6 +170,7 @@ def test_doctor_without_root_starts_a_sandbox_as_the_caller(private: PrivateChec
     shared = private.run_dir.parent / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
-    code, checks = doctor({"SANDHUB_STATE_DIR": str(shared / "state")}, *as_nobody())
+    agent = agent_for_others(shared)
+    code, checks = doctor({"SANDHUB_STATE_DIR": str(shared / "state"), "SANDHUB_AGENT": str(agent)}, *as_nobody())
     assert code == 1 and not checks["root"]["ok"]  # rootless: isolation missing, and said
     assert checks["sandbox"]["ok"] and "your uid 65534" in str(checks["sandbox"]["detail"]), checks["sandbox"]

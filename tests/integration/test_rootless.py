@@ -17,7 +17,7 @@ import pytest
 
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
 from sandhub.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import ORCHESTRATOR_TOKEN, sync_orchestrator_channel, traversable
+from tests.conftest import ORCHESTRATOR_TOKEN, agent_for_others, sync_orchestrator_channel, traversable
 from tests.integration.test_restart import free_port, wait_for
 
 pytestmark = pytest.mark.root
@@ -45,7 +45,7 @@ def shared_tmp(tmp_path: Path) -> Path:
 
 
 def test_doctor_names_what_is_missing(shared_tmp: Path) -> None:
-    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"))
+    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"), SANDHUB_AGENT=str(agent_for_others(shared_tmp)))
     as_root = subprocess.run([sys.executable, "-m", "sandhub.cli.main", "doctor", "--json"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert as_root.returncode == 0, as_root.stdout + as_root.stderr
@@ -63,7 +63,8 @@ def test_doctor_names_what_is_missing(shared_tmp: Path) -> None:
 def test_containers_run_without_root_and_the_log_says_what_is_off(shared_tmp: Path) -> None:
     port = free_port()
     log = shared_tmp / "orchestrator.log"
-    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"), SANDHUB_ORCHESTRATOR_TOKEN=ORCHESTRATOR_TOKEN)
+    env = dict(os.environ, SANDHUB_STATE_DIR=str(shared_tmp / "state"), SANDHUB_ORCHESTRATOR_TOKEN=ORCHESTRATOR_TOKEN,
+               SANDHUB_AGENT=str(agent_for_others(shared_tmp)))
     with log.open("wb") as out:
         proc = subprocess.Popen(
             as_nobody(sys.executable, "-m", "sandhub.cli.main", "serve", "--only", "orchestrator",

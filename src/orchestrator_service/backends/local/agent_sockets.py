@@ -8,10 +8,13 @@ outlives an Orchestrator restart (the agent holds the socket, the file stays
 bound), goes away with its container's teardown, and one left by a crash is
 removed at the next start.
 
-As root the sockets live under runtime_dir (a tmpfs: a reboot ends every
-container too), in a directory per state directory, so that Orchestrators
+The sockets live in a directory per state directory, so that Orchestrators
 with different state directories (tests, `sandhub bench`) never take each
-other's sockets for leftovers; not root, under the state directory.
+other's sockets for leftovers. Its base is fixed and short, not under any
+configured directory: a unix socket's path holds at most 107 bytes, and a
+checkout, state or runtime directory anywhere (pytest's tmp paths) would not
+leave room. As root the base is on /run (a tmpfs: a reboot ends every
+container too); not root, /tmp, in a directory only our uid owns.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ MAX_SUN_PATH = 107
 BACKLOG = 512
 
 
+ROOT_BASE = Path("/run/sandhub/agents")
+"""As root; next to the host-wide uid claims (/run/sandhub/uids)."""
+
+
 def directory_for(config: LocalBackendConfig, *, root: bool) -> Path:
-    if not root:
-        return config.state_dir / "agents"
+    base = ROOT_BASE if root else Path(f"/tmp/sandhub-agents-{os.geteuid()}")
     instance = hashlib.sha256(os.fsencode(os.path.abspath(config.state_dir))).hexdigest()[:12]
-    return config.runtime_dir / "agents" / instance
+    return base / instance
 
 
 class AgentSockets:
@@ -49,7 +55,7 @@ class AgentSockets:
         if len(os.fsencode(longest)) > MAX_SUN_PATH:
             raise BackendUnavailable(
                 f"agent socket paths like {longest} are longer than a unix socket allows "
-                f"({MAX_SUN_PATH} bytes): set SANDHUB_RUNTIME_DIR (or SANDHUB_STATE_DIR) to a shorter path"
+                f"({MAX_SUN_PATH} bytes)"
             )
         for d in (self._dir.parent, self._dir):
             with contextlib.suppress(FileExistsError):
@@ -59,6 +65,13 @@ class AgentSockets:
                 raise BackendUnavailable(f"{d} must be a directory owned by uid {os.geteuid()}")
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(d, 0o700)
+
+    def release(self) -> None:
+        """Removes the directory if no socket is left in it (an Orchestrator
+        stopping with no container alive), so stopped test or bench
+        Orchestrators leave nothing behind; one with live containers keeps it."""
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()
 
     def path(self, container_id: str) -> Path:
         return self._dir / f"{container_id}{SUFFIX}"

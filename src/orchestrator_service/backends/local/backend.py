@@ -243,6 +243,7 @@ class LocalBackend:
         # Our bwrap children keep running; detach so they are not reaped as ours.
         self._children.clear()
         self._cgroups.remove_parent()
+        self._sockets.release()
 
     def status(self) -> dict[str, str]:
         return {
