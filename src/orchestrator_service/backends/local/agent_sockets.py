@@ -40,9 +40,12 @@ ROOT_BASE = Path("/run/sandhub/agents")
 
 
 def directory_for(config: LocalBackendConfig, *, root: bool) -> Path:
-    base = ROOT_BASE if root else Path(f"/tmp/sandhub-agents-{os.geteuid()}")
+    """As root, ROOT_BASE/<instance>; not root, one flat directory in /tmp per
+    uid and state dir: a shared per-uid parent would be claimed by whichever
+    "uid 65534" came first (the host's nobody, or root mapped to 65534 in a
+    user namespace), and the other could not create its own inside it."""
     instance = hashlib.sha256(os.fsencode(os.path.abspath(config.state_dir))).hexdigest()[:12]
-    return base / instance
+    return ROOT_BASE / instance if root else Path(f"/tmp/sandhub-agents-{os.geteuid()}-{instance}")
 
 
 class AgentSockets:
@@ -57,7 +60,7 @@ class AgentSockets:
                 f"agent socket paths like {longest} are longer than a unix socket allows "
                 f"({MAX_SUN_PATH} bytes)"
             )
-        for d in (self._dir.parent, self._dir):
+        for d in (self._dir.parent, self._dir) if self._dir.parent == ROOT_BASE else (self._dir,):
             with contextlib.suppress(FileExistsError):
                 d.mkdir(mode=0o700, parents=True)
             st = os.lstat(d)
