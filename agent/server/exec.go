@@ -188,8 +188,24 @@ func (x *execution) serve(timeout time.Duration) error {
 		return timeoutErr(fmt.Sprintf("the command exited, but a process it started kept writing to its output "+
 			"for %v more; the output after that was not sent", x.s.cfg.DrainMax))
 	}
+	// Wait (bounded) for the caller's half-close before ending the call: a
+	// client still writing when the status arrives may lose that status (the
+	// Hub's grpc.aio reports INTERNAL for a write that loses the race,
+	// grpc/grpc#36066). The Hub half-closes as soon as it sees exit_status.
+	if inErr != nil {
+		linger := time.NewTimer(exitLinger)
+		defer linger.Stop()
+		select {
+		case <-inErr:
+		case <-linger.C:
+		case <-ctx.Done():
+		}
+	}
 	return nil
 }
+
+// exitLinger bounds how long a finished Exec waits for the caller's half-close.
+const exitLinger = 2 * time.Second
 
 // sendBatch sends b plus what else arrives on ch within batchWindow, up to
 // chunkBytes; a read that does not fit is left in *rest for the next message.

@@ -344,6 +344,32 @@ async def test_interactive_shell_with_stdin_eof_and_pty(services: Services, ex: 
     assert (await sig.exit()).signal == xpb.SIGNAL_SIGINT
 
 
+async def test_a_command_that_ends_while_its_caller_still_writes_keeps_its_status(
+        services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    """`sandhub exec -- sh` with `exit 4` on stdin: the command may end while
+    the Hub still relays the caller's half-close. The caller must get exit 4
+    and an OK status, every time, never INTERNAL: grpc.aio turns a write that
+    loses that race into INTERNAL (grpc/grpc#36066), so the Hub stops writing
+    once it sees exit_status and the agent waits for the half-close. Seen
+    once in a private-clone `make test` run before the fix (exit code 6)."""
+    c = await create(services)
+
+    async def requests() -> AsyncIterator[xpb.ExecRequest]:
+        yield xpb.ExecRequest(start=xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sh"])))
+        yield xpb.ExecRequest(stdin=b"echo $((2+3))\nexit 4\n")
+        for _ in range(20):  # still writing while sh exits
+            yield xpb.ExecRequest(stdin=b"\n")
+
+    for _ in range(40):
+        out, status = b"", None
+        async for r in ex.Exec(requests(), metadata=A):
+            if r.WhichOneof("msg") == "stdout":
+                out += r.stdout
+            elif r.WhichOneof("msg") == "exit_status":
+                status = r.exit_status
+        assert status is not None and status.exit_code == 4 and out == b"5\n", (status, out)
+
+
 async def test_exec_caller_going_away_kills_the_process(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
     s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(shell="sleep 77 & sleep 78")))

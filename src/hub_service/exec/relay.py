@@ -163,10 +163,11 @@ class AgentRelay:
         """Exec: requests go up in a task of their own while responses come down;
         the caller half-closing half-closes the agent's call."""
         upstream: asyncio.Task[None] | None = None
+        writes = _Writes()
         async with self._call(method, agent, timeout_s) as call:
             try:
                 if await _send(call, first):  # else the agent ended the call: read() raises its status
-                    upstream = asyncio.ensure_future(_pump(call, rest))
+                    upstream = asyncio.ensure_future(_pump(call, rest, writes))
                 while True:
                     try:
                         response = await call.read()
@@ -179,6 +180,15 @@ class AgentRelay:
                         raise failed from None
                     if response is grpc.aio.EOF:
                         break
+                    if upstream is not None and response.WhichOneof("msg") == "exit_status":
+                        # The command is over: stop writing before the agent
+                        # ends the call (a write that loses that race makes
+                        # grpc.aio report INTERNAL instead of the agent's OK,
+                        # grpc/grpc#36066), then half-close, which the agent
+                        # waits for (bounded) before it ends the call.
+                        await writes.stop(upstream)
+                        upstream = None
+                        await _half_close(call)
                     yield response
             finally:
                 if upstream is not None:
@@ -218,15 +228,33 @@ async def _send(call: Any, request: Any) -> bool:
     return True
 
 
-async def _pump(call: Any, requests: AsyncIterator[Any]) -> None:
+class _Writes:
+    """Lets Exec's reader stop the pump between writes, never during one."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.stopped = False
+
+    async def stop(self, pump: asyncio.Task[None]) -> None:
+        async with self.lock:  # a write in flight finishes first
+            self.stopped = True
+        pump.cancel()  # it now waits for the caller's next message, or ends
+        with contextlib.suppress(BaseException):
+            await pump
+
+
+async def _pump(call: Any, requests: AsyncIterator[Any], writes: _Writes) -> None:
     """The caller's requests to the agent, then the half-close. A caller's
     broken stream (an exception from ``requests``) cancels the agent's call
     and is kept as this task's exception."""
     try:
         async for request in requests:
-            if not await _send(call, request):
-                return  # the command ended: what the caller still sends is dropped
-        await _half_close(call)
+            async with writes.lock:
+                if writes.stopped or not await _send(call, request):
+                    return  # the command ended: what the caller still sends is dropped
+        async with writes.lock:
+            if not writes.stopped:
+                await _half_close(call)
     except asyncio.CancelledError:
         raise
     except BaseException:
