@@ -350,17 +350,19 @@ async def test_a_command_that_ends_while_its_caller_still_writes_keeps_its_statu
     the Hub still relays the caller's half-close. The caller must get exit 4
     and an OK status, every time, never INTERNAL: grpc.aio turns a write that
     loses that race into INTERNAL (grpc/grpc#36066), so the Hub stops writing
-    once it sees exit_status and the agent waits for the half-close. Seen
-    once in a private-clone `make test` run before the fix (exit code 6)."""
+    once it sees exit_status and the agent waits for the half-close; and the
+    caller's own writes lose it if the Hub ends the call under them, so the
+    Hub waits for the caller's half-close too. Seen in a private-clone `make
+    test` run (exit code 6), then in CI (the caller's write)."""
     c = await create(services)
 
     async def requests() -> AsyncIterator[xpb.ExecRequest]:
         yield xpb.ExecRequest(start=xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["sh"])))
         yield xpb.ExecRequest(stdin=b"echo $((2+3))\nexit 4\n")
-        for _ in range(20):  # still writing while sh exits
+        for _ in range(300):  # still writing while sh exits, and after
             yield xpb.ExecRequest(stdin=b"\n")
 
-    for _ in range(40):
+    for _ in range(20):
         out, status = b"", None
         async for r in ex.Exec(requests(), metadata=A):
             if r.WhichOneof("msg") == "stdout":

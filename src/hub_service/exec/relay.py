@@ -34,6 +34,9 @@ log = structlog.get_logger("sandhub.hub.relay")
 
 Metadata = tuple[tuple[str, str | bytes], ...] | grpc.aio.Metadata | None
 
+# How long a finished Exec waits for its caller's half-close (the agent's exitLinger).
+EXIT_LINGER_S = 2.0
+
 
 def _proven(agent: Agent, nonce: str, header: Metadata) -> bool:
     """Whether the header holds exactly one proof, and the right one."""
@@ -180,16 +183,22 @@ class AgentRelay:
                         raise failed from None
                     if response is grpc.aio.EOF:
                         break
-                    if upstream is not None and response.WhichOneof("msg") == "exit_status":
+                    if upstream is not None and not writes.stopped and response.WhichOneof("msg") == "exit_status":
                         # The command is over: stop writing before the agent
                         # ends the call (a write that loses that race makes
                         # grpc.aio report INTERNAL instead of the agent's OK,
                         # grpc/grpc#36066), then half-close, which the agent
                         # waits for (bounded) before it ends the call.
-                        await writes.stop(upstream)
-                        upstream = None
+                        await writes.stop()
                         await _half_close(call)
                     yield response
+                if upstream is not None and writes.stopped:
+                    # The same race, one hop up: ending the caller's call
+                    # while it still writes fails its write with INTERNAL. The
+                    # pump drops what the caller still sends; wait (bounded,
+                    # like the agent) for the caller's half-close.
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(asyncio.shield(upstream), EXIT_LINGER_S)
             finally:
                 if upstream is not None:
                     upstream.cancel()
@@ -235,12 +244,9 @@ class _Writes:
         self.lock = asyncio.Lock()
         self.stopped = False
 
-    async def stop(self, pump: asyncio.Task[None]) -> None:
+    async def stop(self) -> None:
         async with self.lock:  # a write in flight finishes first
-            self.stopped = True
-        pump.cancel()  # it now waits for the caller's next message, or ends
-        with contextlib.suppress(BaseException):
-            await pump
+            self.stopped = True  # the pump now drops what the caller sends
 
 
 async def _pump(call: Any, requests: AsyncIterator[Any], writes: _Writes) -> None:
@@ -250,8 +256,10 @@ async def _pump(call: Any, requests: AsyncIterator[Any], writes: _Writes) -> Non
     try:
         async for request in requests:
             async with writes.lock:
-                if writes.stopped or not await _send(call, request):
-                    return  # the command ended: what the caller still sends is dropped
+                if writes.stopped:
+                    continue  # the command ended: what the caller still sends is dropped
+                if not await _send(call, request):
+                    writes.stopped = True  # the agent ended the call: its status says why
         async with writes.lock:
             if not writes.stopped:
                 await _half_close(call)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -229,6 +231,9 @@ class AsyncExecSession:
         self.exit_status: xpb.ExitStatus | None = None
 
     async def send(self, request: xpb.ExecRequest) -> None:
+        """Dropped once the command ended (so is it by the server)."""
+        if self.exit_status is not None:
+            return
         try:
             await self._call.write(request)
         except grpc.RpcError as e:
@@ -254,6 +259,8 @@ class AsyncExecSession:
                     self.pid = r.started.pid
                 elif kind == "exit_status":
                     self.exit_status = r.exit_status
+                    with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
+                        await self._call.done_writing()  # the call ends now, not 2 s later
                 yield r
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e

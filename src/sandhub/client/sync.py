@@ -257,6 +257,7 @@ class ExecSession:
                     self.pid = r.started.pid
                 elif kind == "exit_status":
                     self.exit_status = r.exit_status
+                    self._outgoing.put(None)  # half-close: the call ends now, not 2 s later
                 yield r
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e

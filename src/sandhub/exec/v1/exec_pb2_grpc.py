@@ -181,8 +181,10 @@ class ExecServiceServicer:
         chunks, `close_stdin`, `resize` and `signal`. Half-closing the request
         stream (the client is done sending) closes the command's stdin, like
         `close_stdin`; the response stream goes on until the command exits, and
-        its last message is `exit_status`. The command is killed if the caller cancels
-        the call or goes away.
+        its last message is `exit_status`. What is sent after that is dropped; the
+        call ends once the caller half-closes, or 2 s after `exit_status`, so a
+        client half-closes when it reads `exit_status`. The command is killed if
+        the caller cancels the call or goes away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

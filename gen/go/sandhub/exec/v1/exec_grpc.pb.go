@@ -87,8 +87,10 @@ type ExecServiceClient interface {
 	// chunks, `close_stdin`, `resize` and `signal`. Half-closing the request
 	// stream (the client is done sending) closes the command's stdin, like
 	// `close_stdin`; the response stream goes on until the command exits, and
-	// its last message is `exit_status`. The command is killed if the caller cancels
-	// the call or goes away.
+	// its last message is `exit_status`. What is sent after that is dropped; the
+	// call ends once the caller half-closes, or 2 s after `exit_status`, so a
+	// client half-closes when it reads `exit_status`. The command is killed if
+	// the caller cancels the call or goes away.
 	Exec(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecRequest, ExecResponse], error)
 	// Starts a background process under a caller-chosen id. Idempotent: the
 	// same id again returns the first process (`created` false), whatever the
@@ -286,8 +288,10 @@ type ExecServiceServer interface {
 	// chunks, `close_stdin`, `resize` and `signal`. Half-closing the request
 	// stream (the client is done sending) closes the command's stdin, like
 	// `close_stdin`; the response stream goes on until the command exits, and
-	// its last message is `exit_status`. The command is killed if the caller cancels
-	// the call or goes away.
+	// its last message is `exit_status`. What is sent after that is dropped; the
+	// call ends once the caller half-closes, or 2 s after `exit_status`, so a
+	// client half-closes when it reads `exit_status`. The command is killed if
+	// the caller cancels the call or goes away.
 	Exec(grpc.BidiStreamingServer[ExecRequest, ExecResponse]) error
 	// Starts a background process under a caller-chosen id. Idempotent: the
 	// same id again returns the first process (`created` false), whatever the
