@@ -372,6 +372,61 @@ async def test_a_command_that_ends_while_its_caller_still_writes_keeps_its_statu
         assert status is not None and status.exit_code == 4 and out == b"5\n", (status, out)
 
 
+async def test_a_call_refused_while_its_caller_still_sends_gets_its_error(
+        services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
+    """An upload or an Exec refused (an unknown container, a deleted one)
+    while the caller still streams must end with that error, not with the
+    INTERNAL that grpc.aio makes of the caller's write losing the race with
+    the end of the call (grpc/grpc#36066): the Hub drops what the caller still
+    sends until it half-closes. Seen in the chaos test: `PutFiles: INTERNAL`."""
+    c = await create(services)
+    gone = await create(services)
+    await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=gone.container_id), metadata=A)
+
+    def upload(cid: str) -> AsyncIterator[xpb.PutFilesRequest]:
+        async def requests() -> AsyncIterator[xpb.PutFilesRequest]:
+            yield xpb.PutFilesRequest(start=xpb.PutFilesStart(container_id=cid, destination="/work/in"))
+            yield xpb.PutFilesRequest(file=xpb.FileHeader(path="big.bin", size=400 * 64 * 1024))
+            for _ in range(400):
+                yield xpb.PutFilesRequest(data=b"x" * 64 * 1024)
+        return requests()
+
+    def typing(cid: str) -> AsyncIterator[xpb.ExecRequest]:
+        async def requests() -> AsyncIterator[xpb.ExecRequest]:
+            yield xpb.ExecRequest(start=xpb.ExecStart(container_id=cid, command=xpb.Command(argv=["cat"])))
+            for _ in range(400):
+                yield xpb.ExecRequest(stdin=b"y" * 16 * 1024)
+        return requests()
+
+    for cid in ("cnt-doesnotexist", gone.container_id):
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as put:
+                await ex.PutFiles(upload(cid), metadata=A)
+            assert put.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), put.value
+            with pytest.raises(grpc.aio.AioRpcError) as run:
+                async for _ in ex.Exec(typing(cid), metadata=A):
+                    pass
+            assert run.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), run.value
+    assert (await ex.PutFiles(upload(c.container_id), metadata=A)).files[0].size == 400 * 64 * 1024
+
+    # The agent going away in the middle: its status (or the command's end), never INTERNAL.
+    async def slow_typing() -> AsyncIterator[xpb.ExecRequest]:
+        yield xpb.ExecRequest(start=xpb.ExecStart(container_id=c.container_id, command=xpb.Command(argv=["cat"])))
+        for i in range(2000):
+            if i == 20:
+                await services.hub_stub.DeleteContainer(pb.DeleteContainerRequest(container_id=c.container_id),
+                                                        metadata=A)
+            yield xpb.ExecRequest(stdin=b"z\n")
+            if i < 20:
+                await asyncio.sleep(0.002)
+
+    try:
+        async for _ in ex.Exec(slow_typing(), metadata=A):
+            pass
+    except grpc.aio.AioRpcError as e:
+        assert e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE), e
+
+
 async def test_exec_caller_going_away_kills_the_process(services: Services, ex: xpb_grpc.ExecServiceStub) -> None:
     c = await create(services)
     s = Session(ex, xpb.ExecStart(container_id=c.container_id, command=xpb.Command(shell="sleep 77 & sleep 78")))

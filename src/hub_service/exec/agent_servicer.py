@@ -18,7 +18,7 @@ from hub_service.budgets import HubBudgets
 from hub_service.exec.agent_errors import agent_unavailable
 from hub_service.exec.agents import MESSAGE_BYTES
 from hub_service.exec.keepalives import with_keepalives
-from hub_service.exec.relay import AgentRelay
+from hub_service.exec.relay import AgentRelay, drop_rest
 from sandhub import rpc
 from sandhub.budget import TenantBudget
 from sandhub.config import ExecLimits
@@ -103,10 +103,14 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
         tenant = self._auth.tenant(context)
         with self._slots.hold(tenant):
             first = await _first(request_iterator, "start")
-            agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
-            response: pb.PutFilesResponse = await self._relay.client_stream(
-                "PutFiles", first, request_iterator, agent=agent,
-                timeout_s=self._deadline(context, self._limits.max_upload_s + GRACE_S))
+            try:
+                agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
+                response: pb.PutFilesResponse = await self._relay.client_stream(
+                    "PutFiles", first, request_iterator, agent=agent,
+                    timeout_s=self._deadline(context, self._limits.max_upload_s + GRACE_S))
+            except Exception:
+                await drop_rest(request_iterator)  # refused while the caller still uploads
+                raise
             return response
 
     async def GetFiles(self, request: pb.GetFilesRequest, context: rpc.Ctx) -> AsyncIterator[pb.GetFilesResponse]:
@@ -157,7 +161,11 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
         tenant = self._auth.tenant(context)
         with self._slots.hold(tenant):
             first = await _first(request_iterator, "start")
-            agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
+            try:
+                agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
+            except Exception:
+                await drop_rest(request_iterator)  # refused while the caller already writes stdin
+                raise
             timeout = _seconds(first.start.timeout, default=self._limits.max_exec_timeout_s,
                                maximum=self._limits.max_exec_timeout_s)
             responses = self._relay.bidi_stream(

@@ -193,17 +193,35 @@ class AgentRelay:
                         await _half_close(call)
                     yield response
                 if upstream is not None and writes.stopped:
-                    # The same race, one hop up: ending the caller's call
-                    # while it still writes fails its write with INTERNAL. The
-                    # pump drops what the caller still sends; wait (bounded,
-                    # like the agent) for the caller's half-close.
-                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(upstream), EXIT_LINGER_S)
+                    await _linger(upstream)
+            except Exception:
+                if upstream is not None:
+                    writes.stopped = True  # the call failed: what the caller still sends goes nowhere
+                    await _linger(upstream)
+                raise
             finally:
                 if upstream is not None:
                     upstream.cancel()
                     with contextlib.suppress(BaseException):
                         await upstream
+
+
+async def _linger(pump: asyncio.Task[None]) -> None:
+    """The same race one hop up: ending the caller's call while it still
+    writes fails its write with INTERNAL instead of our status. The pump drops
+    what the caller still sends; wait (bounded, like the agent) for the
+    caller's half-close."""
+    await asyncio.wait({pump}, timeout=EXIT_LINGER_S)
+
+
+async def drop_rest(requests: AsyncIterator[Any]) -> None:
+    """Reads and drops what a caller still sends on a call that failed, until
+    it half-closes (at most EXIT_LINGER_S), so the error reaches it rather
+    than an INTERNAL from its own write (grpc/grpc#36066)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(EXIT_LINGER_S):
+            async for _ in requests:
+                pass
 
 
 async def _only_reply(call: Any, agent: Agent) -> Any:
