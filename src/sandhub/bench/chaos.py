@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -432,6 +433,10 @@ async def run_chaos(options: ChaosOptions, *, progress: Callable[[str], None] = 
         result.kills = dict(services.kills)
         if not result.held():
             result.notes += [f"{name} log (last lines):\n{services.log_tail(name, 15)}" for name in ("orchestrator", "hub")]
+            named = sorted(set(re.findall(r"\bcnt-[a-z0-9]+\b", "\n".join(
+                line for lines in result.violations.values() for line in lines))))
+            result.notes += [f"orchestrator log naming {cid}:\n{services.log_lines_naming('orchestrator', cid)}"
+                             for cid in named[:5]]
         await services.remove()
         result.wall_s = time.monotonic() - started
     return result

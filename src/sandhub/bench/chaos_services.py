@@ -224,7 +224,14 @@ class ChaosServices:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join(self._log_lines(name)[-lines:])
+
+    def log_lines_naming(self, name: str, needle: str, lines: int = 30) -> str:
+        """The first lines of a service's log (every run of it) that name ``needle``."""
+        return "\n".join([line for line in self._log_lines(name) if needle in line][:lines])
+
+    def _log_lines(self, name: str) -> list[str]:
         try:
-            return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+            return (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
         except OSError:
-            return ""
+            return []
