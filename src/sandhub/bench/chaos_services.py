@@ -126,6 +126,7 @@ class ChaosServices:
             "SANDHUB_CREATE_RATE": "0",
             "SANDHUB_REAP_INTERVAL": "1",
             "SANDHUB_TOMBSTONE": "600",
+            "PYTHONUNBUFFERED": "1",  # a SIGKILL must not take the last log lines with it
         }
 
     def pid(self, name: str) -> int:

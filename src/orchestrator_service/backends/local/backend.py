@@ -602,6 +602,8 @@ class LocalBackend:
             except (NetworkError, ValueError) as e:
                 log.error("local.detach_failed", container_id=container_id, error=str(e))
                 left.append(f"its network interface {veth_name(container_id)} ({e})")
+        if killed := await asyncio.to_thread(self._cgroups.kill, container_id):
+            log.warning("local.cgroup_processes_killed", container_id=container_id, processes=killed)
         if not await asyncio.to_thread(self._cgroups.remove, container_id):
             pids = self._cgroups.processes(container_id)
             log.error("local.cgroup_busy", container_id=container_id, pids=pids)

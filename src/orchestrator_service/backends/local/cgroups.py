@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -225,6 +227,28 @@ class Cgroups:
             except (OSError, ValueError):
                 continue
         return sorted(found)
+
+    def kill(self, container_id: str) -> int:
+        """SIGKILLs every process still in the container's cgroups: whatever a
+        crash let start there (an init whose launcher was killed before it
+        exec'd) has no other way to be found. Through a pidfd opened while the
+        pid is still a member, so a pid reused meanwhile is never signalled.
+        Returns how many were signalled."""
+        signalled = 0
+        for pid in self.processes(container_id):
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone already
+            try:
+                if pid in self.processes(container_id):  # still the same process: the pidfd pins it
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    signalled += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return signalled
 
     def remove(self, container_id: str, *, timeout_s: float = 2.0) -> bool:
         """Removes the container's cgroups once their processes are gone;
