@@ -111,6 +111,8 @@ class Clients:
         self.created: dict[str, tuple[str, str]] = {}
         """request_id -> (container id, API key) of every create answered OK."""
         self.deleted: set[str] = set()
+        self.delete_unanswered: set[str] = set()
+        """Deletes retried until the deadline without an answer: they may or may not have happened."""
         self.stop = asyncio.Event()
 
     async def close(self) -> None:
@@ -217,18 +219,40 @@ class Clients:
                 await self.create(key, request_id)
             await self.work(key, c, rng)
             if rng.random() < 0.3:
-                got = await self.call("DeleteContainer", lambda: self.containers.DeleteContainer(
-                    pb.DeleteContainerRequest(container_id=c.container_id), metadata=self.md(key), timeout=self.options.call_timeout_s))
-                if not isinstance(got, grpc.aio.AioRpcError):
-                    self.deleted.add(c.container_id)
-                    self.result.deletes += 1
+                await self.delete(key, c.container_id)
+
+    async def delete(self, key: str, container_id: str) -> None:
+        """Deletes, retrying on retryable codes as a real client would (a
+        delete whose answer was lost may still have happened: it is idempotent)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.retry_for_s
+        wait = 0.2
+        while True:
+            got = await self.call("DeleteContainer", lambda: self.containers.DeleteContainer(
+                pb.DeleteContainerRequest(container_id=container_id), metadata=self.md(key),
+                timeout=self.options.call_timeout_s))
+            if not isinstance(got, grpc.aio.AioRpcError):
+                self.deleted.add(container_id)
+                self.result.deletes += 1
+                return
+            if got.code() not in RETRYABLE or loop.time() > deadline:
+                self.delete_unanswered.add(container_id)
+                return
+            await asyncio.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 2, 2.0)
 
     # -- what the Orchestrator knows --------------------------------------------------
 
     async def every_container(self) -> dict[str, pb.Container]:
         """Every container of the run, every tenant's (the operator's view),
-        retried while the Orchestrator comes back."""
-        req = pb.ListContainersRequest(label_selector=f"{RUN_LABEL}={self.run}", page_size=1000)
+        TERMINATED ones too (a plain list leaves them out), retried while the
+        Orchestrator comes back."""
+        found = await self._listed(pb.CONTAINER_STATE_TERMINATED)
+        found.update(await self._listed(pb.CONTAINER_STATE_UNSPECIFIED))
+        return found
+
+    async def _listed(self, state: pb.ContainerState) -> dict[str, pb.Container]:
+        req = pb.ListContainersRequest(label_selector=f"{RUN_LABEL}={self.run}", state=state, page_size=1000)
         found: dict[str, pb.Container] = {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
@@ -313,6 +337,8 @@ async def check_known_and_host(services: ChaosServices, clients: Clients, result
     known = await clients.every_container()
     for request_id, (cid, _) in sorted(clients.created.items()):
         c = known.get(cid)
+        if cid in clients.delete_unanswered and cid not in clients.deleted:
+            continue  # its delete may or may not have happened: either is right
         if cid in clients.deleted:
             if c is not None and c.state in LIVE:
                 result.violate("no lost container", f"{cid}: deleted, still {pb.ContainerState.Name(c.state)}")

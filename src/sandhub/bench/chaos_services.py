@@ -61,7 +61,7 @@ def figures_of(pid: int) -> ProcessFigures | None:
 class ChaosServices:
     """Starts, kills (SIGKILL) and restarts the two services of one run."""
 
-    def __init__(self, *, disk_mib: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, *, disk_mib: int = 0, log_level: str = "info") -> None:
         """``disk_mib``: the size of a tmpfs mounted for the state directory
         (0: the state stays on the temp root's file system and the run can't fill it)."""
         self.root = Path(tempfile.mkdtemp(prefix="sandhub-chaos-"))
