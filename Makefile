@@ -51,10 +51,13 @@ export SANDHUB_KWOK_STAGES := $(KWOK_STAGES)
 
 # sandhub-agent, the exec agent inside every container (agent/): a static Go
 # binary in a cache directory named by a hash of its inputs (every file's
-# path and content under agent/ and gen/go/, go.mod, go.sum), so a change
-# rebuilds it and nothing else does. Tests and services find it as
-# $$SANDHUB_AGENT.
-AGENT_HASH := $(shell { find agent gen/go -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; sha256sum go.mod go.sum; } | sha256sum | cut -c1-12)
+# path and content under agent/ and gen/go/, go.mod, go.sum, and the build
+# command), so a change rebuilds it and nothing else does. Tests and services
+# find it as $$SANDHUB_AGENT.
+# grpcnotrace: grpc-go without golang.org/x/net/trace (and html/template with
+# it), which the agent never uses: 7.9 MB instead of 11.0, the same speed.
+AGENT_BUILD := CGO_ENABLED=0 go build -trimpath -tags grpcnotrace -ldflags='-s -w'
+AGENT_HASH := $(shell { echo "$(AGENT_BUILD)"; find agent gen/go -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; sha256sum go.mod go.sum; } | sha256sum | cut -c1-12)
 AGENT := $(TOOLS_CACHE)/sandhub-agent-$(AGENT_HASH)/sandhub-agent
 export SANDHUB_AGENT := $(AGENT)
 
@@ -156,7 +159,7 @@ agent: $(AGENT)
 
 $(AGENT):
 	mkdir -p $(dir $@)
-	CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o $@.tmp ./agent/cmd/sandhub-agent
+	$(AGENT_BUILD) -o $@.tmp ./agent/cmd/sandhub-agent
 	mv $@.tmp $@
 
 .PHONY: k8s-tools

@@ -7,7 +7,7 @@
 # makes the emptyDir writable.
 # Build (from the repository root; see deploy/README.md):
 #   mkdir -p /tmp/sandhub-agent-image
-#   CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o /tmp/sandhub-agent-image/sandhub-agent ./agent/cmd/sandhub-agent
+#   CGO_ENABLED=0 go build -trimpath -tags grpcnotrace -ldflags='-s -w' -o /tmp/sandhub-agent-image/sandhub-agent ./agent/cmd/sandhub-agent
 #   docker build -f deploy/agent.Dockerfile -t <registry>/sandhub-agent:<tag> /tmp/sandhub-agent-image
 FROM scratch
 COPY sandhub-agent /sandhub-agent

@@ -5,7 +5,8 @@ device and /19 subnet, temp state), then creates containers through the Hub
 and keeps every one of them alive until ``--alive`` are running. At each mark
 (``--marks``, e.g. 1,000 / 3,000 / 5,000 alive) it reports the create
 latency of the creates since the previous mark (p50/p99), the failures, the
-host's memory per container (MemAvailable drop / alive), this process's open
+host's memory per container (MemAvailable drop / alive, and the PSS of the
+containers' own processes / alive), this process's open
 fds and threads, the number of host veths, and whether a sample of the alive
 containers is still reached from the host at its address (a TCP connect to a
 closed port answered by a reset is "reached": the container's own kernel
@@ -53,6 +54,8 @@ class Mark:
     failures: int
     mem_available_mib: int
     mem_per_container_mib: float
+    pss_per_container_mib: float | None
+    """The containers' own processes (agent, launcher, what runs inside), proportional set size."""
     open_fds: int
     threads: int
     host_veths: int
@@ -220,11 +223,13 @@ async def measure(*, alive: int, marks: list[int], concurrency: int, memory_mib:
             sample = random.sample([created[c] for c in ok], min(SAMPLE, len(ok)))
             answered = sum(await asyncio.gather(*(reached(ip, timeout_s=2) for ip in sample)))
             mem = host.meminfo("MemAvailable")
+            used = await asyncio.to_thread(host.container_memory, ok, target.cgroup_parent)
             result.marks.append(Mark(
                 alive=len(ok), create_p50_ms=round(percentile(window, 50), 1),
                 create_p99_ms=round(percentile(window, 99), 1), create_max_ms=round(max(window), 1),
                 creates=len(window), failures=failures_since, mem_available_mib=mem >> 20,
                 mem_per_container_mib=round((mem0 - mem) / 2**20 / len(ok), 2),
+                pss_per_container_mib=None if used.pss_bytes is None else round(used.pss_bytes / 2**20 / len(ok), 2),
                 open_fds=_count("/proc/self/fd"), threads=_count("/proc/self/task"),
                 host_veths=_host_veths(group), reached=answered, probed=len(sample),
                 elapsed_s=round(time.monotonic() - started, 1),
@@ -263,12 +268,13 @@ def text(r: Capacity) -> str:
         f"capacity: {r.target_alive} alive containers wanted, {r.concurrency} creates in flight; "
         f"Orchestrator limits {r.limits}; host {r.host_limits}",
         f"{'alive':>6} {'creates':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'fail':>4} "
-        f"{'MiB/ctr':>7} {'avail MiB':>9} {'fds':>6} {'thr':>4} {'veths':>6} {'reached':>8} {'t s':>6}",
+        f"{'MiB/ctr':>7} {'PSS/ctr':>7} {'avail MiB':>9} {'fds':>6} {'thr':>4} {'veths':>6} {'reached':>8} {'t s':>6}",
     ]
     for m in r.marks:
         lines.append(
             f"{m.alive:>6} {m.creates:>7} {m.create_p50_ms:>7} {m.create_p99_ms:>7} {m.create_max_ms:>7} "
-            f"{m.failures:>4} {m.mem_per_container_mib:>7} {m.mem_available_mib:>9} {m.open_fds:>6} {m.threads:>4} "
+            f"{m.failures:>4} {m.mem_per_container_mib:>7} {m.pss_per_container_mib or '-':>7} "
+            f"{m.mem_available_mib:>9} {m.open_fds:>6} {m.threads:>4} "
             f"{m.host_veths:>6} {m.reached:>3}/{m.probed:<4} {m.elapsed_s:>6}"
         )
     lines.append(f"failures: {len(r.failures)}" + (f" (first: {r.failures[0]})" if r.failures else ""))
