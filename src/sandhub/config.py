@@ -269,8 +269,8 @@ class EcsBackendConfig:
     """How often running tasks are described again (stops ECS made itself: Spot
     interruptions, OOM, host failures)."""
     run_task_rate: float = 20.0
-    """RunTask calls per second, sustained (the account's API rate; each call
-    launches up to 10 tasks)."""
+    """RunTask calls per second, sustained (the account's API rate; each
+    create is a call of its own)."""
     run_task_burst: int = 20
     launch_rate: float = 20.0
     """Fargate task launches per second, sustained: AWS's published rate is 20/s
@@ -279,9 +279,6 @@ class EcsBackendConfig:
     read_rate: float = 20.0
     """Other API calls (DescribeTasks, ListTasks, TagResource, StopTask, ...) per second, each its own bucket."""
     read_burst: int = 50
-    batch_window_s: float = 0.01
-    """How long a create waits for others to share its RunTask call (same task
-    definition, placement and environment)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def ecs_config(aws: Aws, **changes: Any) -> EcsBackendConfig:
         cluster=CLUSTER, region=REGION, endpoint_url=aws.endpoint, started_by="sandhub-test",
         subnets=(aws.subnet,), security_groups=(aws.security_group,), placements=PLACEMENTS,
         agent_image="sandhub/sandhub-agent:test", poll_interval_s=0.05, resync_interval_s=0.2,
-        retry_backoff_s=0.01, batch_window_s=0.05)
+        retry_backoff_s=0.01)
     base.update(changes)
     return EcsBackendConfig(**base)
 
@@ -35,12 +35,14 @@ def ecs_config(aws: Aws, **changes: Any) -> EcsBackendConfig:
 class RecordingEcs:
     """The boto3 ECS client, recording each call (operation, arguments); an
     operation named in ``throttle`` answers ThrottlingException that many
-    times first (as AWS does when an account goes over its rate)."""
+    times first (as AWS does when an account goes over its rate), one named
+    in ``instead`` answers that once instead of moto (raised if an error)."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.throttle: dict[str, int] = {}
+        self.instead: dict[str, Exception | dict[str, Any]] = {}
         self.list_page = 0
         """ListTasks pages of this many (moto answers all in one page): 0 = moto's."""
         self.provisioning = False
@@ -68,8 +70,12 @@ class RecordingEcs:
             self.calls.append((name, kwargs))
             if self.throttle.get(name, 0) > 0:
                 self.throttle[name] -= 1
-                raise botocore.exceptions.ClientError(
-                    {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, name)
+                raise refusal(name, "ThrottlingException", "Rate exceeded")
+            if name in self.instead:
+                answer = self.instead.pop(name)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
             answer = method(**kwargs)
             if name == "run_task" and self.provisioning:
                 for task in answer["tasks"]:
@@ -83,6 +89,11 @@ class RecordingEcs:
 
     def called(self, name: str) -> list[dict[str, Any]]:
         return [kwargs for op, kwargs in self.calls if op == name]
+
+
+def refusal(operation: str, code: str, message: str) -> botocore.exceptions.ClientError:
+    """An AWS error answer, as boto3 raises it."""
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": message}}, operation)
 
 
 def _loopback_ip(task: dict[str, Any]) -> None:

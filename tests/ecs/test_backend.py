@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import TypeVar
 
+import botocore.exceptions
 import pytest
 
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.backend import EcsBackend
+from orchestrator_service.backends.ecs.limiter import Limiter
 from orchestrator_service.model import Event, EventType, Port, State
 from sandhub import internal_auth
 from sandhub.config import Limits
-from sandhub.errors import BackendUnavailable, InvalidField
-from tests.ecs.helpers import AGENT_KEY, RecordingEcs, make_backend, spec
+from sandhub.errors import BackendError, BackendUnavailable, InvalidField, QuotaExceeded
+from tests.ecs.helpers import AGENT_KEY, RecordingEcs, make_backend, refusal, spec
 from tests.ecs.moto_aws import CLUSTER, Aws
 
 T = TypeVar("T")
@@ -126,7 +128,7 @@ async def test_fargate_sizes_round_up_and_impossible_ones_name_the_nearest(aws: 
         await backend.close()
 
 
-async def test_each_task_gets_its_own_agent_credential_so_creates_are_not_batched(
+async def test_each_create_is_one_run_task_call_with_all_its_tags_and_its_own_credential(
         started: tuple[EcsBackend, RecordingEcs, list[Event]], aws: Aws) -> None:
     backend, ecs, _ = started
     ids = [f"cnt-{i:012d}" for i in range(25)]
@@ -135,11 +137,13 @@ async def test_each_task_gets_its_own_agent_credential_so_creates_are_not_batche
                                                  container_id=cid)
                                   for i, cid in enumerate(ids)))
     calls = ecs.called("run_task")
-    # ECS applies overrides per call: one credential per task means one task per call,
-    # and then every tag goes on the call itself (no TagResource after it).
-    assert sorted(k["count"] for k in calls) == [1] * 25 and ecs.called("tag_resource") == []
+    # ECS applies a call's overrides to all its tasks: one credential per task
+    # is one call per task, every tag on the call itself (nothing tagged after).
+    assert [k["count"] for k in calls] == [1] * 25 and ecs.called("tag_resource") == []
+    held = {t.from_aws(x["tags"])[t.CONTAINER_ID]: t.from_aws(x["tags"]) for x in aws.tasks()}
     for k in calls:
         cid = t.from_aws(k["tags"])[t.CONTAINER_ID]
+        assert t.from_aws(k["tags"]) == held[cid], "the call carries every tag the task holds"
         main, init = k["overrides"]["containerOverrides"]
         # The caller can't choose the agent's variables.
         assert {e["name"]: e["value"] for e in main["environment"]} == {
@@ -149,9 +153,8 @@ async def test_each_task_gets_its_own_agent_credential_so_creates_are_not_batche
     assert [c.id for c in made] == ids and len({c.ip_address for c in made}) == 25
     assert all(c.env == {"GREETING": "hello"} for c in made), "the agent's variables are not the caller's env"
     assert [backend.agent_target(c) for c in made] == [f"{c.ip_address}:49983" for c in made]
-    # Each task carries its own container's tags (added after the shared call).
-    by_id = {t.from_aws(x["tags"])[t.CONTAINER_ID]: t.from_aws(x["tags"]) for x in aws.tasks()}
-    assert {cid: by_id[cid]["n"] for cid in ids} == {cid: str(i) for i, cid in enumerate(ids)}
+    assert {cid: held[cid]["n"] for cid in ids} == {cid: str(i) for i, cid in enumerate(ids)}
+    assert all({t.TENANT, t.EXPIRE_TIME, t.IMAGE, t.RESOURCES, t.PORTS} <= set(held[cid]) for cid in ids)
 
 
 async def test_delete_stops_the_task_once(started: tuple[EcsBackend, RecordingEcs, list[Event]],
@@ -229,6 +232,52 @@ async def test_throttling_is_retried_then_unavailable(started: tuple[EcsBackend,
     assert "throttled" in e.value.message and e.value.reason == "BACKEND_UNAVAILABLE"
 
 
+@pytest.mark.parametrize(("answer", "error", "field"), [
+    (refusal("RunTask", "LimitExceededException", "too many tasks"), QuotaExceeded, ""),
+    (refusal("RunTask", "ClientException", "unable to resolve image busybox:nope"), InvalidField, "image"),
+    (refusal("RunTask", "PlatformTaskDefinitionIncompatibilityException", "no Fargate"), InvalidField, "placement"),
+    (refusal("RunTask", "AccessDeniedException", "not authorized"), BackendError, ""),
+    ({"tasks": [], "failures": [{"arn": "x", "reason": "RESOURCE:ENI", "detail": "no ENI left"}]},
+     BackendUnavailable, ""),
+])
+async def test_run_task_refusals_are_clear_errors(started: tuple[EcsBackend, RecordingEcs, list[Event]],
+                                                  answer: botocore.exceptions.ClientError | dict[str, object],
+                                                  error: type[Exception],
+                                                  field: str) -> None:
+    backend, ecs, events = started
+    ecs.instead["run_task"] = answer
+    with pytest.raises(error) as e:
+        await backend.create(spec=spec(), container_id="cnt-aaaaaaaaaaaa")
+    assert type(e.value) is error and getattr(e.value, "field", "") == field
+    if isinstance(answer, dict):
+        assert "RESOURCE:ENI no ENI left" in str(e.value) and "retry" in str(e.value)
+    else:
+        assert str(answer.response["Error"]["Message"]) in str(e.value)
+    assert len(ecs.called("run_task")) == 1 and await backend.list() == [] and events == []
+
+
+async def test_a_burst_takes_one_run_task_token_and_one_launch_token_per_create(aws: Aws) -> None:
+    backend, ecs = make_backend(aws)
+    # The clock stands still: what each bucket lent is exact (rates high, so the waits are short).
+    backend.api.limiter = Limiter(call_rates={"run_task": (1000.0, 5)}, default_rate=(0.0, 0),
+                                  launch_rate=(1000.0, 10), clock=lambda: 0.0)
+    await backend.start()
+    try:
+        placements = ["default"] * 30 + ["spot"] * 15 + ["ec2"] * 2  # moto's EC2 instance holds 3
+        await asyncio.gather(*(backend.create(spec=spec(placement=p), container_id=f"cnt-{i:012d}")
+                               for i, p in enumerate(placements)))
+        assert len(ecs.called("run_task")) == 47
+        limiter = backend.api.limiter
+        # A bucket's debt is how long its next caller would wait: tokens taken beyond its burst.
+        assert limiter.call("run_task").reserve(0) == pytest.approx((47 - 5) / 1000)
+        fargate, spot = limiter.launches("FARGATE"), limiter.launches("FARGATE_SPOT")
+        assert fargate is not None and spot is not None
+        assert fargate.reserve(0) == pytest.approx((30 - 10) / 1000), "one launch per create"
+        assert spot.reserve(0) == pytest.approx((15 - 10) / 1000), "Spot counted apart; EC2 not at all"
+    finally:
+        await backend.close()
+
+
 async def test_ecs_limits_on_labels_and_environment(started: tuple[EcsBackend, RecordingEcs, list[Event]]) -> None:
     backend, _, _ = started
     with pytest.raises(InvalidField) as e:
@@ -250,18 +299,18 @@ async def test_expiry_is_a_tag(started: tuple[EcsBackend, RecordingEcs, list[Eve
     assert t.from_aws(task["tags"])[t.EXPIRE_TIME] == later.isoformat()
 
 
-async def test_adoption_pages_through_list_tasks_and_stops_orphans(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_adoption_pages_through_list_tasks_and_takes_only_tagged_tasks(aws: Aws) -> None:
     first, _ = make_backend(aws)
     await first.start()
     made = await asyncio.gather(*(first.create(spec=spec(labels={"n": str(i)}), container_id=f"cnt-{i:012d}")
                                   for i in range(5)))
     await first.close()
-    # A task of ours that lost its create between RunTask and TagResource.
-    orphan = aws.client("ecs").run_task(
+    # Our startedBy without our tags: sandhub never starts one (RunTask tags
+    # the task as it starts it), so it is someone's by hand; left alone.
+    aws.client("ecs").run_task(
         cluster=CLUSTER, taskDefinition=aws.tasks()[0]["taskDefinitionArn"], launchType="FARGATE",
         startedBy="sandhub-test", networkConfiguration={"awsvpcConfiguration": {
-            "subnets": [aws.subnet], "securityGroups": [aws.security_group]}})["tasks"][0]["taskArn"]
-    monkeypatch.setattr("orchestrator_service.backends.ecs.backend.ORPHAN_AGE_S", 0.0)
+            "subnets": [aws.subnet], "securityGroups": [aws.security_group]}})
     second, ecs = make_backend(aws)
     ecs.list_page = 2
     await second.start()
@@ -271,10 +320,27 @@ async def test_adoption_pages_through_list_tasks_and_stops_orphans(aws: Aws, mon
         assert len(ours) == 3  # 6 tasks, 2 a page
         assert all(not ("startedBy" in k and "desiredStatus" in k) for k in ecs.called("list_tasks")), \
             "ECS takes startedBy only as the sole filter"
-        assert [k["task"] for k in ecs.called("stop_task")] == [orphan]
-        assert ecs.called("stop_task")[0]["reason"] == "sandhub: Orphaned"
+        assert ecs.called("stop_task") == []
     finally:
         await second.close()
+
+
+async def test_a_task_whose_run_task_answer_was_lost_is_adopted(aws: Aws) -> None:
+    backend, ecs = make_backend(aws, retries=0)
+    await backend.start()
+    try:
+        # ECS started the task, but its answer never came (a timeout; or the
+        # orchestrator stopped in between): the create heard UNAVAILABLE.
+        ecs.instead["run_task"] = botocore.exceptions.ReadTimeoutError(endpoint_url=aws.endpoint)
+        with pytest.raises(BackendUnavailable):
+            await backend.create(spec=spec(), container_id="cnt-aaaaaaaaaaaa")
+        [call] = ecs.called("run_task")
+        aws.client("ecs").run_task(**call)
+        # The task is the record: the next resync finds it, and it expires at its time.
+        [found] = await eventually(backend.list, lambda cs: bool(cs))
+        assert (found.id, found.state, found.tenant) == ("cnt-aaaaaaaaaaaa", State.RUNNING, "tenant-a")
+    finally:
+        await backend.close()
 
 
 async def test_readiness_comes_from_one_describe_loop_for_all_tasks(aws: Aws) -> None:
@@ -312,7 +378,7 @@ async def test_resync_finds_tasks_another_orchestrator_started(aws: Aws) -> None
 
 
 async def test_creates_waiting_for_the_limiter_fail_cleanly_on_close(aws: Aws) -> None:
-    backend, ecs = make_backend(aws, launch_burst=1, launch_rate=0.01, batch_window_s=0.0)
+    backend, ecs = make_backend(aws, launch_burst=1, launch_rate=0.01)
     await backend.start()
     first = await backend.create(spec=spec(), container_id="cnt-aaaaaaaaaaaa")  # takes the only token
     waiting = [asyncio.ensure_future(backend.create(spec=spec(env={"N": str(i)}), container_id=f"cnt-{i:012d}"))
@@ -323,6 +389,9 @@ async def test_creates_waiting_for_the_limiter_fail_cleanly_on_close(aws: Aws) -
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     assert all(isinstance(r, BackendUnavailable) for r in results) and first.state is State.RUNNING
     assert len(ecs.called("run_task")) == 1
+    with pytest.raises(BackendUnavailable) as e:
+        await backend.create(spec=spec(), container_id="cnt-bbbbbbbbbbbb")
+    assert e.value.message == "the orchestrator is stopping; retry"
 
 
 async def test_a_port_that_is_the_agents_is_refused(started: tuple[EcsBackend, RecordingEcs, list[Event]]) -> None:

@@ -2,11 +2,11 @@
 limiter, against moto on loopback, and the launch schedule it produced.
 
 moto answers at once and never throttles, so what this measures is the
-limiter alone: when each task's RunTask call went out (tasks per second, the
-wait of each task from its create to its call) beside Fargate's published
-rates (a bucket of 100 launches refilled at 20 a second, RunTask 20 calls a
-second of up to 10 tasks each). A limiter that keeps to them launches the
-k-th task no earlier than max(0, (k - 100) / 20) s and throttles nothing.
+limiter alone: when each create's RunTask call (one task each) went out
+(tasks per second, the wait of each from its create to its call) beside
+Fargate's published rates (a bucket of 100 launches refilled at 20 a second;
+RunTask 20 calls a second). A limiter that keeps to them launches the k-th
+task no earlier than max(0, (k - 100) / 20) s and throttles nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class BurstResult:
     creates: int
     failed: int
     run_task_calls: int
-    tasks_per_call: float
     throttled_by_aws: int
     launch_p50_s: float
     launch_p99_s: float
@@ -49,11 +48,11 @@ class BurstResult:
 
 
 class _TimedEcs:
-    """The ECS client, noting when each RunTask call goes out and for how many tasks."""
+    """The ECS client, noting when each RunTask call goes out."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self.launches: list[tuple[float, int]] = []
+        self.launches: list[float] = []
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -62,7 +61,7 @@ class _TimedEcs:
 
         @functools.wraps(method)
         def run_task(**kwargs: Any) -> Any:
-            self.launches.append((time.monotonic(), int(kwargs.get("count", 1))))
+            self.launches.append(time.monotonic())
             return method(**kwargs)
 
         return run_task
@@ -94,7 +93,6 @@ async def burst(*, count: int, launch_rate: float, launch_burst: int, placement:
             "ecs", region_name=REGION, endpoint_url=aws.endpoint,
             config=botocore.config.Config(retries={"total_max_attempts": 1}, max_pool_connections=64))
         timed = _TimedEcs(client)
-        # Each task gets its own agent credential, as in production (so no batching).
         backend = EcsBackend(config, notify=lambda e: None, placements=("default",), api=EcsApi(config, timed),
                              agent_key=internal_auth.agent_key(internal_auth.new_token()))
         await backend.start()
@@ -123,12 +121,11 @@ async def burst(*, count: int, launch_rate: float, launch_burst: int, placement:
         finally:
             await backend.close()
         throttled = backend.api.stats.throttled
-    waits = sorted(at - t0 for at, n in timed.launches for _ in range(n))
+    waits = sorted(at - t0 for at in timed.launches)
     seconds = Counter(int(w) for w in waits)
     ideal = [ideal_launch_s(k + 1, burst=launch_burst, rate=launch_rate) for k in range(len(waits))]
     return BurstResult(
-        creates=count, failed=failed, run_task_calls=len(timed.launches),
-        tasks_per_call=round(len(waits) / max(1, len(timed.launches)), 2), throttled_by_aws=throttled,
+        creates=count, failed=failed, run_task_calls=len(timed.launches), throttled_by_aws=throttled,
         launch_p50_s=_p(waits, 50), launch_p99_s=_p(waits, 99),
         launch_last_s=round(waits[-1], 3) if waits else math.nan,
         create_p50_s=_p(done, 50), create_p99_s=_p(done, 99),
@@ -140,13 +137,12 @@ async def burst(*, count: int, launch_rate: float, launch_burst: int, placement:
 def text(r: BurstResult, *, rate: float, burst_size: int) -> str:
     lines = [
         f"ecs-burst: {r.creates} creates at once through the limiter (moto on loopback; "
-        f"Fargate's published rates: {burst_size} launches at once, then {rate:g}/s; RunTask 20 calls/s, "
-        "10 tasks a call)",
-        f"  RunTask calls {r.run_task_calls} ({r.tasks_per_call} tasks a call); failed {r.failed}; "
+        f"Fargate's published rates: {burst_size} launches at once, then {rate:g}/s; RunTask 20 calls/s)",
+        f"  RunTask calls {r.run_task_calls} (one task each); failed {r.failed}; "
         f"throttled by the endpoint {r.throttled_by_aws}",
         f"  wait from create to its RunTask call: p50 {r.launch_p50_s:.2f}s  p99 {r.launch_p99_s:.2f}s  "
         f"last {r.launch_last_s:.2f}s (Fargate's bucket allows the last at {r.ideal_last_s:.2f}s)",
-        f"  create returned (tagged, RUNNING in moto): p50 {r.create_p50_s:.2f}s  p99 {r.create_p99_s:.2f}s",
+        f"  create returned (RUNNING in moto): p50 {r.create_p50_s:.2f}s  p99 {r.create_p99_s:.2f}s",
         f"  earliest launch ahead of Fargate's bucket: {r.earliest_vs_ideal_s:.3f}s (<= 0: none would be throttled)",
         "  tasks launched per second: " + " ".join(str(n) for n in r.per_second),
     ]

@@ -1,19 +1,20 @@
 """EcsBackend: a container is an ECS task; its tags are the record.
 
-Creates go through the launcher (RunTask calls within ECS's rates; one task
-per call, since each carries its own agent credential: init_environment).
-One loop (poller.py) describes every task that is settling, 100 per call,
-and every live task now and then (stops ECS makes itself: Spot
-interruptions, OOM, lost hosts); each change goes to ``notify``. A restart
-lists the tasks carrying this installation's startedBy and reads every
-container back from their tags. Deleted tasks stay describable for about an
-hour in ECS, so TERMINATED containers survive a restart too.
+Each create is one RunTask call with all the task's tags on it, within
+ECS's rates (launcher.py). One loop (poller.py) describes every task that is
+settling, 100 per call, and every live task now and then (stops ECS makes
+itself: Spot interruptions, OOM, lost hosts); each change goes to
+``notify``. A restart lists the tasks carrying this installation's startedBy
+and reads every container back from their tags, and each resync does the
+same for tasks it doesn't know: a task whose RunTask answer never reached
+its create (a timeout, a stop in between) is a container all the same, and
+expires at its time. Deleted tasks stay describable for about an hour in
+ECS, so TERMINATED containers survive a restart too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from dataclasses import replace
@@ -27,7 +28,7 @@ from orchestrator_service.backends import cluster_agent as agent
 from orchestrator_service.backends.base import Notify
 from orchestrator_service.backends.ecs import tags as t
 from orchestrator_service.backends.ecs.client import EcsApi, error_code, new_ecs_client
-from orchestrator_service.backends.ecs.launcher import Launcher, LaunchKey
+from orchestrator_service.backends.ecs.launcher import Launch, Launcher
 from orchestrator_service.backends.ecs.poller import Poller
 from orchestrator_service.backends.ecs.sizes import TaskSize, fargate_size, to_units
 from orchestrator_service.backends.ecs.status import STOP_PREFIX, read_container
@@ -44,20 +45,16 @@ MAX_IMAGE = 255
 MAX_ENV_BYTES = 6144
 """The caller's environment travels in RunTask's overrides, which ECS caps at
 8 KiB in all; the rest is for sandhub's own variables."""
-ORPHAN_AGE_S = 60.0
-"""A task of ours without a container id this old lost its create (the
-orchestrator stopped between RunTask and TagResource): it is stopped."""
 
 
 def init_environment(agent_key: bytes, container_id: str) -> dict[str, str]:
     """The agent's credential, in RunTask's overrides of the init container
     (which writes it to a file for the agent: cluster_agent.TOKEN_FILE).
-    Creates share a RunTask call only when their overrides are equal, so
-    this per-container token ends batching: one RunTask call per task. Kept so
-    on purpose (a shared token would open every task's agent to any one
-    task's owner who reads it); the rates allow it: RunTask's 20 calls/s
-    equals Fargate's sustained 20 launches/s, so only the first 100-task
-    burst is slower (see launcher.py and `sandhub bench ecs-burst`)."""
+    ECS applies a call's overrides to every task it starts, so each task is
+    a RunTask call of its own. Kept so on purpose (a shared token would open
+    every task's agent to any one task's owner who reads it); the rates
+    allow it: RunTask's 20 calls/s equals Fargate's sustained 20 launches/s,
+    so only the first 100-task burst is slower (`sandhub bench ecs-burst`)."""
     return agent.init_environment(agent_key, container_id)
 
 
@@ -108,13 +105,11 @@ class EcsBackend:
         await self._check_cluster()
         self._taskdefs = TaskDefinitions(self.api, self._config)
         self._launcher = Launcher(self.api, cluster=self._config.cluster, started_by=self._config.started_by,
-                                  assign_public_ip=self._config.assign_public_ip,
-                                  batch_window_s=self._config.batch_window_s)
+                                  assign_public_ip=self._config.assign_public_ip)
         self._poller = Poller(self.api, cluster=self._config.cluster, on_task=self._store, on_missing=self._gone,
                               interval_s=self._config.poll_interval_s, resync_s=self._config.resync_interval_s,
                               watched=self._watched, started_by=self._config.started_by, ignored=self._ignored)
         await self._adopt()
-        self._launcher.start()
         self._poller.start()
         log.info("ecs.started", **self.status(), containers=len(self._containers))
 
@@ -136,22 +131,10 @@ class EcsBackend:
         # ECS for about an hour) can't be filtered by it: described, then sorted out.
         running = await self._poller.list_tasks(started_by=self._config.started_by)
         stopped = await self._poller.list_tasks(desired_status="STOPPED")
-        orphans = []
         for task in await self._poller.describe(list(dict.fromkeys(running + stopped))):
-            if task.get("startedBy") != self._config.started_by:
-                continue
-            if t.CONTAINER_ID in t.from_aws(task.get("tags")):
+            # RunTask tags a task as it starts it: one without a container id is not sandhub's.
+            if task.get("startedBy") == self._config.started_by and t.CONTAINER_ID in t.from_aws(task.get("tags")):
                 self._store(task)
-            elif task.get("lastStatus") != "STOPPED" and self._older_than(task, ORPHAN_AGE_S):
-                orphans.append(str(task["taskArn"]))
-        for arn in orphans:
-            log.warning("ecs.stopping_orphan", task_arn=arn)
-            await self._stop(arn, "Orphaned")
-
-    @staticmethod
-    def _older_than(task: dict[str, Any], age_s: float) -> bool:
-        created = task.get("createdAt")
-        return not isinstance(created, datetime) or (utcnow() - created).total_seconds() > age_s
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -262,15 +245,11 @@ class EcsBackend:
         now = utcnow()
         tags = t.make_tags(spec, container_id=container_id, image=image, resources=resources, create_time=now,
                            expire_time=now + timedelta(seconds=spec.ttl_s))
-        key = LaunchKey(task_definition=arn, capacity_provider=placement.capacity_provider,
-                        subnets=placement.subnets or self._config.subnets,
-                        security_groups=placement.security_groups or self._config.security_groups,
-                        environment=tuple(sorted(env.items())),
-                        init_environment=tuple(sorted(init_environment(self._agent_key, container_id).items())))
-        task, missing, _ = await self.launcher.launch(key, tags)
-        if missing:
-            await self._tag_new(task, missing)
-        task["tags"] = t.to_aws({**t.from_aws(task.get("tags")), **missing})
+        task = await self.launcher.launch(Launch(
+            task_definition=arn, capacity_provider=placement.capacity_provider,
+            subnets=placement.subnets or self._config.subnets,
+            security_groups=placement.security_groups or self._config.security_groups,
+            environment=env, init_environment=init_environment(self._agent_key, container_id), tags=tags))
         container = self._store(task)
         assert container is not None
         return container
@@ -281,15 +260,6 @@ class EcsBackend:
             return fargate_size(r.cpu_millicores, r.memory_mib, max_cpu_millicores=self._limits.max_cpu_millicores,
                                 max_memory_mib=self._limits.max_memory_mib)
         return TaskSize(cpu_units=to_units(r.cpu_millicores), memory_mib=r.memory_mib)
-
-    async def _tag_new(self, task: dict[str, Any], tags: dict[str, str]) -> None:
-        """Adds a batched task's own tags; a task that can't carry them is stopped."""
-        try:
-            await self.api.call(self.api.ecs.tag_resource, resourceArn=task["taskArn"], tags=t.to_aws(tags))
-        except Exception:
-            with contextlib.suppress(Exception):
-                await self._stop(str(task["taskArn"]), "CreateFailed")
-            raise
 
     async def _stop(self, arn: str, reason: str) -> dict[str, Any] | None:
         try:
