@@ -101,9 +101,15 @@ def test_spawn_start_local_create_measures_and_leaves_nothing() -> None:
     assert not Path(state_dir).exists()
 
 
+# Starts the bench with SIGINT ignored, as a non-interactive shell starts its
+# background jobs (CI scripts, `make test &`): it must still stop on SIGINT.
+SIGINT_IGNORED = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 def test_spawn_interrupted_by_ctrl_c_still_deletes_everything() -> None:
     proc = subprocess.Popen(
-        [SANDHUB, "bench", "spawn", "--start-local", "-n", "60", "--interval", "0.05", "--json"],
+        [*SIGINT_IGNORED, SANDHUB, "bench", "spawn", "--start-local", "-n", "60", "--interval", "0.05", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     # Interrupted once some containers exist (a sandbox under the bench carries

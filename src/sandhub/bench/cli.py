@@ -11,12 +11,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from sandhub.bench.results import Results
+from sandhub.bench.signals import until_signalled
 from sandhub.bench.scenarios import SCENARIOS, ScenarioOptions
 from sandhub.bench.spawn import RunOptions, run
 from sandhub.bench.target import CreateParams, FileToPut, Target, TargetError
@@ -243,12 +243,4 @@ def _measure(args: argparse.Namespace, command: str, target: Target) -> int:
 
 async def _main(target: Target, scenario: str, options: ScenarioOptions, run_options: RunOptions,
                 results: Results, progress: Any) -> None:
-    """SIGTERM stops a run like Ctrl-C does: cleanup runs, then the report."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await run(target, SCENARIOS[scenario], options, run_options, results, progress=progress)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+    await until_signalled(run(target, SCENARIOS[scenario], options, run_options, results, progress=progress))

@@ -14,11 +14,11 @@ import argparse
 import asyncio
 import json
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from sandhub.bench.signals import until_signalled
 from sandhub.bench.matrix import TARGETS, Matrix, MatrixOptions, cells, estimated_s, run_matrix
 
 QUICK_GRADUAL = (1, 20, 100)
@@ -139,12 +139,5 @@ def _relative(path: Path, base: Path) -> str:
 
 
 async def _main(matrix: Matrix, *, progress: bool) -> None:
-    """SIGTERM stops the matrix like Ctrl-C: the running cell cleans up first."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await run_matrix(matrix, say=lambda s: print(s, file=sys.stderr, flush=True), progress=progress)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+    """SIGINT or SIGTERM: the running cell cleans up first."""
+    await until_signalled(run_matrix(matrix, say=lambda s: print(s, file=sys.stderr, flush=True), progress=progress))
