@@ -290,3 +290,35 @@ async def test_delete_while_starting_leaves_nothing(services: Services) -> None:
             break
         await asyncio.sleep(0.05)
     assert leftovers(made.container_id) == []
+
+
+async def test_a_network_that_fails_while_the_agent_starts_leaves_nothing(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network is attached while the sandbox mounts and the agent starts
+    (not while bwrap holds it): when that fails, even after the agent is up,
+    the create is FAILED with the reason, and nothing of it stays on the host."""
+    from orchestrator_service.backends.local.network import NetworkError
+
+    backend = services.orchestrator.containers.backend
+    net = backend._net  # type: ignore[union-attr]
+    assert net is not None
+    real_attach = net.attach
+    seen: list[int] = []
+
+    async def attach(*, container_id: str, pid: int, ip: str, egress: bool) -> None:
+        seen.append(pid)
+        await real_attach(container_id=container_id, pid=pid, ip=ip, egress=egress)
+        await asyncio.sleep(0.3)  # the agent is serving by now
+        raise NetworkError("no room on the bridge (injected)")
+
+    monkeypatch.setattr(net, "attach", attach)
+    c = await create(services)
+    assert c.state == pb.CONTAINER_STATE_FAILED and "injected" in c.state_message, c
+    assert seen  # the injected failure did happen (leftovers() looks for its processes too)
+    for _ in range(100):
+        if leftovers(c.container_id) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert leftovers(c.container_id) == []
+    monkeypatch.undo()
+    assert (await create(services)).state == pb.CONTAINER_STATE_RUNNING

@@ -350,9 +350,15 @@ class LocalBackend:
         )
 
         async def hold(pid: int) -> None:
-            """Runs while bwrap holds the sandbox's pid-1, before anything inside starts."""
+            """Runs while bwrap holds the sandbox's pid-1, before anything inside
+            starts: everything in it is in its cgroup from the first instruction."""
             self._cgroups.create(container_id, cgroups.Limits(res.cpu_millicores, res.memory_mib, res.pids))
             self._cgroups.add(container_id, pid)
+
+        async def attach(pid: int) -> None:
+            """Runs while the sandbox makes its mounts and the agent starts: the
+            network namespace has only its loopback until then (nothing can leave
+            it), and nobody's command runs before the container is RUNNING."""
             if self._net is not None:
                 await self._net.attach(container_id=container_id, pid=pid, ip=ip, egress=self._egress(container))
 
@@ -365,7 +371,7 @@ class LocalBackend:
             listener = self._sockets.bind(container_id)
             try:
                 proc, started = await sandbox.spawn(self._bwrap, box, listen_fd=listener.fileno(), hold=hold,
-                                                    on_ready=ready)
+                                                    alongside=attach, on_ready=ready)
             finally:
                 listener.close()  # the agent has its own copy
         except (sandbox.SpawnError, NetworkError, OSError) as e:

@@ -216,19 +216,24 @@ async def _read_pipe(fd: int, *, first_byte_only: bool) -> bytes:
 
 
 Hold = Callable[[int], Awaitable[None]]
-"""Called with the sandbox's pid-1 while bwrap holds it before running
-anything inside: the moment to put it in cgroups and give it a network."""
+"""Called with the sandbox's pid-1: while bwrap holds it before running
+anything inside (the moment to put it in cgroups), or alongside its start
+(the moment to give it a network)."""
 
 
 async def spawn(
-    bwrap: str, spec: SandboxSpec, *, listen_fd: int, hold: Hold | None = None, on_ready: Hold | None = None,
-    timeout_s: float = 10.0,
+    bwrap: str, spec: SandboxSpec, *, listen_fd: int, hold: Hold | None = None, alongside: Hold | None = None,
+    on_ready: Hold | None = None, timeout_s: float = 10.0,
 ) -> tuple[subprocess.Popen[bytes], Started]:
     """Starts bwrap; returns once the agent serves inside the finished
     sandbox. ``listen_fd``: the listening unix socket the agent serves on
-    (the caller keeps and closes its own copy). ``on_ready`` is called with
-    the sandbox's pid-1 once its mounts are made and the agent runs (they may
-    not be made yet during ``hold``); if it fails, the sandbox is killed."""
+    (the caller keeps and closes its own copy). ``hold`` runs while nothing
+    inside has started; ``alongside`` runs while the sandbox makes its mounts
+    and the agent starts (the sandbox is not ready before it is done: what
+    needs no holding, such as the network, costs no time there); ``on_ready``
+    is called with the sandbox's pid-1 once its mounts are made and the agent
+    runs (they may not be made yet during ``hold``). If any of them fails,
+    the sandbox is killed."""
     info_r, info_w = os.pipe()
     ready_r, ready_w = os.pipe()
     block_r, block_w = os.pipe()
@@ -279,6 +284,7 @@ async def spawn(
     for fd in theirs + [err_w]:
         os.close(fd)
     child_pid = 0
+    beside: asyncio.Task[None] | None = None
     try:
         async with asyncio.timeout(timeout_s):
             info_raw = await _read_pipe(info_r, first_byte_only=False)
@@ -298,7 +304,11 @@ async def spawn(
                 os.write(block_w, b"G")
             except BrokenPipeError:
                 pass  # bwrap already failed; its stderr says why
+            if child_pid and alongside is not None:
+                beside = asyncio.ensure_future(alongside(child_pid))
             ready = await _read_pipe(ready_r, first_byte_only=True)
+            if beside is not None and ready == READY_BYTE:
+                await beside  # else bwrap's failure is the error (below), and beside is cancelled
         if ready != READY_BYTE or not info_raw:
             await asyncio.to_thread(proc.wait, timeout_s)
             detail = await asyncio.to_thread(_read_stderr, err_r) or "no message from bwrap"
@@ -311,6 +321,10 @@ async def spawn(
     except BaseException as e:
         # Whatever went wrong (timeout, a hold step failed, we were cancelled),
         # leave no sandbox behind: the held pid-1 would otherwise run on.
+        if beside is not None:
+            beside.cancel()  # a no-op once done; its own error (if any) is retrieved here
+            with contextlib.suppress(BaseException):
+                await beside
         if child_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child_pid, signal.SIGKILL)
