@@ -17,6 +17,7 @@ def test_bench_agent_relay_measures_every_path() -> None:
     result = json.loads(done.stdout)
     assert result["failures"] == []
     assert {k: len(v) for k, v in result["ls_ms"].items()} == {"hub": 3, "agent": 3, "subprocess": 3}
+    # Go builds the agent, so it is here: the Go transfer client's rows too.
     assert set(result["upload_mb_s"]) == {"plain_grpc", "put_files", "get_files", "agent_put_files",
-                                          "agent_get_files"}
+                                          "agent_get_files", "go_put_files", "go_get_files"}
     assert all(len(v) == 3 and min(v) > 0 for v in result["upload_mb_s"].values())

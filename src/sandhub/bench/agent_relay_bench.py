@@ -9,7 +9,9 @@ all alike:
 - `ls /` from the agent directly (Run over the unix socket, no Hub);
 - `ls /` with subprocess in this process (fork + exec, no gRPC at all);
 and PutFiles / GetFiles MB/s through the Hub, by a client process of its own
-(beside a plain gRPC client stream to a trivial server, as `bench exec`).
+(beside a plain gRPC client stream to a trivial server, as `bench exec`), in
+Python and, when Go and the source tree are here, in Go (tools/transfer): the
+Go one shows whether the caller or the Hub is the limit.
 
 The Hub and the directory run in a process of their own
 (sandhub.bench.agent_relay_server), as `sandhub serve` runs the Hub.
@@ -139,6 +141,10 @@ async def measure(*, runs: int, upload_mib: int, agent: str = "") -> AgentRelayR
                                                  str(work / "blob.bin")))
         results.upload_mb_s.update(await _client("agent", f"unix:{socket}", upload_mib, CONTAINER_ID, agent_token,
                                                  str(work / "blob.bin")))
+        go_client = await asyncio.to_thread(_build_go_client, root)
+        if go_client:  # else (no Go, or an installed package) its rows are left out
+            results.upload_mb_s.update(await _client_process(
+                [go_client, hub_address, str(upload_mib), "3", CONTAINER_ID, API_KEY, str(work / "blob.bin")]))
     except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
         results.failures.append(str(e))
     finally:
@@ -161,6 +167,31 @@ async def measure(*, runs: int, upload_mib: int, agent: str = "") -> AgentRelayR
     return results
 
 
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _build_go_client(into: Path) -> str:
+    """tools/transfer built with Go's own cache (seconds once warm); "" when
+    there is no Go or no source tree here (an installed package)."""
+    go = shutil.which("go")
+    if go is None or not (REPO / "tools" / "transfer" / "main.go").exists():
+        return ""
+    out = into / "transfer"
+    done = subprocess.run([go, "build", "-trimpath", "-o", str(out), "./tools/transfer"], cwd=REPO,
+                          env={**os.environ, "CGO_ENABLED": "0"}, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"building tools/transfer failed: {done.stderr.strip()[-500:]}")
+    return str(out)
+
+
+async def _client_process(argv: list[str]) -> dict[str, list[float]]:
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"transfer client failed: {done.stderr.strip()[-500:]}")
+    rates: dict[str, list[float]] = json.loads(done.stdout)
+    return rates
+
+
 def text(r: AgentRelayResults) -> str:
     lines = [f"`ls /` via the agent, {r.runs} runs each, interleaved (ms)"]
     sums = r.summaries()
@@ -176,7 +207,9 @@ def text(r: AgentRelayResults) -> str:
     if r.upload_mb_s:
         lines += ["", f"transfer of {r.upload_mib} MiB in 1 MiB messages (MB/s, best of 3)"]
         for name, label in (("plain_grpc", "plain gRPC client stream"), ("put_files", "PutFiles Hub -> agent"),
+                            ("go_put_files", "  the same, Go client"),
                             ("agent_put_files", "PutFiles agent directly"), ("get_files", "GetFiles agent -> Hub"),
+                            ("go_get_files", "  the same, Go client"),
                             ("agent_get_files", "GetFiles agent directly")):
             if r.upload_mb_s.get(name):
                 lines.append(f"  {label:<30} {max(r.upload_mb_s[name]):8.1f}")
