@@ -51,3 +51,14 @@ async def test_the_agent_stream_s_error_reaches_the_caller() -> None:
         assert str(e) == "agent status"
     else:
         raise AssertionError("the error was swallowed")
+
+
+async def test_nothing_follows_the_last_message_while_the_call_lingers() -> None:
+    async def agent() -> AsyncIterator[str]:
+        yield "started"
+        yield "exit"
+        await asyncio.sleep(0.35)  # the Hub waiting for the caller's half-close
+
+    got = [m async for m in with_keepalives(agent(), interval_s=0.05, keepalive=lambda: "keepalive",
+                                            last=lambda m: m == "exit")]
+    assert got == ["started", "exit"], got

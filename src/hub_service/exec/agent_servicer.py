@@ -171,7 +171,8 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
             responses = self._relay.bidi_stream(
                 "Exec", first, request_iterator, agent=agent, timeout_s=self._deadline(context, timeout + GRACE_S))
             async for response in with_keepalives(responses, interval_s=self._limits.keepalive_s,
-                                                  keepalive=lambda: pb.ExecResponse(keepalive=pb.Keepalive())):
+                                                  keepalive=lambda: pb.ExecResponse(keepalive=pb.Keepalive()),
+                                                  last=lambda r: r.HasField("exit_status")):
                 yield response
 
     async def _process_call(self, method: str, request: Any, context: rpc.Ctx) -> Any:
@@ -224,5 +225,6 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
                 "AttachProcess", request, agent=agent, timeout_s=self._deadline(context, self._limits.max_exec_timeout_s))
             async for response in with_keepalives(
                     responses, interval_s=self._limits.keepalive_s,
-                    keepalive=lambda: pb.AttachProcessResponse(keepalive=pb.Keepalive())):
+                    keepalive=lambda: pb.AttachProcessResponse(keepalive=pb.Keepalive()),
+                    last=lambda r: r.HasField("exit_status")):
                 yield response
