@@ -135,31 +135,38 @@ class Clients:
             self.failed(what, e)
             return e
 
+    async def retried(self, what: str, fn: Callable[[], Awaitable[T]]) -> tuple[T | grpc.aio.AioRpcError, bool]:
+        """Calls, again with backoff on retryable codes (as a real client
+        would), until an answer or the run's retry time is up: the last
+        outcome, and whether it took more than one try."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.retry_for_s
+        wait = 0.2
+        tries = 0
+        while True:
+            got = await self.call(what, fn)
+            tries += 1
+            if not isinstance(got, grpc.aio.AioRpcError) or got.code() not in RETRYABLE or loop.time() > deadline:
+                return got, tries > 1
+            await asyncio.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 2, 2.0)
+
     # -- one client's work ---------------------------------------------------------
 
     async def create(self, key: str, request_id: str) -> pb.Container | None:
         """Creates, retrying with the same request_id on retryable codes."""
         req = pb.CreateContainerRequest(request_id=request_id, wait_until_running=True,
                                         labels={RUN_LABEL: self.run, REQUEST_LABEL: request_id})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.retry_for_s
-        wait = 0.2
-        retried = False
-        while True:
-            got = await self.call("CreateContainer", lambda: self.containers.CreateContainer(
-                req, metadata=self.md(key), timeout=self.options.call_timeout_s))
-            if not isinstance(got, grpc.aio.AioRpcError):
-                c = got.container
-                if retried and c.state != pb.CONTAINER_STATE_RUNNING:  # issue 12, item 5
-                    self.result.violate("no lost container", f"request {request_id} retried after an error: "
-                                        f"{pb.ContainerState.Name(c.state)} {c.state_reason}, not a working container")
-                return self.answered(key, request_id, c)
-            retried = True
-            if got.code() not in RETRYABLE or loop.time() > deadline:
-                self.result.gave_up += 1
-                return None
-            await asyncio.sleep(wait * (0.5 + random.random()))
-            wait = min(wait * 2, 2.0)
+        got, retried = await self.retried("CreateContainer", lambda: self.containers.CreateContainer(
+            req, metadata=self.md(key), timeout=self.options.call_timeout_s))
+        if isinstance(got, grpc.aio.AioRpcError):
+            self.result.gave_up += 1
+            return None
+        c = got.container
+        if retried and c.state != pb.CONTAINER_STATE_RUNNING:  # issue 12, item 5
+            self.result.violate("no lost container", f"request {request_id} retried after an error: "
+                                f"{pb.ContainerState.Name(c.state)} {c.state_reason}, not a working container")
+        return self.answered(key, request_id, c)
 
     def answered(self, key: str, request_id: str, c: pb.Container) -> pb.Container:
         before = self.created.get(request_id)
@@ -222,24 +229,16 @@ class Clients:
                 await self.delete(key, c.container_id)
 
     async def delete(self, key: str, container_id: str) -> None:
-        """Deletes, retrying on retryable codes as a real client would (a
-        delete whose answer was lost may still have happened: it is idempotent)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.retry_for_s
-        wait = 0.2
-        while True:
-            got = await self.call("DeleteContainer", lambda: self.containers.DeleteContainer(
-                pb.DeleteContainerRequest(container_id=container_id), metadata=self.md(key),
-                timeout=self.options.call_timeout_s))
-            if not isinstance(got, grpc.aio.AioRpcError):
-                self.deleted.add(container_id)
-                self.result.deletes += 1
-                return
-            if got.code() not in RETRYABLE or loop.time() > deadline:
-                self.delete_unanswered.add(container_id)
-                return
-            await asyncio.sleep(wait * (0.5 + random.random()))
-            wait = min(wait * 2, 2.0)
+        """Deletes, retrying on retryable codes (a delete whose answer was
+        lost may still have happened: it is idempotent)."""
+        got, _ = await self.retried("DeleteContainer", lambda: self.containers.DeleteContainer(
+            pb.DeleteContainerRequest(container_id=container_id), metadata=self.md(key),
+            timeout=self.options.call_timeout_s))
+        if isinstance(got, grpc.aio.AioRpcError):
+            self.delete_unanswered.add(container_id)
+        else:
+            self.deleted.add(container_id)
+            self.result.deletes += 1
 
     # -- what the Orchestrator knows --------------------------------------------------
 
