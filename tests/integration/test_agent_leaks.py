@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
 from sandhub.orchestrator.v1 import orchestrator_pb2 as pb
-from tests.conftest import Services, auth, container_host_pids
+from tests.conftest import Services, auth, container_host_pids, eventually
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 A = auth("key-a")
@@ -117,9 +117,12 @@ async def test_background_processes_have_no_host_supervisor_and_keep_output_insi
 
     agent = min(container_host_pids(c.container_id))  # pid 1 inside: the first started
     cgroups = Path(f"/proc/{agent}/cgroup").read_text()
-    sleeps = [p for p in container_host_pids(c.container_id)
-              if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\0")]
-    assert len(sleeps) == 16
+
+    async def sleeping() -> list[int]:  # a shell just started may not have exec'd its sleep yet
+        return [p for p in container_host_pids(c.container_id)
+                if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep\0")]
+
+    sleeps = await eventually(sleeping, lambda found: len(found) == 16)
     for pid in sleeps:
         assert Path(f"/proc/{pid}/cgroup").read_text() == cgroups, "a background process outside the container's cgroups"
 
