@@ -36,6 +36,8 @@ Metadata = tuple[tuple[str, str | bytes], ...] | grpc.aio.Metadata | None
 
 # How long a finished Exec waits for its caller's half-close (the agent's exitLinger).
 EXIT_LINGER_S = 2.0
+# How long headers without a proof wait for the status that may come with them.
+ENDED_GRACE_S = 0.5
 
 
 def _proven(agent: Agent, nonce: str, header: Metadata) -> bool:
@@ -120,6 +122,13 @@ class AgentRelay:
             raise await self._failure(agent, None, "did not answer in time") from None
         if _proven(agent, nonce, header):
             return
+        # No proof. An agent that refuses ends the call with these headers (a
+        # trailers-only status), whose end may be seen a moment after them:
+        # wait for it, briefly, before calling the agent unreachable.
+        over = asyncio.Event()
+        call.add_done_callback(lambda _: over.set())  # at once if it is over already
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(over.wait(), ENDED_GRACE_S)
         if call.done() and await call.code() is not grpc.StatusCode.OK:
             # Ended before a proof reached us (the agent refused the Hub's
             # signature, or is not this container's): nothing was sent yet, and
