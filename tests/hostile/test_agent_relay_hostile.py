@@ -372,3 +372,24 @@ async def test_process_replies_count_against_the_output_budget(hostile: Hostile)
             break
         await asyncio.sleep(0.01)
     assert budgets.output.used("tenant-a") == 0 and budgets.calls.count.used("tenant-a") == 0
+
+
+async def test_an_exec_refused_for_want_of_a_proof_ends_with_its_status_while_the_caller_writes(
+        hostile: Hostile) -> None:
+    """The caller writes stdin from the start; the agent can't prove itself.
+    The caller must get UNAVAILABLE, never the INTERNAL that grpc.aio makes
+    of its own write losing the race with the end of the call (the Hub drops
+    what it still sends, to its half-close)."""
+    hostile.agent.token = internal_auth.agent_token(AGENT_KEY, GOOD)  # another container's agent
+
+    async def typing() -> AsyncIterator[pb.ExecRequest]:
+        yield pb.ExecRequest(start=pb.ExecStart(container_id=EVIL, command=pb.Command(argv=["cat"])))
+        for _ in range(300):
+            yield pb.ExecRequest(stdin=b"s" * 16384)
+
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in hostile.relay.stub.Exec(typing(), metadata=A):
+                pass
+        assert e.value.code() is grpc.StatusCode.UNAVAILABLE, e.value
+    assert not [r for r in hostile.agent.received if isinstance(r, pb.ExecRequest) and r.stdin]

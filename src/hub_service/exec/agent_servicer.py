@@ -163,17 +163,20 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
             first = await _first(request_iterator, "start")
             try:
                 agent = await self._relay.find(first.start.container_id, tenant=tenant, field="start.container_id")
+                timeout = _seconds(first.start.timeout, default=self._limits.max_exec_timeout_s,
+                                   maximum=self._limits.max_exec_timeout_s)
+                responses = self._relay.bidi_stream(
+                    "Exec", first, request_iterator, agent=agent, timeout_s=self._deadline(context, timeout + GRACE_S))
+                async for response in with_keepalives(responses, interval_s=self._limits.keepalive_s,
+                                                      keepalive=lambda: pb.ExecResponse(keepalive=pb.Keepalive()),
+                                                      last=lambda r: r.HasField("exit_status")):
+                    yield response
             except Exception:
-                await drop_rest(request_iterator)  # refused while the caller already writes stdin
+                # Refused (unknown container, an agent that can't be reached or
+                # proven) while the caller may already write stdin. Once the
+                # relay's pump has read the stream, this returns at once.
+                await drop_rest(request_iterator)
                 raise
-            timeout = _seconds(first.start.timeout, default=self._limits.max_exec_timeout_s,
-                               maximum=self._limits.max_exec_timeout_s)
-            responses = self._relay.bidi_stream(
-                "Exec", first, request_iterator, agent=agent, timeout_s=self._deadline(context, timeout + GRACE_S))
-            async for response in with_keepalives(responses, interval_s=self._limits.keepalive_s,
-                                                  keepalive=lambda: pb.ExecResponse(keepalive=pb.Keepalive()),
-                                                  last=lambda r: r.HasField("exit_status")):
-                yield response
 
     async def _process_call(self, method: str, request: Any, context: rpc.Ctx) -> Any:
         """Like Run, the call's slot and its reply (up to a message's 4 MiB)
@@ -225,6 +228,5 @@ class AgentExecServicer(pb_grpc.ExecServiceServicer):
                 "AttachProcess", request, agent=agent, timeout_s=self._deadline(context, self._limits.max_exec_timeout_s))
             async for response in with_keepalives(
                     responses, interval_s=self._limits.keepalive_s,
-                    keepalive=lambda: pb.AttachProcessResponse(keepalive=pb.Keepalive()),
-                    last=lambda r: r.HasField("exit_status")):
+                    keepalive=lambda: pb.AttachProcessResponse(keepalive=pb.Keepalive())):
                 yield response
