@@ -235,7 +235,8 @@ class Clients:
             pb.DeleteContainerRequest(container_id=container_id), metadata=self.md(key),
             timeout=self.options.call_timeout_s))
         if isinstance(got, grpc.aio.AioRpcError):
-            self.delete_unanswered.add(container_id)
+            if got.code() in RETRYABLE:  # out of time: it may have happened
+                self.delete_unanswered.add(container_id)
         else:
             self.deleted.add(container_id)
             self.result.deletes += 1
