@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 
 from sandhub import internal_auth
-from sandhub.bench.exec_bench import _client, _Sink
+from sandhub.bench.exec_bench import _client, _Sink, client_process
 from sandhub.bench.stats import Summary, summarize
 from sandhub.exec.v1 import exec_pb2 as xpb
 from sandhub.exec.v1 import exec_pb2_grpc as xpb_grpc
@@ -143,7 +143,7 @@ async def measure(*, runs: int, upload_mib: int, agent: str = "") -> AgentRelayR
                                                  str(work / "blob.bin")))
         go_client = await asyncio.to_thread(_build_go_client, root)
         if go_client:  # else (no Go, or an installed package) its rows are left out
-            results.upload_mb_s.update(await _client_process(
+            results.upload_mb_s.update(await client_process(
                 [go_client, hub_address, str(upload_mib), "3", CONTAINER_ID, API_KEY, str(work / "blob.bin")]))
     except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
         results.failures.append(str(e))
@@ -182,14 +182,6 @@ def _build_go_client(into: Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"building tools/transfer failed: {done.stderr.strip()[-500:]}")
     return str(out)
-
-
-async def _client_process(argv: list[str]) -> dict[str, list[float]]:
-    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"transfer client failed: {done.stderr.strip()[-500:]}")
-    rates: dict[str, list[float]] = json.loads(done.stdout)
-    return rates
 
 
 def text(r: AgentRelayResults) -> str:

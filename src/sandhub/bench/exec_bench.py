@@ -93,7 +93,13 @@ async def _timed(coro: Any) -> float:
 
 
 async def _client(kind: str, address: str, mib: int, *extra: str) -> dict[str, list[float]]:
-    argv = [sys.executable, "-m", "sandhub.bench.upload_client", kind, address, str(mib), "3", *extra]
+    return await client_process([sys.executable, "-m", "sandhub.bench.upload_client", kind, address, str(mib), "3",
+                                 *extra])
+
+
+async def client_process(argv: list[str]) -> dict[str, list[float]]:
+    """Runs a transfer client (its own process, as a real caller is); its
+    JSON line: MB/s per repetition, by name."""
     done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"transfer client failed: {done.stderr.strip()[-500:]}")
