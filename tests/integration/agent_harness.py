@@ -20,6 +20,7 @@ import grpc
 
 from hub_service.server import RunningHub, start_hub
 from sandhub import internal_auth, rpc
+from sandhub.bench.pod_agent import stop_process
 from sandhub.config import HubConfig
 from sandhub.errors import ContainerNotFound
 from sandhub.exec.v1 import exec_pb2_grpc
@@ -59,13 +60,7 @@ class AgentProcess:
         return f"unix:{self.socket}"
 
     async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        await stop_process(self.process)
 
 
 async def start_agent(root: Path, container_id: str, *, token: str | None = None) -> AgentProcess:

@@ -36,13 +36,18 @@ class ListeningAgent:
     """The binary it runs: the init container's copy when one was installed."""
 
     async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        await stop_process(self.process)
+
+
+async def stop_process(process: asyncio.subprocess.Process, *, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; waited for either way."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), grace_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
